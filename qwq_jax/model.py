@@ -1,0 +1,230 @@
+"""The Qwen2 / Qwen2.5 / QwQ decoder in Flax NNX.
+
+    tokens [B, T] -> embed -> L x DecoderLayer (scanned) -> final RMSNorm -> lm_head -> logits [B, T, V]
+    DecoderLayer: x + Attention(RMSNorm(x)); then x + MLP(RMSNorm(x))
+    Attention:    q/k/v projections with bias, GQA, rotate-half RoPE (rope.py), o_proj without bias
+    MLP:          down(silu(gate(x)) * up(x))
+
+Every parameter is declared once, by `_declare`, with its logical axes; its shape comes from
+`QwenConfig.axis_sizes()`. Those axes drive random init, the abstract tree for an Orbax restore
+(`abstract_model`) and the shardings (`sharding.rules`). Decoder layers are stored stacked along
+a leading `layers` axis and run with `jax.lax.scan`, so compile time does not grow with depth.
+
+Numerics: parameters in `param_dtype`, matmuls in `dtype`; RMSNorm, RoPE, softmax and logits in
+float32. Where the pieces live: rope.py (tables), attention.py (backends, masks),
+config.py (QwenConfig), sharding/ (meshes, rules), convert/ (HF name map, converters).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwq_jax import rope as rope_lib
+from qwq_jax.attention import attention, attention_mask, get_backend
+from qwq_jax.config import QwenConfig
+
+_normal = nnx.initializers.normal(0.02)  # HF initializer_range
+_zeros = nnx.initializers.zeros_init()
+_ones = nnx.initializers.ones_init()
+
+# Remat policy by name (jax.checkpoint_policies); "none" disables rematerialisation.
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(dtype: Any) -> jnp.dtype:
+    """A jnp dtype from a dtype or its name ('bfloat16', 'float32', 'float16')."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        return jnp.dtype(DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+def _declare(cfg: QwenConfig, rngs: nnx.Rngs, axes: tuple[str, ...], init: Callable[..., Any],
+             dtype: Any) -> nnx.Param:
+    """One parameter: shape from the config's axis sizes, logical axes kept as metadata."""
+    sizes = cfg.axis_sizes()
+    shape = tuple(sizes[a] for a in axes)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """HF Qwen2RMSNorm: normalise in float32, cast back to x's dtype, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: QwenConfig, prefix: tuple[str, ...], *, rngs: nnx.Rngs, param_dtype: Any):
+        self.eps = cfg.rms_norm_eps
+        self.scale = _declare(cfg, rngs, prefix + ("embed",), _ones, param_dtype)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with QKV bias; parameters of one layer (or a stack)."""
+
+    def __init__(self, cfg: QwenConfig, prefix: tuple[str, ...], *, rngs: nnx.Rngs, param_dtype: Any,
+                 dtype: Any, backend: str):
+        p = prefix
+        self.q_proj = _declare(cfg, rngs, p + ("embed", "heads", "head_dim"), _normal, param_dtype)
+        self.q_bias = _declare(cfg, rngs, p + ("heads", "head_dim"), _zeros, param_dtype)
+        self.k_proj = _declare(cfg, rngs, p + ("embed", "kv_heads", "head_dim"), _normal, param_dtype)
+        self.k_bias = _declare(cfg, rngs, p + ("kv_heads", "head_dim"), _zeros, param_dtype)
+        self.v_proj = _declare(cfg, rngs, p + ("embed", "kv_heads", "head_dim"), _normal, param_dtype)
+        self.v_bias = _declare(cfg, rngs, p + ("kv_heads", "head_dim"), _zeros, param_dtype)
+        self.o_proj = _declare(cfg, rngs, p + ("heads", "head_dim", "embed"), _normal, param_dtype)
+        self.dtype = dtype
+        self.backend = backend
+
+    def qkv(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray):
+        """Projected, rotated q `[B, T, H, D]` and k, v `[B, T, K, D]`."""
+        dt = self.dtype
+
+        def proj(kernel: nnx.Param, bias: nnx.Param) -> jnp.ndarray:
+            return jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(dt)) + bias[...].astype(dt)
+
+        q = rope_lib.apply_rope(proj(self.q_proj, self.q_bias), cos, sin)
+        k = rope_lib.apply_rope(proj(self.k_proj, self.k_bias), cos, sin)
+        return q, k, proj(self.v_proj, self.v_bias)
+
+    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+        q, k, v = self.qkv(x, cos, sin)
+        out = attention(q, k, v, mask, backend=self.backend)  # [B, T, H, D]
+        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg: QwenConfig, prefix: tuple[str, ...], *, rngs: nnx.Rngs, param_dtype: Any,
+                 dtype: Any):
+        self.gate_proj = _declare(cfg, rngs, prefix + ("embed", "mlp"), _normal, param_dtype)
+        self.up_proj = _declare(cfg, rngs, prefix + ("embed", "mlp"), _normal, param_dtype)
+        self.down_proj = _declare(cfg, rngs, prefix + ("mlp", "embed"), _normal, param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        dt = self.dtype
+        gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...].astype(dt))
+        up = jnp.einsum("btd,df->btf", x, self.up_proj[...].astype(dt))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder block. Built with `prefix=("layers",)` it holds all L layers stacked."""
+
+    def __init__(self, cfg: QwenConfig, prefix: tuple[str, ...], *, rngs: nnx.Rngs, param_dtype: Any,
+                 dtype: Any, backend: str):
+        self.input_norm = RMSNorm(cfg, prefix, rngs=rngs, param_dtype=param_dtype)
+        self.attn = Attention(cfg, prefix, rngs=rngs, param_dtype=param_dtype, dtype=dtype, backend=backend)
+        self.post_attn_norm = RMSNorm(cfg, prefix, rngs=rngs, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, prefix, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+
+    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+        x = x + self.attn(self.input_norm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class Qwen2(nnx.Module):
+    """Qwen2ForCausalLM. Call on int32 token ids `[B, T]`; returns float32 logits `[B, T, V]`."""
+
+    def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+                 dtype: Any = jnp.bfloat16, remat: str = "none", attention_backend: str = "xla"):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r} (known: {', '.join(REMAT_POLICIES)})")
+        get_backend(attention_backend)  # fail early on an unknown name
+        param_dtype, dtype = as_dtype(param_dtype), as_dtype(dtype)
+        self.config = cfg
+        self.dtype = dtype
+        self.remat = remat
+        self.embed = _declare(cfg, rngs, ("vocab", "embed"), _normal, param_dtype)
+        self.layers = DecoderLayer(cfg, ("layers",), rngs=rngs, param_dtype=param_dtype, dtype=dtype,
+                                   backend=attention_backend)
+        self.final_norm = RMSNorm(cfg, (), rngs=rngs, param_dtype=param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _declare(cfg, rngs, ("vocab", "embed"), _normal, param_dtype)
+
+    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
+                 segment_ids: jnp.ndarray | None = None, *, rope: tuple[Any, Any] | None = None,
+                 return_hidden: bool = False):
+        """Forward pass without a cache.
+
+        tokens:      int32 `[B, T]`.
+        positions:   int32 `[B, T]`, default 0..T-1 in every row.
+        segment_ids: int32 `[B, T]`; 0 marks padding, equal ids attend to each other causally
+                     (an HF 0/1 attention mask works as is). Default: all ones.
+        rope:        `(inv_freq, attention_factor)` overriding the config's rotary tables
+                     (`inv_freq` `[D/2]` or per row `[B, 1, D/2]`).
+        return_hidden: also return the residual stream after each layer `[L, B, T, E]`.
+        """
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        inv_freq, attention_factor = rope if rope is not None else rope_lib.inv_frequencies(self.config)
+        cos, sin = rope_lib.rope_tables(positions, inv_freq, attention_factor)  # [B, T, D]
+        mask = attention_mask(segment_ids, positions, segment_ids, positions)  # [B, T, T]
+
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)  # [B, T, E]
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(x, layer_params):
+            layer = nnx.merge(graphdef, layer_params)
+            x = layer(x, cos, sin, mask)
+            return x, (x if return_hidden else None)
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, hidden = jax.lax.scan(body, x, stacked)
+        logits = self.logits(x)
+        return (logits, hidden) if return_hidden else logits
+
+    def logits(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Final norm and lm_head (the embedding when tied), float32 `[B, T, V]`."""
+        x = self.final_norm(x)
+        head = self.embed if self.config.tie_word_embeddings else self.lm_head
+        return jnp.einsum("btd,vd->btv", x, head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+def init_model(cfg: QwenConfig, seed: int = 0, **kwargs: Any) -> Qwen2:
+    """A randomly initialised model on the default device (kwargs as for `Qwen2`)."""
+    return Qwen2(cfg, rngs=nnx.Rngs(seed), **kwargs)
+
+
+def abstract_model(cfg: QwenConfig, **kwargs: Any) -> Qwen2:
+    """The model with `jax.ShapeDtypeStruct` leaves: no memory, shapes/dtypes/axes only."""
+    return nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), **kwargs))
+
+
+@nnx.jit(static_argnames=("return_hidden",))
+def forward(model: Qwen2, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
+            segment_ids: jnp.ndarray | None = None, return_hidden: bool = False):
+    """Jitted `model(tokens, positions, segment_ids)`."""
+    return model(tokens, positions, segment_ids, return_hidden=return_hidden)
+
+
+def set_params(model: Qwen2, params: dict) -> Qwen2:
+    """Load a nested dict of arrays (the layout of `nnx.state(model).to_pure_dict()`) into `model`."""
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model

@@ -1,0 +1,31 @@
+"""One process of the two-process test: sharded forward over a mesh spanning both processes."""
+
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+import sharding as sh  # noqa: E402
+from qwq_jax import Qwen2, QwenConfig, forward  # noqa: E402
+
+coordinator, process_id, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+assert sh.init_distributed(coordinator, 2, process_id)
+assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
+
+cfg = QwenConfig.preset("tiny")
+tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 96)).astype(np.int32)
+for rules in ("generate", "train"):
+    mesh = sh.make_mesh("fsdp=2,tensor=4")
+    model = sh.init_sharded(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32, dtype=jnp.float32),
+                            mesh, rules)
+    logits = forward(model, sh.put_global(tokens, sh.batch_sharding(mesh, rules)))
+    full = multihost_utils.process_allgather(logits, tiled=True)
+    np.save(os.path.join(out_dir, f"{rules}_{process_id}.npy"), np.asarray(full))
+print(f"process {process_id} done")
