@@ -1,0 +1,266 @@
+"""python -m convert: HF -> Orbax -> qwq_jax.load / export-hf, multi-process, and every bad input."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen2ForCausalLM
+
+import sharding as sh
+from convert.__main__ import main as convert_main
+from convert.safetensors_io import SafetensorsFile
+from convert.synthetic import write_random_hf_checkpoint
+from helpers import hf_logits, hf_model
+from qwq_jax import QwenConfig, forward, load
+from qwq_jax.checkpoint import param_shardings, restore_params
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = np.random.default_rng(0).integers(0, 512, (2, 130)).astype(np.int32)
+
+
+def hf_dir(tmp_path_factory, preset, *, sharded=False, dtype=torch.float32, seed=0):
+    model = hf_model(QwenConfig.preset(preset), seed=seed)
+    path = tmp_path_factory.mktemp(f"{preset}-{'sharded' if sharded else 'single'}-{str(dtype)[6:]}")
+    model.to(dtype).save_pretrained(path, max_shard_size="150KB" if sharded else "5GB")
+    return path, model.float()
+
+
+def all_tensors(path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        st = SafetensorsFile(f)
+        out.update({name: st.read(name) for name in st.tensors})
+    return out
+
+
+def run_cli(*args, env=None, timeout=300):
+    e = dict(os.environ if env is None else env)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True, env=e,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-tied"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_hf_to_orbax_to_load_matches_hf_logits(tmp_path_factory, tmp_path, preset, sharded):
+    src, ref = hf_dir(tmp_path_factory, preset, sharded=sharded)
+    if sharded:
+        assert (src / "model.safetensors.index.json").is_file() and len(list(src.glob("*.safetensors"))) > 1
+    assert convert_main(["hf", str(src), str(tmp_path / "out"), "--quiet"]) == 0
+    out = tmp_path / "out"
+    for name in ("config.json", "generation_config.json"):
+        assert (out / name).is_file()
+    model = load(out)
+    assert model.config == QwenConfig.preset(preset).replace(bos_token_id=model.config.bos_token_id,
+                                                             eos_token_id=model.config.eos_token_id)
+    err = np.abs(np.asarray(forward(model, jnp.asarray(TOKENS))) - hf_logits(ref, TOKENS)).max()
+    print(f"{preset} {'sharded' if sharded else 'single'}: max |dlogit| = {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_restore_onto_2x4_mesh_equals_unsharded(tmp_path_factory, tmp_path):
+    src, _ = hf_dir(tmp_path_factory, "tiny", seed=1)
+    assert convert_main(["hf", str(src), str(tmp_path / "out"), "--quiet"]) == 0
+    want = np.asarray(forward(load(tmp_path / "out"), jnp.asarray(TOKENS)))
+    for rules in ("generate", "train"):
+        mesh = sh.make_mesh("fsdp=2,tensor=4")
+        model = load(tmp_path / "out", mesh=mesh, rules=rules)
+        up = model.layers.mlp.up_proj[...]
+        assert len(up.sharding.device_set) == 8 and up.addressable_shards[0].data.shape[2] == 160 // 4
+        got = forward(model, sh.put_global(TOKENS, sh.batch_sharding(mesh, rules)))
+        assert np.abs(np.asarray(got) - want).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_hf_is_bit_identical_and_loads_in_transformers(tmp_path_factory, tmp_path, dtype):
+    src, ref = hf_dir(tmp_path_factory, "tiny", sharded=True, dtype=dtype, seed=2)
+    out, exp = tmp_path / "out", tmp_path / "exported"
+    assert convert_main(["hf", str(src), str(out), "--quiet"]) == 0  # keeps the source dtype
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype)[6:]
+    assert convert_main(["export-hf", str(out), str(exp), "--max-shard-size", "200KB", "--quiet"]) == 0
+    assert (exp / "model.safetensors.index.json").is_file()
+    source, exported = all_tensors(src), all_tensors(exp)
+    assert set(source) == set(exported)
+    for name, x in source.items():
+        assert exported[name].dtype == x.dtype and exported[name].shape == x.shape, name
+        np.testing.assert_array_equal(exported[name].view(np.uint8), x.view(np.uint8), err_msg=name)
+    back = Qwen2ForCausalLM.from_pretrained(exp, dtype=torch.float32, attn_implementation="eager")
+    ref = Qwen2ForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+    np.testing.assert_array_equal(hf_logits(back, TOKENS), hf_logits(ref, TOKENS))
+
+
+def test_dtype_flag_upcasts_exactly(tmp_path_factory, tmp_path):
+    src, _ = hf_dir(tmp_path_factory, "tiny-tied", dtype=torch.bfloat16, seed=3)
+    assert convert_main(["hf", str(src), str(tmp_path / "out"), "--dtype", "float32", "--quiet"]) == 0
+    model = load(tmp_path / "out")
+    assert model.embed[...].dtype == jnp.float32
+    source = all_tensors(src)
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), source["model.embed_tokens.weight"].astype(np.float32))
+    # And a bf16 restore of the fp32 checkpoint casts on the way in.
+    assert load(tmp_path / "out", dtype="bfloat16").embed[...].dtype == jnp.bfloat16
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_convert_like_one(tmp_path):
+    cfg = QwenConfig.preset("tiny").replace(num_layers=8)
+    src = write_random_hf_checkpoint(cfg, tmp_path / "src", dtype="bfloat16", max_shard_bytes=200_000)
+    assert convert_main(["hf", str(src), str(tmp_path / "single"), "--quiet"]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "QWQ_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "convert", "hf", str(src), str(tmp_path / "multi"), "--quiet",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        env=dict(env, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    assert "converted" in outs[0] and "converted" not in outs[1]  # only process 0 reports
+    target = param_shardings(cfg, None, dtype="bfloat16")
+    single, multi = restore_params(tmp_path / "single", target), restore_params(tmp_path / "multi", target)
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- bad input: exit 1, one line naming the problem, OUT absent or untouched ----------------
+
+def _assert_fails(args, capsys, message, out: Path | None = None, before: dict | None = None):
+    code = convert_main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert len(err.splitlines()) == 1 and err.startswith("python -m convert: error: "), err
+    assert message in err, err
+    if out is not None:
+        if before is None:
+            assert not out.exists()
+        else:
+            assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+        assert not list(out.parent.glob(out.name + ".*")), list(out.parent.glob(out.name + ".*"))
+
+
+@pytest.fixture
+def good_src(tmp_path):
+    return write_random_hf_checkpoint(QwenConfig.preset("tiny"), tmp_path / "src", dtype="float32",
+                                      max_shard_bytes=150_000)
+
+
+def test_bad_source_directories(tmp_path, capsys):
+    out = tmp_path / "out"
+    _assert_fails(["hf", str(tmp_path / "nope"), str(out)], capsys, "nope: no such directory", out)
+    (tmp_path / "empty").mkdir()
+    _assert_fails(["hf", str(tmp_path / "empty"), str(out)], capsys, "empty: no config.json", out)
+
+
+def test_missing_shard(good_src, tmp_path, capsys):
+    shard = sorted(good_src.glob("*.safetensors"))[1]
+    shard.unlink()
+    _assert_fails(["hf", str(good_src), str(tmp_path / "out")], capsys,
+                  f"{shard.name}: shard named in model.safetensors.index.json is missing", tmp_path / "out")
+
+
+def test_truncated_safetensors(good_src, tmp_path, capsys):
+    shard = sorted(good_src.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    _assert_fails(["hf", str(good_src), str(tmp_path / "out")], capsys,
+                  f"{shard.name}: truncated safetensors file", tmp_path / "out")
+
+
+def test_shape_disagrees_with_config(good_src, tmp_path, capsys):
+    cfg = json.loads((good_src / "config.json").read_text())
+    (good_src / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=128)))
+    _assert_fails(["hf", str(good_src), str(tmp_path / "out")], capsys,
+                  "tensor model.layers.0.mlp.gate_proj.weight has shape (160, 64), config.json implies (128, 64)",
+                  tmp_path / "out")
+
+
+def test_missing_and_unexpected_tensor_names(good_src, tmp_path, capsys):
+    cfg = json.loads((good_src / "config.json").read_text())
+    (good_src / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
+    _assert_fails(["hf", str(good_src), str(tmp_path / "out")], capsys,
+                  "missing tensors (12): model.layers.2.input_layernorm.weight", tmp_path / "out")
+    (good_src / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
+    _assert_fails(["hf", str(good_src), str(tmp_path / "out")], capsys,
+                  "unexpected tensors (12): model.layers.1.input_layernorm.weight", tmp_path / "out")
+
+
+def test_unsupported_architecture(good_src, tmp_path, capsys):
+    cfg = json.loads((good_src / "config.json").read_text())
+    (good_src / "config.json").write_text(json.dumps(dict(cfg, model_type="llama",
+                                                          architectures=["LlamaForCausalLM"])))
+    _assert_fails(["hf", str(good_src), str(tmp_path / "out")], capsys, "model_type='llama' is not supported",
+                  tmp_path / "out")
+
+
+def test_out_exists_without_overwrite_then_with(good_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert convert_main(["hf", str(good_src), str(out), "--quiet"]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    _assert_fails(["hf", str(good_src), str(out)], capsys, "already exists (pass --overwrite", out, before)
+    assert convert_main(["hf", str(good_src), str(out), "--quiet", "--overwrite"]) == 0
+    assert load(out).config.num_layers == 2
+
+
+def test_usage_errors_exit_2(good_src, tmp_path):
+    r = run_cli("hf", str(good_src))
+    assert r.returncode == 2 and "usage:" in r.stderr
+    r = run_cli("hf", str(good_src), str(tmp_path / "o"), "--dtype", "int4")
+    assert r.returncode == 2 and "invalid choice: 'int4'" in r.stderr
+    r = run_cli("hf", str(good_src), str(tmp_path / "o"), "--mesh", "tensor=3")
+    assert r.returncode == 2 and "--mesh" in r.stderr and not (tmp_path / "o").exists()
+    r = run_cli("hf", str(good_src), str(tmp_path / "o2"), "--quiet")
+    assert r.returncode == 0 and r.stdout.startswith("converted ") and "peak RSS" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("existing", [False, True])
+def test_killed_mid_write_leaves_out_absent_or_untouched(tmp_path, existing):
+    cfg = QwenConfig.preset("tiny").replace(hidden_size=512, intermediate_size=2048, num_heads=8, num_kv_heads=4,
+                                            head_dim=64, num_layers=12, vocab_size=4096)
+    src = write_random_hf_checkpoint(cfg, tmp_path / "src", dtype="float32")
+    out = tmp_path / "out"
+    before = None
+    if existing:
+        r = run_cli("hf", str(write_random_hf_checkpoint(QwenConfig.preset("tiny"), tmp_path / "small")),
+                    str(out), "--quiet")
+        assert r.returncode == 0, r.stderr
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    e = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = [sys.executable, "-m", "convert", "hf", str(src), str(out)] + (["--overwrite"] if existing else [])
+    proc = subprocess.Popen(args, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / "out.converting.partial_save"
+    deadline = time.time() + 120
+    while not staging.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "conversion finished before it could be killed"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if existing:
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+        assert load(out).config.num_layers == 2
+    else:
+        assert not out.exists()
+    # A new run cleans up the stale staging directories and succeeds.
+    r = run_cli("hf", str(src), str(out), "--quiet", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert load(out).config.num_layers == 12
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
