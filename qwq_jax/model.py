@@ -25,6 +25,7 @@ from flax import nnx
 
 from qwq_jax import rope as rope_lib
 from qwq_jax.attention import attention, attention_mask, get_backend
+from qwq_jax.cache import KVCache
 from qwq_jax.config import QwenConfig
 
 _normal = nnx.initializers.normal(0.02)  # HF initializer_range
@@ -59,6 +60,14 @@ def _declare(cfg: QwenConfig, rngs: nnx.Rngs, axes: tuple[str, ...], init: Calla
     sizes = cfg.axis_sizes()
     shape = tuple(sizes[a] for a in axes)
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def write_rows(cache: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """Write `new [B, T, ...]` into `cache [B, S, ...]` at slot `index[b]` of each row."""
+    def one(c, n, i):
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, axis=0)
+
+    return jax.vmap(one)(cache, new, index)
 
 
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -104,10 +113,19 @@ class Attention(nnx.Module):
         k = rope_lib.apply_rope(proj(self.k_proj, self.k_bias), cos, sin)
         return q, k, proj(self.v_proj, self.v_bias)
 
-    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray,
+                 kv: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray] | None = None):
+        """Attention over this call's tokens, or, with `kv = (k_cache, v_cache, write_index)`, over
+        a cache `[B, S, K, D]` into which this call's keys/values are first written at per-row
+        slots `write_index [B]`. Returns the output and the updated `(k_cache, v_cache)` (or None)."""
         q, k, v = self.qkv(x, cos, sin)
+        new_kv = None
+        if kv is not None:
+            k_cache, v_cache, index = kv
+            k_cache, v_cache = write_rows(k_cache, k, index), write_rows(v_cache, v, index)
+            k, v, new_kv = k_cache.astype(self.dtype), v_cache.astype(self.dtype), (k_cache, v_cache)
         out = attention(q, k, v, mask, backend=self.backend)  # [B, T, H, D]
-        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype))
+        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype)), new_kv
 
 
 class MLP(nnx.Module):
@@ -137,9 +155,10 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg, prefix, rngs=rngs, param_dtype=param_dtype)
         self.mlp = MLP(cfg, prefix, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
 
-    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-        x = x + self.attn(self.input_norm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attn_norm(x))
+    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray, kv=None):
+        h, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv)
+        x = x + h
+        return x + self.mlp(self.post_attn_norm(x)), new_kv
 
 
 class Qwen2(nnx.Module):
@@ -164,39 +183,66 @@ class Qwen2(nnx.Module):
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
                  segment_ids: jnp.ndarray | None = None, *, rope: tuple[Any, Any] | None = None,
                  return_hidden: bool = False):
-        """Forward pass without a cache.
+        """Forward pass without a cache: float32 logits `[B, T, V]`.
 
         tokens:      int32 `[B, T]`.
         positions:   int32 `[B, T]`, default 0..T-1 in every row.
         segment_ids: int32 `[B, T]`; 0 marks padding, equal ids attend to each other causally
                      (an HF 0/1 attention mask works as is). Default: all ones.
         rope:        `(inv_freq, attention_factor)` overriding the config's rotary tables
-                     (`inv_freq` `[D/2]` or per row `[B, 1, D/2]`).
+                     (`inv_freq` `[D/2]` or per row `[B, 1, D/2]`, factor scalar or `[B, 1, 1]`).
         return_hidden: also return the residual stream after each layer `[L, B, T, E]`.
         """
+        x, _, hidden = self.hidden_states(tokens, positions, segment_ids, rope=rope, return_hidden=return_hidden)
+        logits = self.logits(x)
+        return (logits, hidden) if return_hidden else logits
+
+    def hidden_states(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
+                      segment_ids: jnp.ndarray | None = None, *, cache: KVCache | None = None,
+                      rope: tuple[Any, Any] | None = None, return_hidden: bool = False):
+        """The decoder stack before the final norm: `(x [B, T, E], updated cache or None, hidden or None)`.
+
+        With a `cache`, this call's tokens are written at each row's `cache.lengths` (positions
+        default to those slots) and attend to everything already cached in their row.
+        """
         b, t = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            start = cache.lengths[:, None] if cache is not None else 0
+            positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         inv_freq, attention_factor = rope if rope is not None else rope_lib.inv_frequencies(self.config)
         cos, sin = rope_lib.rope_tables(positions, inv_freq, attention_factor)  # [B, T, D]
-        mask = attention_mask(segment_ids, positions, segment_ids, positions)  # [B, T, T]
+        if cache is None:
+            mask = attention_mask(segment_ids, positions, segment_ids, positions)  # [B, T, T]
+        else:
+            new_lengths = cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
+            mask = attention_mask(segment_ids, positions, *cache.slot_segments(new_lengths))  # [B, T, S]
 
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)  # [B, T, E]
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(x, layer_params):
+        def body(carry, xs):
+            x, k_all, v_all = carry
+            layer_params, i = xs
             layer = nnx.merge(graphdef, layer_params)
-            x = layer(x, cos, sin, mask)
-            return x, (x if return_hidden else None)
+            if cache is None:
+                x, _ = layer(x, cos, sin, mask)
+            else:
+                kv = (k_all[i], v_all[i], cache.lengths)
+                x, (k_layer, v_layer) = layer(x, cos, sin, mask, kv)
+                k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_layer, i, 0)
+                v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_layer, i, 0)
+            return (x, k_all, v_all), (x if return_hidden else None)
 
-        policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, hidden = jax.lax.scan(body, x, stacked)
-        logits = self.logits(x)
-        return (logits, hidden) if return_hidden else logits
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
+        layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        (x, k_all, v_all), hidden = jax.lax.scan(body, carry, (stacked, layer_ids))
+        if cache is not None:
+            cache = cache.replace(k=k_all, v=v_all, lengths=new_lengths)
+        return x, cache, hidden
 
     def logits(self, x: jnp.ndarray) -> jnp.ndarray:
         """Final norm and lm_head (the embedding when tied), float32 `[B, T, V]`."""

@@ -8,7 +8,6 @@ from flax import nnx
 
 from helpers import hf_logits, hf_model, our_model_from_hf
 from qwq_jax import QwenConfig, abstract_model, forward, init_model
-from qwq_jax.config import RopeScaling
 from qwq_jax.model import REMAT_POLICIES
 
 TOL = 1e-4

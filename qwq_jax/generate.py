@@ -1,0 +1,340 @@
+"""Batched generation: one prefill for a batch of ragged prompts, then a jitted decode loop.
+
+    engine = Engine(model, tokenizer)
+    outs = engine.generate([prompt_ids, ...], SamplingParams(temperature=0.6, max_tokens=256, n=4))
+    for event in engine.stream(...):  # chunks of new tokens per row, as they are produced
+
+The decode loop runs inside `jax.lax.while_loop` in chunks of `chunk` tokens (no Python per
+token); the host only looks at the output between chunks, for streaming and stop strings.
+Each of the `n` samples of a prompt reuses that prompt's prefill. Row b draws with the key
+`fold_in(key(seed_b), step)`, so a seed gives the same text whatever else is in the batch.
+
+Long context: with a YaRN config, `rope_scaling="auto"` (default) uses plain RoPE for a
+request whose prompt + max_tokens fits the original context and YaRN only for longer ones
+(what the model card recommends); `"static"` always applies YaRN, `"off"` never.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwq_jax import rope as rope_lib
+from qwq_jax.cache import KVCache
+from qwq_jax.model import Qwen2
+from qwq_jax.sampling import SamplingParams, batch_params, sample
+
+ROPE_MODES = ("auto", "static", "off")
+_RUNNING, _STOP, _LENGTH = 0, 1, 2
+FINISH_REASONS = {_STOP: "stop", _LENGTH: "length"}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, math.ceil(n / multiple) * multiple)
+
+
+def _bucket(n: int) -> int:
+    """Shape buckets so requests of similar lengths share compilations: 64, 128, 256, ... then steps of 1024."""
+    if n <= 1024:
+        return 1 << max(6, math.ceil(math.log2(max(n, 1))))
+    return _round_up(n, 1024)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+@dataclasses.dataclass
+class Completion:
+    """One generated sequence."""
+
+    token_ids: list[int]
+    finish_reason: str                # "stop" (EOS, stop token or stop string) or "length"
+    prompt_tokens: int
+    text: str | None = None           # decoded, when the engine has a tokenizer
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+
+@dataclasses.dataclass
+class StreamEvent:
+    """New tokens of one row since the last event."""
+
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclasses.dataclass
+class _Rows:
+    prompt_of: np.ndarray      # [B] prompt index of each row (-1 = padding row)
+    sample_of: np.ndarray      # [B] sample index within its prompt
+    params: list[SamplingParams]
+    prompt_lens: np.ndarray    # [B]
+
+
+class Engine:
+    """Generation over a model (optionally sharded on `mesh` by the `generate` rules)."""
+
+    def __init__(self, model: Qwen2, tokenizer: Any = None, *, mesh: Any = None, rules: Any = "generate",
+                 cache_dtype: Any = None, chunk: int = 16, rope_scaling: str = "auto"):
+        if rope_scaling not in ROPE_MODES:
+            raise ValueError(f"rope_scaling={rope_scaling!r} must be one of {', '.join(ROPE_MODES)}")
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.mesh, self.rules = mesh, rules
+        self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else model.dtype
+        self.chunk = chunk
+        self.rope_scaling = rope_scaling
+        self.graphdef, self.params = nnx.split(model)
+        self._prefill = jax.jit(self._prefill_fn)
+        self._decode = jax.jit(self._decode_fn, static_argnames=("steps",), donate_argnums=(1,))
+        self.eos_token_ids = self._eos_ids()
+
+    # ---- set-up -----------------------------------------------------------------------------
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = list(getattr(self.tokenizer, "eos_token_ids", None) or ())
+        eos = self.config.eos_token_id
+        ids += list(eos) if isinstance(eos, tuple) else ([eos] if eos is not None else [])
+        return tuple(dict.fromkeys(int(i) for i in ids))
+
+    def _batch_multiple(self) -> int:
+        if self.mesh is None:
+            return 1
+        from sharding import logical_to_mesh
+
+        axes = logical_to_mesh(("batch",), self.mesh, self.rules)[0]
+        axes = (axes,) if isinstance(axes, str) else (axes or ())
+        return math.prod(self.mesh.shape[a] for a in axes)
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from sharding import batch_sharding, put_global
+
+        return put_global(x, batch_sharding(self.mesh, self.rules, x.ndim))
+
+    def _rope_for(self, needs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row rotary frequencies `[B, 1, D/2]` and attention factors `[B, 1, 1]`."""
+        plain, _ = rope_lib.inv_frequencies(self.config, scaled=False)
+        scaled, factor = rope_lib.inv_frequencies(self.config)
+        has_scaling = self.config.rope_scaling is not None
+        if self.rope_scaling == "static" or (self.rope_scaling == "auto" and has_scaling):
+            use = np.full(needs.shape, True) if self.rope_scaling == "static" else \
+                needs > self.config.original_max_position_embeddings
+            use &= has_scaling
+        else:
+            use = np.zeros(needs.shape, bool)
+        inv = np.where(use[:, None, None], scaled[None, None], plain[None, None]).astype(np.float32)
+        att = np.where(use, factor, 1.0).astype(np.float32)[:, None, None]
+        return inv, att
+
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings if self.rope_scaling == "off" else self.config.max_context
+
+    # ---- jitted pieces ----------------------------------------------------------------------
+    def _prefill_fn(self, params, tokens, lengths, rope, cache):
+        model = nnx.merge(self.graphdef, params)
+        segments = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
+        x, cache, _ = model.hidden_states(tokens, segment_ids=segments, cache=cache, rope=rope)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
+        return model.logits(last)[:, 0], cache
+
+    def _decode_fn(self, params, state, consts, steps: int):
+        model = nnx.merge(self.graphdef, params)
+        arrays, seeds, max_tokens, stop_ids, prompt_mask, rope = consts
+        max_new = state["out"].shape[1]
+
+        def cond(carry):
+            i, s = carry
+            return (i < steps) & ~jnp.all(s["done"])
+
+        def body(carry):
+            i, s = carry
+            done, count = s["done"], s["count"]
+            # Row b's key at its own step: fold_in(key(seed_b), count_b) (= sampling.row_keys per row).
+            keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.key(seed), c))(seeds, count.astype(jnp.uint32))
+            tok = sample(s["logits"], arrays, keys, s["counts"], prompt_mask).astype(jnp.int32)
+            tok = jnp.where(done, 0, tok)
+            rows = jnp.arange(tok.shape[0])
+            out = s["out"].at[rows, jnp.where(done, max_new, count)].set(tok, mode="drop")
+            counts = s["counts"].at[rows, tok].add(jnp.where(done, 0, 1))
+            new_count = count + jnp.where(done, 0, 1)
+            hit = jnp.any(tok[:, None] == stop_ids, axis=1) & ~done
+            full = (new_count >= max_tokens) & ~done & ~hit
+            finish = jnp.where(hit, _STOP, jnp.where(full, _LENGTH, s["finish"]))
+            x, cache, _ = model.hidden_states(tok[:, None], cache=s["cache"], rope=rope)
+            logits = model.logits(x)[:, 0]
+            s = dict(s, out=out, counts=counts, count=new_count, done=done | hit | full, finish=finish,
+                     cache=cache, logits=logits)
+            return i + 1, s
+
+        _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+        return state
+
+    # ---- public API -------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = None,
+                 ) -> list[list[Completion]]:
+        """Completions for each prompt (a list of `n` per prompt)."""
+        for _ in self.stream(prompts, params):
+            pass
+        return self.last_completions
+
+    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = None,
+               ) -> Iterator[list[StreamEvent]]:
+        """Yields, after each decode chunk, the new tokens of every row that produced some.
+
+        When the iterator is exhausted, `self.last_completions` holds the final completions and
+        `self.last_timings` the prefill/decode timings.
+        """
+        t0 = time.perf_counter()
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts:
+            raise ValueError("prompts is empty")
+        if params is None:
+            params = SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if max(p) >= self.config.vocab_size or min(p) < 0:
+                raise ValueError(f"prompt {i} has token ids outside 0..{self.config.vocab_size - 1}")
+            sp.validate(prompt_tokens=len(p), max_context=self.max_context())
+
+        # Rows: n samples per prompt, padded to the batch sharding.
+        prompt_of, sample_of = [], []
+        for i, sp in enumerate(plist):
+            prompt_of += [i] * sp.n
+            sample_of += list(range(sp.n))
+        b_real = len(prompt_of)
+        b = _round_up(b_real, self._batch_multiple())
+        prompt_of += [-1] * (b - b_real)
+        sample_of += [0] * (b - b_real)
+        rows = _Rows(np.array(prompt_of), np.array(sample_of),
+                     [plist[i] if i >= 0 else SamplingParams(max_tokens=1) for i in prompt_of],
+                     np.array([len(prompts[i]) if i >= 0 else 1 for i in prompt_of]))
+        max_new = max(sp.max_tokens for sp in rows.params)
+        t_pad = _bucket(max(len(p) for p in prompts))
+        max_len = _bucket(max(len(p) + sp.max_tokens for p, sp in zip(prompts, plist)))
+
+        # Prefill every row (rows of one prompt are identical; XLA work is per row either way, and
+        # one batched call keeps shapes static). Padding rows get a one-token prompt.
+        tokens = np.zeros((b, t_pad), np.int32)
+        for r, i in enumerate(rows.prompt_of):
+            if i >= 0:
+                tokens[r, : len(prompts[i])] = prompts[i]
+        needs = np.array([len(prompts[i]) + plist[i].max_tokens if i >= 0 else 1 for i in rows.prompt_of])
+        inv, att = self._rope_for(needs)
+        rope = (self._put(inv), self._put(att))
+        cache = KVCache.init(self.config, b, max_len, self.cache_dtype, self.mesh, self.rules)
+        lengths = self._put(rows.prompt_lens.astype(np.int32))
+        logits, cache = self._prefill(self.params, self._put(tokens), lengths, rope, cache)
+        jax.block_until_ready(logits)
+        self.last_timings = {"prefill_s": time.perf_counter() - t0}
+
+        # Per-row constants.
+        seeds = np.zeros(b, np.uint32)
+        entropy = np.random.SeedSequence().generate_state(b)
+        for r, sp in enumerate(rows.params):
+            seeds[r] = (sp.seed + int(rows.sample_of[r])) % 2**32 if sp.seed is not None else entropy[r]
+        stops = [tuple(self.eos_token_ids) + tuple(sp.stop_token_ids) for sp in rows.params]
+        stop_ids = np.full((b, max(1, max(len(s) for s in stops))), -1, np.int32)
+        for r, s in enumerate(stops):
+            stop_ids[r, : len(s)] = s
+        prompt_mask = np.zeros((b, self.config.vocab_size), bool)
+        for r in range(b):
+            prompt_mask[r, tokens[r, : rows.prompt_lens[r]]] = True
+        max_tokens = np.array([sp.max_tokens for sp in rows.params], np.int32)
+        consts = (batch_params(rows.params), self._put(seeds), self._put(max_tokens), self._put(stop_ids),
+                  self._put(prompt_mask), rope)
+        done0 = rows.prompt_of < 0
+        state = {"cache": cache, "logits": logits, "out": self._put(np.zeros((b, max_new), np.int32)),
+                 "count": self._put(np.zeros(b, np.int32)), "done": self._put(done0),
+                 "finish": self._put(np.where(done0, _LENGTH, _RUNNING).astype(np.int32)),
+                 "counts": self._put(np.zeros((b, self.config.vocab_size), np.int32))}
+
+        # Decode in chunks; stream what each chunk produced; apply stop strings on the host.
+        emitted = np.zeros(b, np.int64)
+        finished = done0.copy()
+        stop_reason: dict[int, Any] = {}
+        t_decode = time.perf_counter()
+        while not finished.all():
+            state = self._decode(self.params, state, consts, steps=self.chunk)
+            out, count, done, finish = (_to_host(state[k]) for k in ("out", "count", "done", "finish"))
+            events, host_stopped = [], []
+            for r in range(b):
+                if finished[r]:
+                    continue
+                new = out[r, emitted[r]:count[r]].tolist()
+                reason = FINISH_REASONS.get(int(finish[r])) if done[r] else None
+                if done[r] and finish[r] == _STOP and new and new[-1] in stop_ids[r]:
+                    stop_reason[r] = new[-1]
+                stop_strs = rows.params[r].stop
+                if stop_strs and self.tokenizer is not None and new:
+                    cut = self._find_stop(out[r, : count[r]].tolist(), int(emitted[r]), stop_strs)
+                    if cut is not None:
+                        n_keep, which = cut
+                        new = out[r, emitted[r]:n_keep].tolist()
+                        count[r] = n_keep
+                        reason, stop_reason[r] = "stop", which
+                        host_stopped.append(r)
+                emitted[r] += len(new)
+                if reason is not None:
+                    finished[r] = True
+                if rows.prompt_of[r] >= 0 and (new or reason):
+                    events.append(StreamEvent(int(rows.prompt_of[r]), int(rows.sample_of[r]), new,
+                                              reason is not None, reason))
+            if host_stopped:
+                mask = np.zeros(b, bool)
+                mask[host_stopped] = True
+                state["done"] = state["done"] | self._put(mask)
+                state["count"] = self._put(count.astype(np.int32))
+            if events:
+                yield events
+        out = _to_host(state["out"])
+        finish = _to_host(state["finish"])
+        decode_s = time.perf_counter() - t_decode
+        self.last_timings.update(decode_s=decode_s, decode_tokens=int(emitted.sum()),
+                                 decode_tokens_per_s=float(emitted[: b_real].sum() / max(decode_s, 1e-9)))
+
+        completions: list[list[Completion]] = [[None] * sp.n for sp in plist]  # type: ignore[list-item]
+        for r in range(b_real):
+            i, j = int(rows.prompt_of[r]), int(rows.sample_of[r])
+            ids = out[r, : emitted[r]].tolist()
+            reason = "stop" if r in stop_reason else FINISH_REASONS.get(int(finish[r]), "length")
+            text = None
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode([t for t in ids if t not in self.eos_token_ids],
+                                             skip_special_tokens=True)
+                stop = stop_reason.get(r)
+                if isinstance(stop, str) and stop in text:
+                    text = text[: text.index(stop)]
+            completions[i][j] = Completion(ids, reason, len(prompts[i]), text, stop_reason.get(r))
+        self.last_completions = completions
+
+    def _find_stop(self, ids: list[int], emitted: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
+        """(tokens to keep, stop string) when a stop string appears in the text of `ids`."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hits = [(text.find(s), s) for s in stops if s in text]
+        if not hits:
+            return None
+        pos, which = min(hits)
+        for n in range(max(emitted, 1), len(ids) + 1):  # the first prefix whose text contains it
+            if which in self.tokenizer.decode(ids[:n], skip_special_tokens=True):
+                return n, which
+        return len(ids), which

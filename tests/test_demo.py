@@ -1,0 +1,105 @@
+"""The real demo model (Qwen2.5-Coder-0.5B-Instruct GGUF) end to end, against transformers in fp32."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from qwq_jax import forward, load
+from qwq_jax.generate import Engine
+from qwq_jax.sampling import SamplingParams
+from qwq_jax.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+CHATS = {
+    "code": [{"role": "user", "content": "Write a Python function that checks whether a number is prime."}],
+    "math": [{"role": "system", "content": "You are a careful math tutor."},
+             {"role": "user", "content": "What is 17 * 23? Explain step by step."}],
+    "chinese": [{"role": "user", "content": "用一句话解释什么是快速排序。"}],
+    "multi-turn": [{"role": "user", "content": "Name a sorting algorithm."},
+                   {"role": "assistant", "content": "Merge sort."},
+                   {"role": "user", "content": "What is its time complexity?"}],
+}
+
+
+@pytest.fixture(scope="module")
+def ours(demo_checkpoint):
+    return load(demo_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_checkpoint):
+    return Tokenizer.from_dir(demo_checkpoint)
+
+
+def test_logits_match_transformers_gguf_model(ours, tokenizer, demo_hf_model):
+    """Converted fp32 model vs transformers' model of the same GGUF: 3 prompts of >= 100 tokens."""
+    texts = [
+        "def quicksort(xs):\n    " + "# sort the list in place, recursively, using a pivot\n    " * 12,
+        "The history of the Roman Empire spans many centuries. " * 12,
+        "机器学习是人工智能的一个分支，它使计算机能够从数据中学习。" * 8,
+    ]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert len(ids) >= 100
+        want = demo_hf_model(torch.tensor([ids])).logits.float().detach().numpy()
+        got = np.asarray(forward(ours, jnp.asarray([ids], jnp.int32)))
+        err = np.abs(got - want).max()
+        print(f"demo logits, {len(ids)} tokens: max |d| = {err:.2e}")
+        assert err <= 5e-3
+
+
+def test_greedy_equals_transformers_generate(ours, tokenizer, demo_hf_model):
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in CHATS.values()]
+    outs = Engine(ours, tokenizer).generate(prompts, SamplingParams(temperature=0.0, max_tokens=64))
+    for name, ids, out in zip(CHATS, prompts, outs):
+        with torch.no_grad():
+            hf = demo_hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+                                        eos_token_id=list(tokenizer.eos_token_ids), pad_token_id=0)
+        hf_new = hf[0, len(ids):].tolist()
+        print(name, repr(out[0].text[:80]))
+        assert out[0].token_ids == hf_new, name
+
+
+def test_sample_cli_json(demo_checkpoint):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(demo_checkpoint), "--prompt",
+                        "Write a one-line Python hello world.", "--json", "--temperature", "0", "--max-tokens", "24"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    for key in ("token_ids", "text", "reasoning_content", "content", "finish_reason", "usage", "timings"):
+        assert key in out
+    assert out["usage"]["completion_tokens"] == len(out["token_ids"]) <= 24
+    assert out["text"].strip() and out["content"] == out["text"] and out["reasoning_content"] is None
+    assert out["timings"]["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--temperature", "-1"], 2, "temperature=-1"),
+    (["--top-p", "1.5"], 2, "top_p=1.5"),
+    (["--max-tokens", "0"], 2, "max_tokens=0"),
+    (["--min-p", "2"], 2, "min_p=2"),
+    (["--rope-scaling", "dynamic"], 2, "invalid choice"),
+])
+def test_sample_cli_invalid_parameters(demo_checkpoint, args, code, message):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(demo_checkpoint), "--prompt",
+                        "hi", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == code and message in r.stderr, r.stderr[-2000:]
+    assert len([l for l in r.stderr.splitlines() if "error" in l]) == 1
+
+
+def test_sample_cli_missing_checkpoint(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(tmp_path / "nope"), "--prompt",
+                        "hi"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and f"checkpoint not found: {tmp_path / 'nope'}" in r.stderr
