@@ -260,7 +260,8 @@ class Engine:
         for r in range(b):
             prompt_mask[r, tokens[r, : rows.prompt_lens[r]]] = True
         max_tokens = np.array([sp.max_tokens for sp in rows.params], np.int32)
-        consts = (batch_params(rows.params), self._put(seeds), self._put(max_tokens), self._put(stop_ids),
+        arrays = jax.tree.map(lambda x: self._put(np.asarray(x)), batch_params(rows.params))
+        consts = (arrays, self._put(seeds), self._put(max_tokens), self._put(stop_ids),
                   self._put(prompt_mask), rope)
         done0 = rows.prompt_of < 0
         state = {"cache": cache, "logits": logits, "out": self._put(np.zeros((b, max_new), np.int32)),

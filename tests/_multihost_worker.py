@@ -28,4 +28,17 @@ for rules in ("generate", "train"):
     logits = forward(model, sh.put_global(tokens, sh.batch_sharding(mesh, rules)))
     full = multihost_utils.process_allgather(logits, tiled=True)
     np.save(os.path.join(out_dir, f"{rules}_{process_id}.npy"), np.asarray(full))
+# Generation on a mesh spanning both processes: batch over `data` (one half per process).
+import json  # noqa: E402
+
+from qwq_jax.generate import Engine  # noqa: E402
+from qwq_jax.sampling import SamplingParams  # noqa: E402
+
+mesh = sh.make_mesh("data=2,tensor=4")
+model = sh.init_sharded(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32, dtype=jnp.float32),
+                        mesh, "generate")
+prompts = [tokens[i, : 5 + 7 * i].tolist() for i in range(3)]
+outs = Engine(model, mesh=mesh).generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))
+with open(os.path.join(out_dir, f"generate_{process_id}.json"), "w") as fh:
+    json.dump([o[0].token_ids for o in outs], fh)
 print(f"process {process_id} done")

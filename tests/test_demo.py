@@ -103,3 +103,14 @@ def test_sample_cli_missing_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(tmp_path / "nope"), "--prompt",
                         "hi"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1 and f"checkpoint not found: {tmp_path / 'nope'}" in r.stderr
+
+
+def test_sample_cli_interactive_keeps_history(demo_checkpoint):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(demo_checkpoint), "--interactive",
+                        "--system", "Answer in one short sentence.", "--temperature", "0", "--max-tokens", "16"],
+                       input="My name is Ada.\nWhat is my name?\n\n", capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    replies = r.stdout.split("> ")[1:]  # prompt marks, then each streamed reply
+    assert len(replies) == 3 and "Ada" in replies[1], r.stdout  # the second answer remembers the first turn

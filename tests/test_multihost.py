@@ -1,5 +1,6 @@
 """Two real processes (jax.distributed on 127.0.0.1, gloo, 4 CPU devices each) run one sharded forward."""
 
+import json
 import os
 import socket
 import subprocess
@@ -51,3 +52,11 @@ def test_two_processes_agree_with_single_process(tmp_path):
             err = np.abs(got - want).max()
             print(f"{rules} process {pid}: max |d| vs single process = {err:.2e}")
             assert err <= 1e-5
+    # Generation: every process gets the gathered outputs, equal to a single-process run.
+    from qwq_jax.generate import Engine
+    from qwq_jax.sampling import SamplingParams
+
+    prompts = [tokens[i, : 5 + 7 * i].tolist() for i in range(3)]
+    want_ids = [o[0].token_ids for o in Engine(model).generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))]
+    for pid in range(2):
+        assert json.loads((tmp_path / f"generate_{pid}.json").read_text()) == want_ids
