@@ -33,13 +33,19 @@ def run_ours(args, batch: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from qwq_jax import init_model
     from qwq_jax.generate import Engine
     from qwq_jax.sampling import SamplingParams
 
     cfg = _cfg(args.preset)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
-    model = init_model(cfg, seed=0, param_dtype=dtype, dtype=dtype)
+    # Built under jit straight into its final buffers (an eager init leaves large temporaries behind).
+    from flax import nnx
+
+    from qwq_jax import Qwen2
+    from sharding import init_sharded, make_mesh
+
+    model = init_sharded(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype),
+                         make_mesh("fsdp=1", jax.devices()[:1]), "generate")
     engine = Engine(model, chunk=args.chunk)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
     sp = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
