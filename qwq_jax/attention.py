@@ -12,7 +12,11 @@ KV heads are never repeated in memory.
     cudnn        GPU            jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash
                                 attention, bf16/fp16, head_dim a multiple of 8 up to 128 (256 on Hopper)
     splash       TPU            Pallas splash attention (jax.experimental.pallas.ops.tpu)
-    auto         anywhere       gpu -> cudnn, tpu -> splash, else xla; `QWQ_ATTENTION=<name>` overrides
+    blockwise    anywhere       flash-style in plain XLA: keys/values in blocks with an online float32
+                                softmax, so no [T, S] score matrix exists; against a cache it stops
+                                at the last filled block. For long prompts prefilled in chunks
+    auto         anywhere       gpu -> cudnn, tpu -> splash, else xla; blockwise for several tokens
+                                against a cache (chunked prefill); `QWQ_ATTENTION=<name>` overrides
 
 Every backend but `xla` sends one new token against a cache (T == 1, decoding) to `decode_attention`.
 The fast kernels index causality by position in the row, so they assume positions increase with
@@ -24,10 +28,20 @@ rows that restart at 0). What they cannot express falls back to `xla` with a log
   and cuDNN gets per-row lengths. A packed row (two or more sequences) comes out NaN, so the
   mistake cannot pass silently: pack with `xla`, `dot_product` or `splash`.
 - cudnn against a cache with T > 1 (prefill into the cache): the dense mask as a cuDNN bias
-  (forward only: cuDNN's bias gradient needs batch 1); "auto" uses xla there.
+  (forward only: cuDNN's bias gradient needs batch 1); "auto" uses blockwise there.
 - splash: self-attention only (causal mask + segment ids, packing included), sequence padded to
-  a multiple of 128; against a cache with T > 1 it falls back to xla. Under `jax.set_mesh(mesh)`
+  a multiple of 128; against a cache with T > 1 it uses blockwise. Under `jax.set_mesh(mesh)`
   the kernel runs in `shard_map` (batch over data/fsdp, heads over tensor).
+- xla against a cache with T > 1 whose float32 scores would pass `DENSE_SCORES_LIMIT` bytes
+  (1 GiB; a long prompt's chunk against a 131K-slot cache is tens of GiB) computes the same
+  thing blockwise, so long-context prefill works with the default backend.
+
+blockwise memory: per block, scores and probabilities `[B, H, T, block]` in float32 plus the
+float32 running output `[B, H, T, D]`; `block` is the largest of 1024, 512, ..., 64 dividing S
+(S is padded to a multiple of 64 otherwise). Against a cache the loop's trip count is the
+filled part of the cache (a `while` loop: forward only); for self-attention it is a `scan` over
+all blocks (differentiable, but the backward keeps every block's probabilities, so train long
+sequences with cudnn or splash).
 
 Queries that may attend to nothing (padding) get finite but unspecified outputs in every backend.
 """
@@ -118,6 +132,8 @@ def xla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | j
     """Reference attention in plain XLA ops: scores and softmax in float32."""
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
+    if _against_cache(q, mask) and b * h * t * k.shape[1] * 4 > DENSE_SCORES_LIMIT:
+        return blockwise_attention(q, k, v, mask)
     mask = _dense(mask)  # [B, T, S]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, K, G, D]
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -149,6 +165,97 @@ def _decode(q, k, v, mask) -> jnp.ndarray:
     return decode_attention(q, k, v, _dense(mask)[:, 0, :])
 
 
+# ---- blockwise (flash-style) attention in plain XLA ------------------------------------------
+DENSE_SCORES_LIMIT = 1 << 30  # bytes of float32 scores above which xla against a cache goes blockwise
+_BLOCKS = (1024, 512, 256, 128, 64)
+
+
+def _kv_block(s: int, block: int | None) -> tuple[int, int]:
+    """(block size, padded S): the largest preferred block dividing S, else S padded to a multiple of 64."""
+    if block is not None:
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        return min(block, s), -(-s // min(block, s)) * min(block, s)
+    for b in _BLOCKS:
+        if s % b == 0:
+            return b, s
+    if s < _BLOCKS[-1]:
+        return s, s
+    return _BLOCKS[-1], -(-s // _BLOCKS[-1]) * _BLOCKS[-1]
+
+
+def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray,
+                        *, block: int | None = None) -> jnp.ndarray:
+    """Attention over key/value blocks with an online (running max and sum) float32 softmax.
+
+    Same result as `xla_attention` up to float rounding; memory per step is one block's scores.
+    Blocks past the last valid key of every row are not computed against a cache (see the
+    module docstring for the trip count and gradients).
+    """
+    if q.shape[1] == 1:
+        return _decode(q, k, v, mask)
+    b, t, h, d = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    g = h // kv_heads
+    blk, s_pad = _kv_block(s, block)
+    if isinstance(mask, Mask):
+        kv_seg, kv_pos = mask.kv_segments, mask.kv_positions
+        if s_pad != s:  # padded slots get segment 0: masked for every query
+            kv_seg = jnp.pad(kv_seg, ((0, 0), (0, s_pad - s)))
+            kv_pos = jnp.pad(kv_pos, ((0, 0), (0, s_pad - s)))
+
+        def block_mask(start):
+            seg = jax.lax.dynamic_slice_in_dim(kv_seg, start, blk, axis=1)
+            pos = jax.lax.dynamic_slice_in_dim(kv_pos, start, blk, axis=1)
+            return attention_mask(mask.q_segments, mask.q_positions, seg, pos)
+
+        valid = kv_seg != 0
+        dynamic = not mask.self_attention
+    else:
+        dense = jnp.pad(mask, ((0, 0), (0, 0), (0, s_pad - s))) if s_pad != s else mask
+
+        def block_mask(start):
+            return jax.lax.dynamic_slice_in_dim(dense, start, blk, axis=2)
+
+        valid = jnp.any(dense, axis=1)
+        dynamic = True
+    if s_pad != s:
+        k = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+
+    qg = q.reshape(b, t, kv_heads, g, d)
+    scale = d ** -0.5
+
+    def step(j, carry):
+        m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, D]
+        start = j * blk
+        kb = jax.lax.dynamic_slice_in_dim(k, start, blk, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, blk, axis=1)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(block_mask(start)[:, None, None, :, :], scores, _MASKED)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+        p = jnp.exp(scores - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        l = l * correction + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+        return m_new, l, acc * correction[..., None] + pv
+
+    init = (jnp.full((b, kv_heads, g, t), _MASKED, jnp.float32), jnp.zeros((b, kv_heads, g, t), jnp.float32),
+            jnp.zeros((b, kv_heads, g, t, d), jnp.float32))
+    n_blocks = s_pad // blk
+    if dynamic:  # stop after the last block holding a valid key of any row
+        extent = jnp.max(jnp.where(valid, jnp.arange(s_pad, dtype=jnp.int32)[None, :] + 1, 0))
+        n_blocks = jnp.clip((extent + blk - 1) // blk, 1, n_blocks)
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, step, init)
+    out = acc / l[..., None]  # l >= 1: the running max's own term is exp(0)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+
+
+def _against_cache(q: jnp.ndarray, mask: Mask | jnp.ndarray) -> bool:
+    """Several query tokens against a cache (chunked prefill), as opposed to self-attention or decoding."""
+    return q.shape[1] > 1 and isinstance(mask, Mask) and not mask.self_attention
+
+
 # ---- jax.nn.dot_product_attention: cuDNN on GPU, the same call through XLA anywhere ----------
 def _roll_rows(x: jnp.ndarray, shift: jnp.ndarray) -> jnp.ndarray:
     """`out[b, i] = x[b, (i + shift[b]) % T]` for x `[B, T, ...]`."""
@@ -165,8 +272,7 @@ def _sdpa(q, k, v, mask, implementation: str, name: str, allow_bias: bool) -> jn
     if not isinstance(mask, Mask) or not mask.self_attention:
         # Against a cache (or an arbitrary mask): the mask becomes an additive bias [B, 1, T, S].
         if not allow_bias:
-            _fallback(name, "attention against a cache with more than one query token needs a dense bias")
-            return xla_attention(q, k, v, mask)
+            return blockwise_attention(q, k, v, mask)
         return call(q, k, v, mask=_dense(mask)[:, None])
     if not mask.segmented:
         return call(q, k, v, is_causal=True)
@@ -238,8 +344,10 @@ def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask 
     """Pallas splash attention (TPU; `interpret=True` runs it anywhere, slowly, for tests)."""
     if q.shape[1] == 1:
         return _decode(q, k, v, mask)
-    if not isinstance(mask, Mask) or not mask.self_attention:
-        _fallback("splash", "splash attention runs self-attention only, not against a cache")
+    if _against_cache(q, mask):
+        return blockwise_attention(q, k, v, mask)
+    if not isinstance(mask, Mask):
+        _fallback("splash", "splash attention takes a Mask (segment ids), not a dense mask")
         return xla_attention(q, k, v, mask)
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
@@ -294,6 +402,8 @@ def resolve_auto(q: jnp.ndarray | None = None) -> str:
 
 def auto_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray) -> jnp.ndarray:
     """The platform's fast backend where it applies, the decode path for T == 1, else the reference."""
+    if _against_cache(q, mask):  # chunked prefill: bounded memory on every platform
+        return blockwise_attention(q, k, v, mask)
     name = resolve_auto(q)
     if name == "cudnn":
         try:  # jax checks cuDNN's presence and limits while tracing
@@ -311,6 +421,7 @@ BACKENDS: dict[str, Callable[..., jnp.ndarray]] = {
     "dot_product": dot_product_attention,
     "cudnn": cudnn_attention,
     "splash": splash_attention,
+    "blockwise": blockwise_attention,
     "auto": auto_attention,
 }
 _PLATFORM = {"cudnn": "gpu", "splash": "tpu"}

@@ -45,8 +45,8 @@ class KVCache:
         """An empty cache, sharded on `mesh` by `rules` when given."""
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         if mesh is None:
-            zeros = jnp.zeros(shape, dtype)
-            return cls(zeros, zeros, jnp.zeros((batch,), jnp.int32))
+            # Two buffers (the engine donates the cache: k and v must not alias).
+            return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
         from sharding import logical_to_mesh
 
         kv_sharding = NamedSharding(mesh, logical_to_mesh(CACHE_AXES, mesh, rules))

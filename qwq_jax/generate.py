@@ -4,6 +4,10 @@
     outs = engine.generate([prompt_ids, ...], SamplingParams(temperature=0.6, max_tokens=256, n=4))
     for event in engine.stream(...):  # chunks of new tokens per row, as they are produced
 
+Prompts longer than `prefill_chunk` tokens (default 2048) are prefilled in chunks of that many
+tokens, each written into the (donated) cache before the next attends to it blockwise, so memory
+grows with the chunk, not the prompt: a 131,072-token prompt is 64 calls of one compiled shape.
+
 The decode loop runs inside `jax.lax.while_loop` in chunks of `chunk` tokens (no Python per
 token); the host only looks at the output between chunks, for streaming and stop strings.
 Each of the `n` samples of a prompt reuses that prompt's prefill. Row b draws with the key
@@ -90,17 +94,27 @@ class Engine:
     """Generation over a model (optionally sharded on `mesh` by the `generate` rules)."""
 
     def __init__(self, model: Qwen2, tokenizer: Any = None, *, mesh: Any = None, rules: Any = "generate",
-                 cache_dtype: Any = None, chunk: int = 16, rope_scaling: str = "auto"):
+                 cache_dtype: Any = None, chunk: int = 16, rope_scaling: str = "auto",
+                 prefill_chunk: int | None = 2048):
         if rope_scaling not in ROPE_MODES:
             raise ValueError(f"rope_scaling={rope_scaling!r} must be one of {', '.join(ROPE_MODES)}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk={prefill_chunk!r} must be a positive number of tokens (or None: "
+                             "every prompt in one call)")
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk={chunk!r} must be a positive number of decode steps")
+        self.prefill_chunk = prefill_chunk
         self.config = model.config  # the weights live in self.params only (the caller may free `model`)
         self.tokenizer = tokenizer
         self.mesh, self.rules = mesh, rules
         self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else model.dtype
+        self.compute_dtype = jnp.dtype(model.dtype)
         self.chunk = chunk
         self.rope_scaling = rope_scaling
         self.graphdef, self.params = nnx.split(model)
-        self._prefill = jax.jit(self._prefill_fn)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
+        self._last_logits = jax.jit(self._logits_fn)
         self._decode = jax.jit(self._decode_fn, static_argnames=("steps",), donate_argnums=(1,))
         self.eos_token_ids = self._eos_ids()
 
@@ -144,12 +158,21 @@ class Engine:
         return self.config.max_position_embeddings if self.rope_scaling == "off" else self.config.max_context
 
     # ---- jitted pieces ----------------------------------------------------------------------
-    def _prefill_fn(self, params, tokens, lengths, rope, cache):
+    def _prefill_fn(self, params, tokens, remaining, rope, cache, last):
+        """One prefill chunk `tokens [B, T]`: row b has `remaining[b]` prompt tokens from this chunk's
+        start on (<= 0: none left; > T: more chunks follow). Writes them into the cache and keeps, in
+        `last [B, 1, E]`, the hidden state of each row's final prompt token once it has been seen."""
         model = nnx.merge(self.graphdef, params)
-        segments = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
+        t = tokens.shape[1]
+        here = jnp.clip(remaining, 0, t)
+        segments = (jnp.arange(t)[None, :] < here[:, None]).astype(jnp.int32)
         x, cache, _ = model.hidden_states(tokens, segment_ids=segments, cache=cache, rope=rope)
-        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
-        return model.logits(last)[:, 0], cache
+        final = jnp.take_along_axis(x, jnp.maximum(here - 1, 0)[:, None, None], axis=1)  # [B, 1, E]
+        ends_here = (remaining >= 1) & (remaining <= t)
+        return cache, jnp.where(ends_here[:, None, None], final.astype(last.dtype), last)
+
+    def _logits_fn(self, params, last):
+        return nnx.merge(self.graphdef, params).logits(last)[:, 0]
 
     def _decode_fn(self, params, state, consts, steps: int):
         model = nnx.merge(self.graphdef, params)
@@ -230,12 +253,17 @@ class Engine:
                      [plist[i] if i >= 0 else SamplingParams(max_tokens=1) for i in prompt_of],
                      np.array([len(prompts[i]) if i >= 0 else 1 for i in prompt_of]))
         max_new = max(sp.max_tokens for sp in rows.params)
-        t_pad = _bucket(max(len(p) for p in prompts))
-        max_len = _bucket(max(len(p) + sp.max_tokens for p, sp in zip(prompts, plist)))
+        longest = max(len(p) for p in prompts)
+        step = _bucket(longest)
+        if self.prefill_chunk is not None and longest > self.prefill_chunk:
+            step = self.prefill_chunk
+        n_chunks = math.ceil(longest / step)
+        # Every chunk writes `step` slots from each row's length on: the cache holds them all.
+        max_len = max(_bucket(max(len(p) + sp.max_tokens for p, sp in zip(prompts, plist))), n_chunks * step)
 
         # Prefill every row (rows of one prompt are identical; XLA work is per row either way, and
-        # one batched call keeps shapes static). Padding rows get a one-token prompt.
-        tokens = np.zeros((b, t_pad), np.int32)
+        # batched calls keep shapes static). Padding rows get a one-token prompt.
+        tokens = np.zeros((b, n_chunks * step), np.int32)
         for r, i in enumerate(rows.prompt_of):
             if i >= 0:
                 tokens[r, : len(prompts[i])] = prompts[i]
@@ -243,10 +271,14 @@ class Engine:
         inv, att = self._rope_for(needs)
         rope = (self._put(inv), self._put(att))
         cache = KVCache.init(self.config, b, max_len, self.cache_dtype, self.mesh, self.rules)
-        lengths = self._put(rows.prompt_lens.astype(np.int32))
-        logits, cache = self._prefill(self.params, self._put(tokens), lengths, rope, cache)
+        last = self._put(np.zeros((b, 1, self.config.hidden_size), self.compute_dtype))
+        for c in range(n_chunks):
+            remaining = self._put((rows.prompt_lens - c * step).astype(np.int32))
+            cache, last = self._prefill(self.params, self._put(tokens[:, c * step:(c + 1) * step]), remaining, rope,
+                                        cache, last)
+        logits = self._last_logits(self.params, last)
         jax.block_until_ready(logits)
-        self.last_timings = {"prefill_s": time.perf_counter() - t0}
+        self.last_timings = {"prefill_s": time.perf_counter() - t0, "prefill_chunks": n_chunks}
 
         # Per-row constants.
         seeds = np.zeros(b, np.uint32)

@@ -22,7 +22,8 @@ from qwq_jax.model import forward
 from qwq_jax.sampling import SamplingParams
 
 B, T, H, K, D = 4, 24, 6, 2, 8  # 3 query heads per KV head
-CPU_BACKENDS = ["xla", "dot_product"]  # "auto" is "xla" on a CPU, but for decoding (tested below)
+CPU_BACKENDS = ["xla", "dot_product", "blockwise"]  # "auto" is "xla" on a CPU, but for decoding and
+# chunked prefill (tested below)
 
 
 def reference(q, k, v, segq, posq, segk, posk):
@@ -142,7 +143,7 @@ def test_decode_step_against_ragged_cache(backend):
     assert np.abs(got16 - want).max() < 0.05
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
 def test_prefill_into_cache(backend):
     s, t = 48, 12
     segq, posq, segk, posk = cache_mask([0, 0, 9, 30], t, s)
@@ -151,6 +152,75 @@ def test_prefill_into_cache(backend):
     mask = Mask.against_cache(*(jnp.asarray(x) for x in (segq, posq, segk, posk)))
     got = run(backend, q, k, v, mask)
     assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
+
+
+def blockwise(block):
+    return jax.jit(lambda q, k, v, m: attn.blockwise_attention(q, k, v, m, block=block))
+
+
+@pytest.mark.parametrize("block", [5, 8, 24])  # 5: the last block is padding; 24: one block
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_blockwise_self_attention_in_small_blocks(layout, block):
+    seg, pos, segmented = LAYOUTS[layout]
+    q, k, v = qkv(seed=11)
+    want, seen = reference(q, k, v, seg, pos, seg, pos)
+    got = np.asarray(blockwise(block)(q, k, v, Mask.causal(jnp.asarray(seg), jnp.asarray(pos), segmented=segmented)))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
+    dense = attn.attention_mask(*(jnp.asarray(x) for x in (seg, pos, seg, pos)))
+    np.testing.assert_allclose(np.asarray(blockwise(block)(q, k, v, dense))[seen], want[seen], atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [4, 7, 16])
+def test_blockwise_against_a_cache_stops_after_the_filled_blocks(block):
+    """Chunked prefill: a chunk against a ragged cache. Slots in blocks past every row's last valid
+    key hold NaN: the blockwise loop never reads them (the dense reference would give NaN)."""
+    s, t = 64, 12
+    segq, posq, segk, posk = cache_mask([0, 3, 9, 30], t, s)
+    q, k, v = qkv(seed=12, t=t, s=s)
+    want, seen = reference(q, k, v, segq, posq, segk, posk)
+    filled = int(np.max(np.where(segk != 0, np.arange(s)[None] + 1, 0)))  # 42
+    first_unread = -(-filled // block) * block
+    k = k.at[:, first_unread:].set(jnp.nan)
+    v = v.at[:, first_unread:].set(jnp.nan)
+    mask = Mask.against_cache(*(jnp.asarray(x) for x in (segq, posq, segk, posk)))
+    got = np.asarray(blockwise(block)(q, k, v, mask))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
+
+
+def test_blockwise_in_bfloat16_and_gradients():
+    seg, pos, _ = LAYOUTS["left-padded"]
+    q, k, v = qkv(seed=13)
+    want, seen = reference(q, k, v, seg, pos, seg, pos)
+    mask = Mask.causal(jnp.asarray(seg), jnp.asarray(pos))
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    got16 = np.asarray(blockwise(8)(q16, k16, v16, mask), np.float64)
+    assert np.abs(got16[seen] - want[seen]).max() < 0.05
+    weight = jnp.asarray(seg, jnp.float32)[:, :, None, None]
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(weight * jnp.sin(fn(q, k, v, mask))), argnums=(0, 1, 2)))(
+            q, k, v)
+
+    for a, b in zip(grads(lambda *x: attn.blockwise_attention(*x, block=8)), grads(attn.xla_attention)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_xla_goes_blockwise_when_the_scores_would_be_too_large(monkeypatch):
+    """Against a cache, "xla" computes blockwise past DENSE_SCORES_LIMIT: NaN in never-filled slots
+    shows which path ran (the dense one reads every slot)."""
+    s, t = 2048, 12
+    segq, posq, segk, posk = cache_mask([0, 3, 9, 30], t, s)
+    q, k, v = qkv(seed=14, t=t, s=s)
+    want, seen = reference(q, k[:, :64], v[:, :64], segq, posq, segk[:, :64], posk[:, :64])  # filled: < 64
+    k, v = k.at[:, 1024:].set(jnp.nan), v.at[:, 1024:].set(jnp.nan)
+    mask = Mask.against_cache(*(jnp.asarray(x) for x in (segq, posq, segk, posk)))
+    xla = jax.jit(attn.xla_attention)
+    assert np.isnan(np.asarray(xla(q, k, v, mask))).any()  # under the limit: dense
+    monkeypatch.setattr(attn, "DENSE_SCORES_LIMIT", 0)
+    got = np.asarray(jax.jit(lambda *a: attn.xla_attention(*a))(q, k, v, mask))  # a new trace
     np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
 
 
@@ -262,8 +332,9 @@ def test_generation_same_logprobs_with_the_decode_path(tiny_model):
     bias, decoding through `decode_attention`) give the same tokens and log-probs."""
     prompts = [[5, 9, 2, 7, 11], [3, 1], [8] * 12]
     sp = SamplingParams(temperature=0.0, max_tokens=5)
-    outs = {b: [o[0] for o in Engine(with_backend(tiny_model, b), chunk=8).generate(prompts, sp)]
-            for b in CPU_BACKENDS}
-    for got, want in zip(outs["dot_product"], outs["xla"]):
-        assert got.token_ids == want.token_ids
-        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    outs = {b: [o[0] for o in Engine(with_backend(tiny_model, b), chunk=8, prefill_chunk=4).generate(prompts, sp)]
+            for b in CPU_BACKENDS + ["auto"]}
+    for b in ("dot_product", "blockwise", "auto"):
+        for got, want in zip(outs[b], outs["xla"]):
+            assert got.token_ids == want.token_ids
+            np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)

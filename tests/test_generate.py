@@ -65,6 +65,39 @@ def test_n_samples_share_prefill_are_distinct_and_seeded(model):
     assert [x.token_ids for x in c] != [x.token_ids for x in a]
 
 
+@pytest.mark.parametrize("prefill_chunk", [1, 7, 16])
+def test_chunked_prefill_equals_full_recompute(model, prefill_chunk):
+    """Prompts longer than `prefill_chunk` go in several calls (ragged: some rows end early, one
+    mid-chunk); greedy tokens equal the no-cache recompute, log-probs equal a one-call prefill."""
+    ps = prompts([5, 33, 16, 40], seed=11)
+    sp = SamplingParams(temperature=0.0, max_tokens=10)
+    engine = Engine(model, chunk=4, prefill_chunk=prefill_chunk)
+    outs = engine.generate(ps, sp)
+    assert engine.last_timings["prefill_chunks"] == -(-40 // prefill_chunk)
+    whole = Engine(model, chunk=4, prefill_chunk=None).generate(ps, sp)
+    for p, out, one in zip(ps, outs, whole):
+        assert out[0].token_ids == greedy_by_recompute(model, p, 10)
+        np.testing.assert_allclose(out[0].logprobs, one[0].logprobs, atol=1e-5)
+
+
+def test_chunked_prefill_on_a_mesh_and_when_sampling(model):
+    ps = prompts([7, 30, 12], seed=12)
+    sp = SamplingParams(temperature=0.9, top_k=40, max_tokens=8, seed=4)
+    want = Engine(model, prefill_chunk=None).generate(ps, sp)
+    mesh = sh.make_mesh("data=2,tensor=4")
+    sharded = sh.shard_model(init_model(CFG, seed=5, param_dtype=jnp.float32, dtype=jnp.float32), mesh, "generate")
+    got = Engine(sharded, mesh=mesh, prefill_chunk=8).generate(ps, sp)
+    assert [o[0].token_ids for o in got] == [o[0].token_ids for o in want]
+
+
+def test_engine_rejects_bad_chunk_sizes(model):
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="prefill_chunk="):
+            Engine(model, prefill_chunk=bad)
+    with pytest.raises(ValueError, match="chunk=0"):
+        Engine(model, chunk=0)
+
+
 def test_eight_device_mesh_equals_one_device(model):
     ps = prompts([7, 30, 12], seed=2)
     sp = SamplingParams(temperature=0.7, max_tokens=9, seed=3)
@@ -90,12 +123,13 @@ def test_stop_token_ids_and_streaming_chunks_concatenate(model):
     assert engine.last_timings["decode_tokens_per_s"] > 0
 
 
-def test_greedy_equals_hf_generate_tiny():
+@pytest.mark.parametrize("prefill_chunk", [None, 5])
+def test_greedy_equals_hf_generate_tiny(prefill_chunk):
     cfg = QwenConfig.preset("tiny-tied")
     ref = hf_model(cfg, seed=9)
     ours = our_model_from_hf(cfg, ref)
     ps = prompts([13, 4], seed=5)
-    outs = Engine(ours).generate(ps, SamplingParams(temperature=0.0, max_tokens=24))
+    outs = Engine(ours, prefill_chunk=prefill_chunk).generate(ps, SamplingParams(temperature=0.0, max_tokens=24))
     for p, out in zip(ps, outs):
         with torch.no_grad():
             hf = ref.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
@@ -115,7 +149,7 @@ def test_yarn_auto_short_equals_plain_long_equals_hf_yarn():
     static = Engine(ours, rope_scaling="static").generate(short, sp)[0][0].token_ids
     assert static != auto  # YaRN does change a short request: that is why "auto" exists
     long = prompts([300], seed=7)  # 300 + 20 > 256: YaRN under auto
-    got = Engine(ours, rope_scaling="auto").generate(long, sp)[0][0].token_ids
+    got = Engine(ours, rope_scaling="auto", prefill_chunk=64).generate(long, sp)[0][0].token_ids  # 5 chunks
     with torch.no_grad():
         hf = ref.generate(torch.tensor(long), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert got == hf[0, 300:].tolist()
