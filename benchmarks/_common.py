@@ -8,6 +8,7 @@ command line otherwise), so neither holds the other's memory and both see the sa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -76,20 +77,73 @@ def forward_flops(cfg, batch: int, seq: int, logit_positions: int) -> float:
 
 
 # ---- models with random weights -------------------------------------------------------------
-def build_ours(cfg, dtype: Any, *, param_dtype: Any = None, attention: str = "auto", remat: str = "none"):
-    """Our model with random weights, built under jit straight into its final buffers on one device
-    (an eager init leaves large temporaries behind)."""
+def build_ours(cfg, dtype: Any, *, param_dtype: Any = None, attention: str = "auto", remat: str = "none",
+               seed: int = 0):
+    """Our model with random weights on one device, built by `random_state`: peak memory is the
+    weights plus one layer's draw (one jitted init of the whole model needs several stacked
+    weights' worth of temporaries: QwQ-32B's bf16 weights then no longer fit next to them on an H100)."""
     import jax
     from flax import nnx
 
     from qwq_jax import Qwen2
-    from sharding import init_sharded, make_mesh
+    from sharding import make_mesh
+    from sharding.rules import state_shardings
 
-    def make():
-        return Qwen2(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype or dtype, dtype=dtype,
-                     attention_backend=attention, remat=remat)
+    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype or dtype, dtype=dtype,
+                                            attention_backend=attention, remat=remat))
+    graphdef, state = nnx.split(abstract)
+    shardings = state_shardings(state, make_mesh("fsdp=1", jax.devices()[:1]), "generate")
+    return nnx.merge(graphdef, random_state(state, shardings, seed))
 
-    return init_sharded(make, make_mesh("fsdp=1", jax.devices()[:1]), "generate")
+
+def random_state(abstract: Any, shardings: Any, seed: int = 0) -> Any:
+    """Arrays for an abstract parameter tree: norm scales 1, biases 0, other weights N(0, 0.02) (as
+    Qwen2 initialises them). One jitted call per parameter, and per layer for a layer-stacked one
+    (written into a donated buffer), so no call's temporaries exceed one layer's draw."""
+    import jax
+    import jax.numpy as jnp
+
+    root = jax.random.key(seed)
+    counter = iter(range(1 << 30))
+
+    def make(path, leaf, sharding):
+        name = jax.tree_util.keystr(path)
+        shape, dtype = tuple(leaf.shape), leaf.dtype
+        if "scale" in name or "bias" in name:
+            fill = jnp.ones if "scale" in name else jnp.zeros
+            return jax.jit(lambda: fill(shape, dtype), out_shardings=sharding)()
+        key = jax.random.fold_in(root, next(counter))
+        if len(shape) < 3 or not name.startswith("['layers']"):
+            return jax.jit(lambda: _normal(key, shape, dtype), out_shardings=sharding)()
+        buf = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+        for i in range(shape[0]):
+            buf = fill_layer()(buf, key, i)
+        return buf
+
+    return jax.tree_util.tree_map_with_path(make, abstract, shardings)
+
+
+def _normal(key, shape, dtype):
+    import jax
+    import jax.numpy as jnp
+
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _fill_layer(buf, key, i):
+    """`buf[i] = N(0, 0.02)` drawn with `fold_in(key, i)`; `buf` is donated (updated in place)."""
+    import jax
+
+    layer = _normal(jax.random.fold_in(key, i), buf.shape[1:], buf.dtype)
+    return jax.lax.dynamic_update_index_in_dim(buf, layer, i, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def fill_layer() -> Callable[..., Any]:
+    """The jitted `_fill_layer`, its buffer donated."""
+    import jax
+
+    return jax.jit(_fill_layer, donate_argnums=0)
 
 
 def graphdef_with_attention(cfg, dtype: Any, attention: str, remat: str = "none"):

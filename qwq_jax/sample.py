@@ -52,12 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mesh", default=None, help="device mesh, e.g. 'tensor=4' (default: one device)")
     m.add_argument("--rope-scaling", choices=("auto", "static", "off"), default="auto",
                    help="YaRN: auto = only for requests longer than the original context")
+    m.add_argument("--prefill-chunk", type=_positive_int, default=2048,
+                   help="prompt tokens per prefill call (long prompts go in several; memory grows with this)")
     m.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="parameter dtype (default: as stored)")
     m.add_argument("--cache-dir", default=None, help="where --demo keeps its converted checkpoint "
                                                      "(default $QWQ_JAX_CACHE or ~/.cache/qwq-jax)")
     add_distributed_args(p)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number of tokens, got {text!r}")
+    return value
 
 
 def demo_checkpoint(cache_dir: str | None = None) -> Path:
@@ -190,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError) as e:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 1
-    engine = Engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling)
+    engine = Engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk)
     primary = jax.process_index() == 0
     messages = [{"role": "system", "content": args.system}] if args.system else []
     try:

@@ -37,10 +37,13 @@ Counted from the code's arrays, with named approximations:
                assumes a blockwise kernel and counts 0); gate, up, silu*up
                3 r T I/t c. Per call also the mask r T S (bool) and rope tables 2 r T D 4.
   generate     params (param_dtype, generate rules) + kv_cache + activations of one prefill call
-               of `prefill_chunk` tokens (`Engine.generate` prefills each prompt in one call, so
-               this is the longest prompt; default: the whole sequence, the worst case):
-               W(r, chunk, S) + mask + rope + one layer's cache slices 2 r S K/t D c; logits: the
-               sampling state, logits and token counts r V 8 (V not split) + outputs r S 8.
+               of `prefill_chunk` tokens (`Engine` prefills a prompt in calls of `prefill_chunk`
+               tokens, default 2048, so this is min(that, the longest prompt)) into the S-slot
+               cache: W(r, chunk, S') + mask + rope + one layer's cache slices 2 r S K/t D c, where
+               S' = S when the call's dense float32 scores B H chunk S 4 fit in 1 GiB
+               (`qwq_jax.attention.DENSE_SCORES_LIMIT`) and one key block (1024 for S a multiple
+               of 1024) otherwise, since attention against the cache then runs blockwise; logits:
+               the sampling state, logits and token counts r V 8 (V not split) + outputs r S 8.
   train        (GRPO, `qwq_jax.rl.grpo.GRPOTrainer`) three phases, each on top of the persistent
                float32 master params and AdamW state (train rules), the frozen reference (compute
                dtype, train rules; `reference=False` for losses without KL) and the rollout
@@ -87,6 +90,7 @@ GIB = 1024**3
 MIB = 1024**2
 TASKS = ("generate", "train")
 ATTENTION = ("xla", "flash")
+ENGINE_PREFILL_CHUNK = 2048  # qwq_jax.generate.Engine's default prefill_chunk
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # What each remat policy saves per layer for the backward pass (names of W's terms; see docstring).
 _DOTS = ("x", "q", "k", "v", "scores", "attn_out", "o_out", "gate", "up", "down")
@@ -214,7 +218,8 @@ def _itemsize(dtype: str) -> int:
 
 # ---- activations ------------------------------------------------------------------------------------
 def layer_terms(cfg: Any, rows: int, t: int, s: int, tensor: int, c: int, attention: str) -> dict[str, int]:
-    """W(r, T, S): one decoder layer's intermediates in bytes, by name (see the module docstring)."""
+    """W(r, T, S): one decoder layer's intermediates in bytes, by name (see the module docstring).
+    `s` is the key width the scores span: S, or one key block when attention runs blockwise."""
     e, d = cfg.hidden_size, cfg.head_dim
     h, k, i = (-(-n // tensor) for n in (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size))
     act = rows * t * e * c
@@ -230,13 +235,25 @@ def _per_call(cfg: Any, rows: int, t: int, s: int) -> int:
     return rows * t * s + 2 * rows * t * cfg.head_dim * 4
 
 
-def _generation(cfg: Any, rows: int, seq: int, chunk: int, tensor: int, c: int, attention: str) -> dict[str, int]:
+def prefill_key_width(cfg: Any, global_rows: int, chunk: int, seq: int) -> int:
+    """Keys one prefill call's scores span: S when the dense float32 scores of the whole call fit in
+    `DENSE_SCORES_LIMIT`, else one key block (the xla backend then runs blockwise, as "auto" does)."""
+    from qwq_jax.attention import DENSE_SCORES_LIMIT, _kv_block
+
+    if chunk == 1 or global_rows * cfg.num_heads * chunk * seq * 4 <= DENSE_SCORES_LIMIT:
+        return seq
+    return _kv_block(seq, None)[0]
+
+
+def _generation(cfg: Any, rows: int, seq: int, chunk: int, tensor: int, c: int, attention: str,
+                shards: int) -> dict[str, int]:
     """KV cache, prefill activations and sampling state of the engine for `rows` rows per device."""
     kv = -(-cfg.num_kv_heads // tensor)
     cache = 2 * cfg.num_layers * rows * seq * kv * cfg.head_dim * c
-    w = sum(layer_terms(cfg, rows, chunk, seq, tensor, c, attention).values())
+    width = prefill_key_width(cfg, rows * shards, chunk, seq)
+    w = sum(layer_terms(cfg, rows, chunk, width, tensor, c, attention).values())
     slices = 2 * rows * seq * kv * cfg.head_dim * c
-    return {"kv_cache": cache, "activations": w + _per_call(cfg, rows, chunk, seq) + slices,
+    return {"kv_cache": cache, "activations": w + _per_call(cfg, rows, chunk, width) + slices,
             "logits": rows * cfg.vocab_size * 8 + rows * seq * 8}
 
 
@@ -321,8 +338,9 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
                          headroom=headroom)
         mesh = best.mesh
     sizes = parse_mesh_spec(mesh, topo.devices)
-    chunk = seq if prefill_chunk is None else prefill_chunk
     rollout_len = seq if rollout_len is None else rollout_len
+    chunk = min(ENGINE_PREFILL_CHUNK, seq if task == "generate" else rollout_len) if prefill_chunk is None \
+        else prefill_chunk
     rollout_batch = batch if rollout_batch is None else rollout_batch
     if not 1 <= chunk <= (seq if task == "generate" else rollout_len):
         raise ValueError(f"prefill_chunk={chunk} must be between 1 and the sequence length")
@@ -338,7 +356,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
         if batch % shards:
             notes.append(f"batch {batch} is padded to {rows * shards} rows (a multiple of data x fsdp = {shards})")
         phases = {"generate": dict(params=param_bytes(cfg, "generate", sizes, param_dtype),
-                                   **_generation(cfg, rows, seq, chunk, tensor, c, attention))}
+                                   **_generation(cfg, rows, seq, chunk, tensor, c, attention, shards))}
     else:
         if batch % micro_batches or (batch // micro_batches) % shards:
             raise ValueError(f"a micro-batch of {batch}/{micro_batches} rows does not split over the {shards} batch "
@@ -364,7 +382,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
         full = layer_terms(cfg, mb, seq, seq, tensor, c, attention)
         saves = REMAT_SAVES[remat]
         saved = sum(full.values()) if saves is None else sum(full[k] for k in saves)
-        rollout = _generation(cfg, rollout_rows, rollout_len, chunk, tensor, c, attention)
+        rollout = _generation(cfg, rollout_rows, rollout_len, chunk, tensor, c, attention, shards)
         phases = {
             # Decoding from the master weights casts (and gathers) each layer's weights as it goes.
             "rollout": dict(persistent, **rollout, layer_weights=weights if rollout_weights == "master" else 0),
@@ -411,12 +429,11 @@ def _add_notes(p: Plan, cfg: Any, topo: Topology) -> None:
         p.notes.append(f"seq {max(p.seq, longest)} exceeds the config's max context {cfg.max_context} "
                        "(YaRN configs such as the qwq-32b-yarn preset reach 131072; the memory is the same)")
     acts, phase, s = p.categories["activations"], p.peak_phase, p.settings
-    if s["attention"] == "xla" and acts > p.total / 3:
-        why = {"generate": f"one prefill call of {s['prefill_chunk']} tokens; pass your longest prompt as "
-                           "--prefill-chunk",
-               "rollout": f"the rollout prefill of {s['prefill_chunk']} tokens; pass your longest prompt as "
-                          "--prefill-chunk",
-               "logprobs": "the log-prob pass, GRPOTrainer._prepare; more --micro-batches shrink it",
+    if phase in ("generate", "rollout") and acts > p.total / 3:
+        p.notes.append(f"activations dominate the {phase} phase (one prefill call of {s['prefill_chunk']} tokens): "
+                       "a smaller --prefill-chunk (Engine(prefill_chunk=...)) shrinks them")
+    elif s["attention"] == "xla" and acts > p.total / 3:
+        why = {"logprobs": "the log-prob pass, GRPOTrainer._prepare; more --micro-batches shrink it",
                "update": f"the gradient pass with remat {s.get('remat')}; more --micro-batches shrink it"}[phase]
         p.notes.append(f"activations dominate the {phase} phase ({why}): the xla attention backend materialises "
                        "float32 [rows, heads, T, S] scores; --attention flash assumes a blockwise kernel instead")
@@ -704,8 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rollout-weights", choices=("copy", "master"), default="copy",
                     help="train: a param-dtype copy for rollouts, or decode from the fp32 master weights")
     ap.add_argument("--prefill-chunk", type=int,
-                    help="tokens per prefill call; the engine prefills a prompt in one call, so this is the "
-                         "longest prompt (default: the whole sequence)")
+                    help="tokens per prefill call: the engine's prefill_chunk, or the longest prompt if shorter "
+                         f"(default: {ENGINE_PREFILL_CHUNK}, the engine's default)")
     ap.add_argument("--attention", choices=ATTENTION, default="xla",
                     help="xla materialises the scores; flash assumes a blockwise kernel")
     ap.add_argument("--headroom", type=float, default=0.10, help="fraction of HBM held back")

@@ -67,3 +67,31 @@ def test_decode_tiny():
     for r in rows:
         assert r["decode_tokens_per_s"] > 0 and r["prefill_s"] > 0 and r["decode_s"] > 0
     assert [r["batch"] for r in ratios] == [1, 4] and all(r["decode_tokens_per_s"] > 0 for r in ratios)
+
+
+def test_random_weights_are_drawn_one_layer_at_a_time():
+    """`build_ours` fills a layer-stacked weight layer by layer into a donated buffer: the compiled
+    fill's temporaries are a small fraction of the stacked array (one jitted init of the whole
+    model held several stacked weights' worth, which is what ran QwQ-32B out of memory on an H100)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _common
+
+    from qwq_jax import QwenConfig
+
+    stacked = jax.ShapeDtypeStruct((128, 256, 512), jnp.bfloat16)  # 32 MiB; one layer 256 KiB
+    stats = _common.fill_layer().lower(stacked, jax.random.key(0), 3).compile().memory_analysis()
+    whole = 128 * 256 * 512 * 2
+    assert stats.alias_size_in_bytes == whole  # updated in place
+    assert stats.temp_size_in_bytes < whole / 4  # one layer's draw (f32 normals and their bits), not the stack
+
+    cfg = QwenConfig.preset("tiny")
+    model = _common.build_ours(cfg, jnp.float32, attention="xla")
+    q = np.asarray(model.layers.attn.q_proj[...])
+    assert q.shape[0] == cfg.num_layers and abs(q.std() - 0.02) < 2e-3
+    assert not np.allclose(q[0], q[1])  # each layer its own draw
+    assert (np.asarray(model.layers.input_norm.scale[...]) == 1).all()
+    assert (np.asarray(model.layers.attn.q_bias[...]) == 0).all()

@@ -60,7 +60,11 @@ def test_logits_match_transformers_gguf_model(ours, tokenizer, demo_hf_model):
 def test_greedy_equals_transformers_generate(ours, tokenizer, demo_hf_model):
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in CHATS.values()]
     outs = Engine(ours, tokenizer).generate(prompts, SamplingParams(temperature=0.0, max_tokens=64))
-    for name, ids, out in zip(CHATS, prompts, outs):
+    # The same prompts prefilled 16 tokens at a time (several chunks, rows ending mid-chunk).
+    chunked = Engine(ours, tokenizer, prefill_chunk=16).generate(prompts, SamplingParams(temperature=0.0, max_tokens=64))
+    assert min(len(p) for p in prompts) > 32
+    for name, ids, out, out16 in zip(CHATS, prompts, outs, chunked):
+        assert out16[0].token_ids == out[0].token_ids, name
         with torch.no_grad():
             hf = demo_hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
                                         eos_token_id=list(tokenizer.eos_token_ids), pad_token_id=0)
@@ -72,7 +76,8 @@ def test_greedy_equals_transformers_generate(ours, tokenizer, demo_hf_model):
 def test_sample_cli_json(demo_checkpoint):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(demo_checkpoint), "--prompt",
-                        "Write a one-line Python hello world.", "--json", "--temperature", "0", "--max-tokens", "24"],
+                        "Write a one-line Python hello world.", "--json", "--temperature", "0", "--max-tokens", "24",
+                        "--prefill-chunk", "8"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
@@ -89,6 +94,7 @@ def test_sample_cli_json(demo_checkpoint):
     (["--max-tokens", "0"], 2, "max_tokens=0"),
     (["--min-p", "2"], 2, "min_p=2"),
     (["--rope-scaling", "dynamic"], 2, "invalid choice"),
+    (["--prefill-chunk", "0"], 2, "--prefill-chunk: must be a positive whole number of tokens, got '0'"),
 ])
 def test_sample_cli_invalid_parameters(demo_checkpoint, args, code, message):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
