@@ -62,12 +62,16 @@ def _declare(cfg: QwenConfig, rngs: nnx.Rngs, axes: tuple[str, ...], init: Calla
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
-def write_rows(cache: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
-    """Write `new [B, T, ...]` into `cache [B, S, ...]` at slot `index[b]` of each row."""
-    def one(c, n, i):
-        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, axis=0)
+def write_rows(cache: jnp.ndarray, layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """Write `new [B, T, ...]` into layer `layer` of `cache [L, B, S, ...]`, row b from slot `index[b]` on.
 
-    return jax.vmap(one)(cache, new, index)
+    One scatter into the whole (carried, donated) cache: the layer's slice is never copied out and
+    back, and slots past S are dropped rather than shifting the write.
+    """
+    b, t = new.shape[:2]
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+    slots = index[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="drop")
 
 
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -114,16 +118,19 @@ class Attention(nnx.Module):
         return q, k, proj(self.v_proj, self.v_bias)
 
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray,
-                 kv: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray] | None = None):
-        """Attention over this call's tokens, or, with `kv = (k_cache, v_cache, write_index)`, over
-        a cache `[B, S, K, D]` into which this call's keys/values are first written at per-row
-        slots `write_index [B]`. Returns the output and the updated `(k_cache, v_cache)` (or None)."""
+                 kv: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray] | None = None):
+        """Attention over this call's tokens, or, with `kv = (k_cache, v_cache, layer, write_index)`,
+        over layer `layer` of the whole cache `[L, B, S, K, D]`, into which this call's keys/values
+        are first written at per-row slots `write_index [B]`. Returns the output and the updated
+        `(k_cache, v_cache)` (or None)."""
         q, k, v = self.qkv(x, cos, sin)
         new_kv = None
         if kv is not None:
-            k_cache, v_cache, index = kv
-            k_cache, v_cache = write_rows(k_cache, k, index), write_rows(v_cache, v, index)
-            k, v, new_kv = k_cache.astype(self.dtype), v_cache.astype(self.dtype), (k_cache, v_cache)
+            k_cache, v_cache, layer, index = kv
+            k_cache, v_cache = write_rows(k_cache, layer, k, index), write_rows(v_cache, layer, v, index)
+            new_kv = (k_cache, v_cache)
+            k = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(self.dtype)
+            v = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(self.dtype)
         out = attention(q, k, v, mask, backend=self.backend)  # [B, T, H, D]
         return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype)), new_kv
 
@@ -230,10 +237,7 @@ class Qwen2(nnx.Module):
             if cache is None:
                 x, _ = layer(x, cos, sin, mask)
             else:
-                kv = (k_all[i], v_all[i], cache.lengths)
-                x, (k_layer, v_layer) = layer(x, cos, sin, mask, kv)
-                k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_layer, i, 0)
-                v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_layer, i, 0)
+                x, (k_all, v_all) = layer(x, cos, sin, mask, (k_all, v_all, i, cache.lengths))
             return (x, k_all, v_all), (x if return_hidden else None)
 
         if self.remat != "none":

@@ -119,4 +119,9 @@ def test_03_long_context(tmp_path, monkeypatch):
                       planner)
     assert len(rows) == 6, planner
     assert all(float(total) > float(kv) > 0 for _, _, kv, _, total in rows), planner
-    assert "fits" in planner and "does not fit" in planner
+    # One 131k-token call, chunks of 4,096, chunks of 2,048: every variant fits (blockwise attention
+    # against the cache), and the activations shrink with the chunk.
+    assert "fits" in planner and "does not fit" not in planner
+    for topo in ("h100x8", "v5p-8"):
+        acts = [float(a) for t, _, _, a, _ in rows if t == topo]
+        assert acts[0] > acts[1] > acts[2] > 0, planner
