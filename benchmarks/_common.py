@@ -40,6 +40,30 @@ PEAK_BF16_FLOPS: list[tuple[str, float]] = [
 ]
 
 
+# Peak HBM bandwidth in bytes/s per chip, by a substring of the device kind (first match wins).
+PEAK_HBM_BYTES_PER_S: list[tuple[str, float]] = [
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),      # SXM, HBM3
+    ("H200", 4.8e12),
+    ("H800", 3.35e12),
+    ("A100", 2.0e12),       # 80 GB
+    ("TPU v4", 1.2e12),
+    ("TPU v5 lite", 0.819e12),
+    ("TPU v5e", 0.819e12),
+    ("TPU v5", 2.765e12),
+    ("TPU v6 lite", 1.64e12),
+    ("TPU v6e", 1.64e12),
+]
+
+
+def peak_bandwidth(device_kind: str) -> float | None:
+    """Peak HBM bytes/s of a device kind; None if unknown (CPU)."""
+    for key, bw in PEAK_HBM_BYTES_PER_S:
+        if key.lower() in device_kind.lower():
+            return bw
+    return None
+
+
 def peak_flops(device_kind: str) -> float | None:
     """Dense bf16 peak of a device kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite", ...); None if unknown (CPU)."""
     for key, flops in PEAK_BF16_FLOPS:

@@ -1,25 +1,37 @@
 """Decode throughput: qwq-jax Engine vs HF transformers generate (bf16, SDPA) on the same device.
 
 Each implementation runs in its own child process (so neither holds the other's memory), with
-random weights of a preset's shape, greedy decoding of `--new-tokens` tokens after a prompt of
-`--prompt-len` tokens, EOS disabled. Prints one JSON line per (impl, batch) and the ratios.
+random weights of a preset's shape, greedy decoding of `--new-tokens` tokens after prompts of
+`--prompt-len` tokens, EOS disabled, for every (prompt length, batch). Prints one JSON line per
+(impl, prompt length, batch), a ratio line per setting and a summary line. A setting that runs
+out of memory reports its error and the others still run.
 
-    python benchmarks/decode.py --preset qwen2.5-7b --batch 1 16      # on a GPU
-    python benchmarks/decode.py --tiny                                  # CPU smoke run (CI)
+Roofline: each decode step reads every weight once plus the KV cache filled so far, so at batch B
+the memory-bound ceiling is B x bandwidth / (weight bytes + mean cache bytes per step);
+`roofline_tokens_per_s` uses the device's peak HBM bandwidth (null where unknown, e.g. CPU) and
+`fraction_of_roofline` is the measured figure over it.
+
+    python benchmarks/decode.py --preset qwq-32b --batch 1 16 64 --prompt-len 128 4096   # one H100
+    python benchmarks/decode.py --tiny                                                      # CPU smoke run (CI)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
 
 from _common import (IMPL_NAMES, HelpFormatter, add_common_args, build_hf, build_ours, device_kind, emit,
-                     preset_config, run_child)
+                     error_line, peak_bandwidth, preset_config, ratio, run_child)
 
 
-def run_ours(args, batch: int) -> dict:
+def settings(args) -> list[tuple[int, int]]:
+    return [(p, b) for p in args.prompt_len for b in args.batch]
+
+
+def run_ours(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
@@ -28,75 +40,122 @@ def run_ours(args, batch: int) -> dict:
 
     cfg = preset_config(args.preset)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
-    engine = Engine(build_ours(cfg, dtype, attention=args.attention), chunk=args.chunk)
-    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+    engine = Engine(build_ours(cfg, dtype, attention=args.attention), chunk=args.chunk,
+                    prefill_chunk=args.prefill_chunk)
     sp = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
-    engine.generate(prompts, sp)  # compile
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, sp)
-    total = time.perf_counter() - t0
-    assert all(len(o[0].token_ids) == args.new_tokens for o in outs)
-    t = engine.last_timings
-    return {"prefill_s": t["prefill_s"], "decode_s": t["decode_s"], "total_s": total,
-            "decode_tokens_per_s": batch * args.new_tokens / t["decode_s"], "device": device_kind("ours")}
+    rows = {}
+    for prompt_len, batch in settings(args):
+        prompts = np.random.default_rng(prompt_len).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
+        try:
+            engine.generate(prompts, sp)  # compile
+            t0 = time.perf_counter()
+            outs = engine.generate(prompts, sp)
+            total = time.perf_counter() - t0
+            assert all(len(o[0].token_ids) == args.new_tokens for o in outs)
+            t = engine.last_timings
+            rows[f"{prompt_len}x{batch}"] = {
+                "prefill_s": t["prefill_s"], "prefill_chunks": t["prefill_chunks"], "decode_s": t["decode_s"],
+                "total_s": total, "decode_tokens_per_s": batch * args.new_tokens / t["decode_s"]}
+        except Exception as e:  # out of memory at one setting should not lose the others
+            rows[f"{prompt_len}x{batch}"] = {"error": error_line(e)}
+            gc.collect()
+    return {"rows": rows, "device": device_kind("ours"),
+            "weight_bytes": sum(x.nbytes for x in __import__("jax").tree.leaves(engine.params))}
 
 
-def run_hf(args, batch: int) -> dict:
+def run_hf(args) -> dict:
     import torch
 
     cfg = preset_config(args.preset)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_hf(cfg, torch.float32 if args.tiny else torch.bfloat16, device).eval()
-    ids = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), device=device)
+    rows = {}
+    for prompt_len, batch in settings(args):
+        ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
 
-    def gen(n: int) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        assert out.shape[1] == args.prompt_len + n
-        return time.perf_counter() - t0
+        def gen(n: int) -> float:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            assert out.shape[1] == prompt_len + n
+            return time.perf_counter() - t0
 
-    gen(4)  # warm-up
-    prefill = gen(1)
-    total = gen(args.new_tokens)
-    decode = max(total - prefill, 1e-9)
-    return {"prefill_s": prefill, "decode_s": decode, "total_s": total,
-            "decode_tokens_per_s": batch * (args.new_tokens - 1) / decode, "device": device_kind("hf")}
+        try:
+            gen(4)  # warm-up
+            prefill = gen(1)
+            total = gen(args.new_tokens)
+            decode = max(total - prefill, 1e-9)
+            rows[f"{prompt_len}x{batch}"] = {"prefill_s": prefill, "decode_s": decode, "total_s": total,
+                                             "decode_tokens_per_s": batch * (args.new_tokens - 1) / decode}
+        except Exception as e:  # torch.OutOfMemoryError included
+            rows[f"{prompt_len}x{batch}"] = {"error": error_line(e)}
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return {"rows": rows, "device": device_kind("hf")}
+
+
+def roofline(cfg, weight_bytes: int, prompt_len: int, batch: int, new_tokens: int, bandwidth: float | None,
+             cache_itemsize: int) -> float | None:
+    """Memory-bound tokens/s: batch x bandwidth / (weights + mean KV bytes read per step)."""
+    if not bandwidth:
+        return None
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache_itemsize
+    mean_cache = batch * per_token * (prompt_len + new_tokens / 2)
+    return batch * bandwidth / (weight_bytes + mean_cache)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_common_args(p, preset="qwen2.5-7b")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--prompt-len", type=int, default=128)
+    add_common_args(p, preset="qwq-32b")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="rows decoded together")
+    p.add_argument("--prompt-len", type=int, nargs="+", default=[128, 4096], help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--chunk", type=int, default=32, help="decode steps per jitted chunk")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="our engine's prompt tokens per prefill call")
     p.add_argument("--attention", default="auto", help="our attention backend (qwq_jax.attention)")
     args = p.parse_args()
     if args.tiny:
-        args.preset, args.batch, args.prompt_len, args.new_tokens = "tiny", [1, 4], 16, 16
+        args.preset, args.batch, args.prompt_len, args.new_tokens = "tiny", [1, 4], [16, 40], 16
+        args.prefill_chunk = 16  # the 40-token prompts go in 3 prefill calls
     if args.child:
-        fn = run_ours if args.child == "ours" else run_hf
-        print(json.dumps({b: fn(args, b) for b in args.batch}))
+        print(json.dumps(run_ours(args) if args.child == "ours" else run_hf(args)))
         return
-    results = {}
+
+    cfg = preset_config(args.preset)
+    results, summary = {}, {"decode_tokens_per_s": {}}
     for impl in args.impl:
-        results[impl] = run_child(__file__, impl)
-        for b, row in results[impl].items():
-            emit({"bench": "decode", "impl": IMPL_NAMES[impl], "preset": args.preset, "batch": int(b),
-                  "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                  **({"attention": args.attention} if impl == "ours" else {}), **row})
+        res = results[impl] = run_child(__file__, impl)
+        name = IMPL_NAMES[impl]
+        bandwidth = peak_bandwidth(res["device"])
+        for prompt_len, batch in settings(args):
+            row = res["rows"][f"{prompt_len}x{batch}"]
+            rec = {"bench": "decode", "impl": name, "preset": args.preset, "prompt_len": prompt_len, "batch": batch,
+                   "new_tokens": args.new_tokens, "device": res["device"], "dtype": "float32" if args.tiny else "bfloat16",
+                   **({"attention": args.attention, "prefill_chunk": args.prefill_chunk} if impl == "ours" else {}),
+                   **row}
+            if impl == "ours" and "error" not in row:
+                top = roofline(cfg, res["weight_bytes"], prompt_len, batch, args.new_tokens, bandwidth,
+                               4 if args.tiny else 2)
+                rec.update(roofline_tokens_per_s=top,
+                           fraction_of_roofline=row["decode_tokens_per_s"] / top if top else None)
+            emit(rec)
+            summary["decode_tokens_per_s"].setdefault(name, []).append(row.get("decode_tokens_per_s"))
     if set(results) == set(IMPL_NAMES):
-        for b in results["ours"]:
-            ours, hf = results["ours"][b]["decode_tokens_per_s"], results["hf"][b]["decode_tokens_per_s"]
-            emit({"bench": "decode", "ratio": "qwq-jax/hf", "preset": args.preset, "batch": int(b),
-                  "decode_tokens_per_s": ours / hf})
-    print(f"decode benchmark done: {args.preset}, batches {args.batch}", file=sys.stderr)
+        summary["ratio_decode_tokens_per_s"] = []
+        for prompt_len, batch in settings(args):
+            ours, hf = (results[i]["rows"][f"{prompt_len}x{batch}"].get("decode_tokens_per_s") for i in ("ours", "hf"))
+            r = ratio(ours, hf)
+            summary["ratio_decode_tokens_per_s"].append(r)
+            emit({"bench": "decode", "ratio": "qwq-jax/hf", "preset": args.preset, "prompt_len": prompt_len,
+                  "batch": batch, "decode_tokens_per_s": r})
+    emit({"bench": "decode", "summary": True, "preset": args.preset, "settings": settings(args), **summary})
+    print(f"decode benchmark done: {args.preset}, prompt lengths {args.prompt_len}, batches {args.batch}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

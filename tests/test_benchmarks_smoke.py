@@ -62,11 +62,38 @@ def test_train_step_tiny():
 
 
 def test_decode_tiny():
-    rows, ratios = split(run_bench("decode.py"))
+    lines = run_bench("decode.py")
+    rows, ratios = split(lines)
     assert {r["impl"] for r in rows} == {"qwq-jax", "hf-transformers-sdpa"}
+    assert len(rows) == 8  # 2 impls x prompt lengths 16, 40 x batches 1, 4
     for r in rows:
+        assert "error" not in r, r
         assert r["decode_tokens_per_s"] > 0 and r["prefill_s"] > 0 and r["decode_s"] > 0
-    assert [r["batch"] for r in ratios] == [1, 4] and all(r["decode_tokens_per_s"] > 0 for r in ratios)
+    ours = [r for r in rows if r["impl"] == "qwq-jax"]
+    assert [r["prefill_chunks"] for r in ours] == [1, 1, 3, 3]  # 40-token prompts in 16-token calls
+    assert all(r["roofline_tokens_per_s"] is None for r in ours)  # no bandwidth figure for a CPU
+    assert [(r["prompt_len"], r["batch"]) for r in ratios] == [(16, 1), (16, 4), (40, 1), (40, 4)]
+    assert all(r["decode_tokens_per_s"] > 0 for r in ratios)
+    assert lines[-1]["summary"] and len(lines[-1]["ratio_decode_tokens_per_s"]) == 4
+
+
+def test_decode_roofline_by_hand():
+    """The issue's figure: QwQ-32B's bf16 weights read once per token at 3.0 TB/s = about 46 tok/s."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _common
+    import decode
+
+    from qwq_jax import QwenConfig
+
+    cfg = QwenConfig.preset("qwq-32b")
+    weights = 32_763_876_352 * 2
+    per_token = 2 * 64 * 8 * 128 * 2  # k and v, bf16: 256 KiB
+    top = decode.roofline(cfg, weights, 128, 1, 128, 3.0e12, 2)
+    assert top == 3.0e12 / (weights + per_token * (128 + 64))
+    assert 45 < top < 46
+    assert decode.roofline(cfg, weights, 128, 16, 128, 3.0e12, 2) > 15 * top  # batching amortises the weights
+    assert decode.roofline(cfg, weights, 128, 1, 128, None, 2) is None
+    assert _common.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12 and _common.peak_bandwidth("cpu") is None
 
 
 def test_random_weights_are_drawn_one_layer_at_a_time():

@@ -127,6 +127,10 @@ def test_fits_and_does_not_fit():
     assert p.phases["generate"]["activations"] == layer + per_call + slices == 597_688_320
     assert p.fits and p.phases["generate"]["kv_cache"] == cache // 8
     # Without --prefill-chunk the engine's default, 2048 tokens per call, is planned.
+    import inspect
+
+    from qwq_jax.generate import Engine
+    assert planner.ENGINE_PREFILL_CHUNK == inspect.signature(Engine).parameters["prefill_chunk"].default == 2048
     assert plan(QWQ, "generate", "h100x8", 131072, 1, mesh="tensor=8").settings["prefill_chunk"] == 2048
     # Even the whole 131k prompt in one call stays bounded (blockwise), though its activations dominate.
     p = plan(QWQ, "generate", "h100x8", 131072, 1, mesh="tensor=8", prefill_chunk=131072)
