@@ -273,10 +273,17 @@ def sample(logits: jax.Array, arrays: SamplingArrays, keys: jax.Array, output_co
     logits and ignore their key. The same keys and inputs give the same tokens.
     """
     penalised = apply_penalties(logits, arrays, output_counts, prompt_mask)
-    filtered = filter_logits(penalised, arrays)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
-    greedy = jnp.argmax(penalised, axis=-1)
-    return jnp.where(arrays.temperature < GREEDY_TEMPERATURE, greedy, drawn).astype(jnp.int32)
+    greedy = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
+    is_greedy = arrays.temperature < GREEDY_TEMPERATURE
+
+    def draw() -> jax.Array:
+        filtered = filter_logits(penalised, arrays)
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
+        return jnp.where(is_greedy, greedy, drawn.astype(jnp.int32))
+
+    # An all-greedy batch skips the per-row vocabulary sort and the draw (a decode step's largest
+    # non-matmul cost at small batches).
+    return jax.lax.cond(jnp.all(is_greedy), lambda: greedy, draw)
 
 
 def row_keys(seeds: jax.Array, step: int | jax.Array, sample_index: jax.Array | None = None) -> jax.Array:

@@ -292,6 +292,9 @@ def test_temperature_zero_is_argmax_of_penalised_logits():
     for seed in range(3):
         np.testing.assert_array_equal(draw_rows(params, [seed] * ROWS, seed, logits, None, counts, prompt), want)
     assert want[0] != want[1] and want[0] != want[2]
+    # The same greedy rows in a batch with sampled rows (the sort-and-draw branch) pick the same tokens.
+    mixed = params[:4] + [SamplingParams(temperature=1.0, top_p=0.9)] * 4
+    np.testing.assert_array_equal(draw_rows(mixed, [0] * ROWS, 0, logits, None, counts, prompt)[:4], want[:4])
 
 
 def decode(seed: int, steps: int, others: SamplingParams = SamplingParams(), other_seed: int = 100) -> list[int]:
