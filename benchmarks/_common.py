@@ -56,20 +56,19 @@ PEAK_HBM_BYTES_PER_S: list[tuple[str, float]] = [
 ]
 
 
+def _by_kind(table: list[tuple[str, float]], device_kind: str) -> float | None:
+    """The first entry of `table` whose key is a substring of `device_kind`; None if none (CPU)."""
+    return next((v for key, v in table if key.lower() in device_kind.lower()), None)
+
+
 def peak_bandwidth(device_kind: str) -> float | None:
     """Peak HBM bytes/s of a device kind; None if unknown (CPU)."""
-    for key, bw in PEAK_HBM_BYTES_PER_S:
-        if key.lower() in device_kind.lower():
-            return bw
-    return None
+    return _by_kind(PEAK_HBM_BYTES_PER_S, device_kind)
 
 
 def peak_flops(device_kind: str) -> float | None:
     """Dense bf16 peak of a device kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite", ...); None if unknown (CPU)."""
-    for key, flops in PEAK_BF16_FLOPS:
-        if key.lower() in device_kind.lower():
-            return flops
-    return None
+    return _by_kind(PEAK_BF16_FLOPS, device_kind)
 
 
 # ---- configs and FLOPs ----------------------------------------------------------------------

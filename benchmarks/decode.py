@@ -32,6 +32,7 @@ def settings(args) -> list[tuple[int, int]]:
 
 
 def run_ours(args) -> dict:
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -60,7 +61,7 @@ def run_ours(args) -> dict:
             rows[f"{prompt_len}x{batch}"] = {"error": error_line(e)}
             gc.collect()
     return {"rows": rows, "device": device_kind("ours"),
-            "weight_bytes": sum(x.nbytes for x in __import__("jax").tree.leaves(engine.params))}
+            "weight_bytes": sum(x.nbytes for x in jax.tree.leaves(engine.params))}
 
 
 def run_hf(args) -> dict:
