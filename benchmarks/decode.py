@@ -11,6 +11,10 @@ the memory-bound ceiling is B x bandwidth / (weight bytes + mean cache bytes per
 `roofline_tokens_per_s` uses the device's peak HBM bandwidth (null where unknown, e.g. CPU) and
 `fraction_of_roofline` is the measured figure over it.
 
+Our engine runs once per `--layer-loop`: the decode step's layers as a scan over the stacked
+weights, and unrolled (`Engine(unroll_layers=True)`), which shows whether the compiler copies
+each layer's weight slice inside the loop; `same_tokens_as_scan` checks the two agree.
+
     python benchmarks/decode.py --preset qwq-32b --batch 1 16 64 --prompt-len 128 4096   # one H100
     python benchmarks/decode.py --tiny                                                      # CPU smoke run (CI)
 """
@@ -27,6 +31,9 @@ from _common import (IMPL_NAMES, HelpFormatter, add_common_args, build_hf, build
                      error_line, peak_bandwidth, preset_config, ratio, run_child)
 
 
+LAYER_LOOPS = ("scan", "unrolled")
+
+
 def settings(args) -> list[tuple[int, int]]:
     return [(p, b) for p in args.prompt_len for b in args.batch]
 
@@ -41,27 +48,34 @@ def run_ours(args) -> dict:
 
     cfg = preset_config(args.preset)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
-    engine = Engine(build_ours(cfg, dtype, attention=args.attention), chunk=args.chunk,
-                    prefill_chunk=args.prefill_chunk)
+    model = build_ours(cfg, dtype, attention=args.attention)
+    engines = {loop: Engine(model, chunk=args.chunk, prefill_chunk=args.prefill_chunk,
+                            unroll_layers=loop == "unrolled") for loop in args.layer_loop}  # one copy of the weights
     sp = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
     rows = {}
     for prompt_len, batch in settings(args):
         prompts = np.random.default_rng(prompt_len).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
-        try:
-            engine.generate(prompts, sp)  # compile
-            t0 = time.perf_counter()
-            outs = engine.generate(prompts, sp)
-            total = time.perf_counter() - t0
-            assert all(len(o[0].token_ids) == args.new_tokens for o in outs)
-            t = engine.last_timings
-            rows[f"{prompt_len}x{batch}"] = {
-                "prefill_s": t["prefill_s"], "prefill_chunks": t["prefill_chunks"], "decode_s": t["decode_s"],
-                "total_s": total, "decode_tokens_per_s": batch * args.new_tokens / t["decode_s"]}
-        except Exception as e:  # out of memory at one setting should not lose the others
-            rows[f"{prompt_len}x{batch}"] = {"error": error_line(e)}
-            gc.collect()
+        first = first_loop = None  # the first loop's tokens (that ran): every other must produce the same
+        for loop, engine in engines.items():
+            try:
+                engine.generate(prompts, sp)  # compile
+                t0 = time.perf_counter()
+                outs = engine.generate(prompts, sp)
+                total = time.perf_counter() - t0
+                assert all(len(o[0].token_ids) == args.new_tokens for o in outs)
+                tokens = [o[0].token_ids for o in outs]
+                if first is None:
+                    first, first_loop = tokens, loop
+                t = engine.last_timings
+                rows[row_key(loop, prompt_len, batch)] = {
+                    "prefill_s": t["prefill_s"], "prefill_chunks": t["prefill_chunks"], "decode_s": t["decode_s"],
+                    "total_s": total, "decode_tokens_per_s": batch * args.new_tokens / t["decode_s"],
+                    "same_tokens_as_" + first_loop: tokens == first}
+            except Exception as e:  # out of memory at one setting should not lose the others
+                rows[row_key(loop, prompt_len, batch)] = {"error": error_line(e)}
+                gc.collect()
     return {"rows": rows, "device": device_kind("ours"),
-            "weight_bytes": sum(x.nbytes for x in jax.tree.leaves(engine.params))}
+            "weight_bytes": sum(x.nbytes for x in jax.tree.leaves(next(iter(engines.values())).params))}
 
 
 def run_hf(args) -> dict:
@@ -91,13 +105,17 @@ def run_hf(args) -> dict:
             prefill = gen(1)
             total = gen(args.new_tokens)
             decode = max(total - prefill, 1e-9)
-            rows[f"{prompt_len}x{batch}"] = {"prefill_s": prefill, "decode_s": decode, "total_s": total,
+            rows[row_key(None, prompt_len, batch)] = {"prefill_s": prefill, "decode_s": decode, "total_s": total,
                                              "decode_tokens_per_s": batch * (args.new_tokens - 1) / decode}
         except Exception as e:  # torch.OutOfMemoryError included
-            rows[f"{prompt_len}x{batch}"] = {"error": error_line(e)}
+            rows[row_key(None, prompt_len, batch)] = {"error": error_line(e)}
             if device == "cuda":
                 torch.cuda.empty_cache()
     return {"rows": rows, "device": device_kind("hf")}
+
+
+def row_key(loop: str | None, prompt_len: int, batch: int) -> str:
+    return (f"{loop}/" if loop else "") + f"{prompt_len}x{batch}"
 
 
 def roofline(cfg, weight_bytes: int, prompt_len: int, batch: int, new_tokens: int, bandwidth: float | None,
@@ -119,6 +137,9 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=32, help="decode steps per jitted chunk")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="our engine's prompt tokens per prefill call")
     p.add_argument("--attention", default="auto", help="our attention backend (qwq_jax.attention)")
+    p.add_argument("--layer-loop", nargs="+", choices=LAYER_LOOPS, default=list(LAYER_LOOPS),
+                   help="our decode step's layer loop: a scan over the stacked weights, or unrolled "
+                        "(Engine(unroll_layers=True)); each is measured and their greedy tokens compared")
     args = p.parse_args()
     if args.tiny:
         args.preset, args.batch, args.prompt_len, args.new_tokens = "tiny", [1, 4], [16, 40], 16
@@ -131,29 +152,33 @@ def main() -> None:
     results, summary = {}, {"decode_tokens_per_s": {}}
     for impl in args.impl:
         res = results[impl] = run_child(__file__, impl)
-        name = IMPL_NAMES[impl]
         bandwidth = peak_bandwidth(res["device"])
-        for prompt_len, batch in settings(args):
-            row = res["rows"][f"{prompt_len}x{batch}"]
-            rec = {"bench": "decode", "impl": name, "preset": args.preset, "prompt_len": prompt_len, "batch": batch,
-                   "new_tokens": args.new_tokens, "device": res["device"], "dtype": "float32" if args.tiny else "bfloat16",
-                   **({"attention": args.attention, "prefill_chunk": args.prefill_chunk} if impl == "ours" else {}),
-                   **row}
-            if impl == "ours" and "error" not in row:
-                top = roofline(cfg, res["weight_bytes"], prompt_len, batch, args.new_tokens, bandwidth,
-                               4 if args.tiny else 2)
-                rec.update(roofline_tokens_per_s=top,
-                           fraction_of_roofline=row["decode_tokens_per_s"] / top if top else None)
-            emit(rec)
-            summary["decode_tokens_per_s"].setdefault(name, []).append(row.get("decode_tokens_per_s"))
+        for loop in (args.layer_loop if impl == "ours" else [None]):
+            name = IMPL_NAMES[impl] + (f"[{loop}]" if loop else "")
+            for prompt_len, batch in settings(args):
+                row = res["rows"][row_key(loop, prompt_len, batch)]
+                rec = {"bench": "decode", "impl": IMPL_NAMES[impl], "preset": args.preset, "prompt_len": prompt_len,
+                       "batch": batch, "new_tokens": args.new_tokens, "device": res["device"],
+                       "dtype": "float32" if args.tiny else "bfloat16",
+                       **({"attention": args.attention, "prefill_chunk": args.prefill_chunk, "layer_loop": loop}
+                          if impl == "ours" else {}), **row}
+                if impl == "ours" and "error" not in row:
+                    top = roofline(cfg, res["weight_bytes"], prompt_len, batch, args.new_tokens, bandwidth,
+                                   4 if args.tiny else 2)
+                    rec.update(roofline_tokens_per_s=top,
+                               fraction_of_roofline=row["decode_tokens_per_s"] / top if top else None)
+                emit(rec)
+                summary["decode_tokens_per_s"].setdefault(name, []).append(row.get("decode_tokens_per_s"))
     if set(results) == set(IMPL_NAMES):
-        summary["ratio_decode_tokens_per_s"] = []
-        for prompt_len, batch in settings(args):
-            ours, hf = (results[i]["rows"][f"{prompt_len}x{batch}"].get("decode_tokens_per_s") for i in ("ours", "hf"))
-            r = ratio(ours, hf)
-            summary["ratio_decode_tokens_per_s"].append(r)
-            emit({"bench": "decode", "ratio": "qwq-jax/hf", "preset": args.preset, "prompt_len": prompt_len,
-                  "batch": batch, "decode_tokens_per_s": r})
+        summary["ratio_decode_tokens_per_s"] = {}
+        for loop in args.layer_loop:
+            for prompt_len, batch in settings(args):
+                ours = results["ours"]["rows"][row_key(loop, prompt_len, batch)].get("decode_tokens_per_s")
+                hf = results["hf"]["rows"][row_key(None, prompt_len, batch)].get("decode_tokens_per_s")
+                r = ratio(ours, hf)
+                summary["ratio_decode_tokens_per_s"].setdefault(loop, []).append(r)
+                emit({"bench": "decode", "ratio": "qwq-jax/hf", "preset": args.preset, "layer_loop": loop,
+                      "prompt_len": prompt_len, "batch": batch, "decode_tokens_per_s": r})
     emit({"bench": "decode", "summary": True, "preset": args.preset, "settings": settings(args), **summary})
     print(f"decode benchmark done: {args.preset}, prompt lengths {args.prompt_len}, batches {args.batch}",
           file=sys.stderr)

@@ -10,6 +10,10 @@ grows with the chunk, not the prompt: a 131,072-token prompt is 64 calls of one 
 
 The decode loop runs inside `jax.lax.while_loop` in chunks of `chunk` tokens (no Python per
 token); the host only looks at the output between chunks, for streaming and stop strings.
+`unroll_layers=True` compiles the decode step's layer loop as straight-line code (each layer's
+weights a static slice of the stacked arrays, not a dynamic slice inside a loop, which a compiler
+may copy before the matmul); prefill stays a loop. Same tokens either way; which is faster is
+the compiler's business, so `benchmarks/decode.py --layer-loop scan unrolled` measures both.
 Each of the `n` samples of a prompt reuses that prompt's prefill. Row b draws with the key
 `fold_in(key(seed_b), step)`, so a seed gives the same text whatever else is in the batch.
 
@@ -95,13 +99,15 @@ class Engine:
 
     def __init__(self, model: Qwen2, tokenizer: Any = None, *, mesh: Any = None, rules: Any = "generate",
                  cache_dtype: Any = None, chunk: int = 16, rope_scaling: str = "auto",
-                 prefill_chunk: int | None = 2048):
+                 prefill_chunk: int | None = 2048, unroll_layers: bool = False):
         if rope_scaling not in ROPE_MODES:
             raise ValueError(f"rope_scaling={rope_scaling!r} must be one of {', '.join(ROPE_MODES)}")
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk={prefill_chunk!r} must be a positive number of tokens (or None: "
                              "every prompt in one call)")
+        if not isinstance(unroll_layers, bool):
+            raise ValueError(f"unroll_layers={unroll_layers!r} must be True or False")
         if not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk={chunk!r} must be a positive number of decode steps")
         self.prefill_chunk = prefill_chunk
@@ -111,6 +117,7 @@ class Engine:
         self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else model.dtype
         self.compute_dtype = jnp.dtype(model.dtype)
         self.chunk = chunk
+        self.unroll_layers = unroll_layers
         self.rope_scaling = rope_scaling
         self.graphdef, self.params = nnx.split(model)
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
@@ -200,7 +207,8 @@ class Engine:
             hit = jnp.any(tok[:, None] == stop_ids, axis=1) & ~done
             full = (new_count >= max_tokens) & ~done & ~hit
             finish = jnp.where(hit, _STOP, jnp.where(full, _LENGTH, s["finish"]))
-            x, cache, _ = model.hidden_states(tok[:, None], cache=s["cache"], rope=rope)
+            x, cache, _ = model.hidden_states(tok[:, None], cache=s["cache"], rope=rope,
+                                              unroll_layers=self.unroll_layers)
             logits = model.logits(x)[:, 0]
             s = dict(s, out=out, logp=logp, counts=counts, count=new_count, done=done | hit | full, finish=finish,
                      cache=cache, logits=logits)

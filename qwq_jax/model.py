@@ -206,11 +206,15 @@ class Qwen2(nnx.Module):
 
     def hidden_states(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
                       segment_ids: jnp.ndarray | None = None, *, cache: KVCache | None = None,
-                      rope: tuple[Any, Any] | None = None, return_hidden: bool = False):
+                      rope: tuple[Any, Any] | None = None, return_hidden: bool = False,
+                      unroll_layers: bool = False):
         """The decoder stack before the final norm: `(x [B, T, E], updated cache or None, hidden or None)`.
 
         With a `cache`, this call's tokens are written at each row's `cache.lengths` (positions
         default to those slots) and attend to everything already cached in their row.
+        `unroll_layers`: straight-line code, one copy of the layer per depth, instead of a loop; each
+        layer's weights are then a static slice of the stacked arrays rather than a dynamic slice
+        taken inside a loop (same numbers; compile time grows with depth).
         """
         b, t = tokens.shape
         segmented = segment_ids is not None
@@ -244,7 +248,8 @@ class Qwen2(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        (x, k_all, v_all), hidden = jax.lax.scan(body, carry, (stacked, layer_ids))
+        (x, k_all, v_all), hidden = jax.lax.scan(body, carry, (stacked, layer_ids),
+                                                 unroll=True if unroll_layers else 1)
         if cache is not None:
             cache = cache.replace(k=k_all, v=v_all, lengths=new_lengths)
         return x, cache, hidden

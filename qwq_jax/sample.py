@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YaRN: auto = only for requests longer than the original context")
     m.add_argument("--prefill-chunk", type=_positive_int, default=2048,
                    help="prompt tokens per prefill call (long prompts go in several; memory grows with this)")
+    m.add_argument("--unroll-layers", action="store_true",
+                   help="compile the decode step's layer loop unrolled (see benchmarks/decode.py --layer-loop)")
     m.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="parameter dtype (default: as stored)")
     m.add_argument("--cache-dir", default=None, help="where --demo keeps its converted checkpoint "
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError) as e:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 1
-    engine = Engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk)
+    engine = Engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
+                    unroll_layers=args.unroll_layers)
     primary = jax.process_index() == 0
     messages = [{"role": "system", "content": args.system}] if args.system else []
     try:

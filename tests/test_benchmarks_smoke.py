@@ -65,16 +65,22 @@ def test_decode_tiny():
     lines = run_bench("decode.py")
     rows, ratios = split(lines)
     assert {r["impl"] for r in rows} == {"qwq-jax", "hf-transformers-sdpa"}
-    assert len(rows) == 8  # 2 impls x prompt lengths 16, 40 x batches 1, 4
+    assert len(rows) == 12  # (our 2 layer loops + hf) x prompt lengths 16, 40 x batches 1, 4
     for r in rows:
         assert "error" not in r, r
         assert r["decode_tokens_per_s"] > 0 and r["prefill_s"] > 0 and r["decode_s"] > 0
     ours = [r for r in rows if r["impl"] == "qwq-jax"]
-    assert [r["prefill_chunks"] for r in ours] == [1, 1, 3, 3]  # 40-token prompts in 16-token calls
+    assert [r["layer_loop"] for r in ours] == ["scan"] * 4 + ["unrolled"] * 4
+    assert [r["prefill_chunks"] for r in ours] == [1, 1, 3, 3] * 2  # 40-token prompts in 16-token calls
+    assert all(r["same_tokens_as_scan"] for r in ours)  # unrolled greedy tokens = the scan's
     assert all(r["roofline_tokens_per_s"] is None for r in ours)  # no bandwidth figure for a CPU
-    assert [(r["prompt_len"], r["batch"]) for r in ratios] == [(16, 1), (16, 4), (40, 1), (40, 4)]
+    settings = [(16, 1), (16, 4), (40, 1), (40, 4)]
+    assert [(r["layer_loop"], r["prompt_len"], r["batch"]) for r in ratios] == \
+        [("scan", *s) for s in settings] + [("unrolled", *s) for s in settings]
     assert all(r["decode_tokens_per_s"] > 0 for r in ratios)
-    assert lines[-1]["summary"] and len(lines[-1]["ratio_decode_tokens_per_s"]) == 4
+    summary = lines[-1]
+    assert summary["summary"] and {k: len(v) for k, v in summary["ratio_decode_tokens_per_s"].items()} == \
+        {"scan": 4, "unrolled": 4}
 
 
 def test_decode_roofline_by_hand():

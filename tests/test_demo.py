@@ -78,7 +78,7 @@ def test_sample_cli_json(demo_checkpoint):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(demo_checkpoint), "--prompt",
                         "Write a one-line Python hello world.", "--json", "--temperature", "0", "--max-tokens", "24",
-                        "--prefill-chunk", "8"],
+                        "--prefill-chunk", "8", "--unroll-layers"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)

@@ -90,6 +90,18 @@ def test_chunked_prefill_on_a_mesh_and_when_sampling(model):
     assert [o[0].token_ids for o in got] == [o[0].token_ids for o in want]
 
 
+def test_unrolled_decode_layers_equal_full_recompute_and_the_scan(model):
+    ps = prompts([5, 21], seed=3)
+    sp = SamplingParams(temperature=0.0, max_tokens=10)
+    got = Engine(model, chunk=4, unroll_layers=True).generate(ps, sp)
+    scanned = Engine(model, chunk=4).generate(ps, sp)
+    for p, out, ref in zip(ps, got, scanned):
+        assert out[0].token_ids == greedy_by_recompute(model, p, 10)
+        np.testing.assert_allclose(out[0].logprobs, ref[0].logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="unroll_layers="):
+        Engine(model, unroll_layers="yes")
+
+
 def test_engine_rejects_bad_chunk_sizes(model):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="prefill_chunk="):
