@@ -11,6 +11,10 @@ the memory-bound ceiling is B x bandwidth / (weight bytes + mean cache bytes per
 `roofline_tokens_per_s` uses the device's peak HBM bandwidth (null where unknown, e.g. CPU) and
 `fraction_of_roofline` is the measured figure over it.
 
+`--quantize int8` runs our engine on int8 weight-only weights (qwq_jax.quant; HF stays bf16):
+every row says so, its roofline counts the bytes it reads, and `fraction_of_unquantized_roofline`
+compares it with the bf16 weights' ceiling.
+
 Our engine runs once per `--layer-loop`: the decode step's layers as a scan over the stacked
 weights, and unrolled (`Engine(unroll_layers=True)`), which shows whether the compiler copies
 each layer's weight slice inside the loop; `same_tokens_as_scan` checks the two agree.
@@ -43,12 +47,19 @@ def run_ours(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from flax import nnx
+
     from qwq_jax.generate import Engine
     from qwq_jax.sampling import SamplingParams
 
     cfg = preset_config(args.preset)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     model = build_ours(cfg, dtype, attention=args.attention)
+    float_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    if args.quantize:
+        from qwq_jax.quant import quantize
+
+        model = quantize(model, args.quantize, donate=True)  # peak: the float weights + one int8 weight
     engines = {loop: Engine(model, chunk=args.chunk, prefill_chunk=args.prefill_chunk,
                             unroll_layers=loop == "unrolled") for loop in args.layer_loop}  # one copy of the weights
     sp = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
@@ -74,7 +85,7 @@ def run_ours(args) -> dict:
             except Exception as e:  # out of memory at one setting should not lose the others
                 rows[row_key(loop, prompt_len, batch)] = {"error": error_line(e)}
                 gc.collect()
-    return {"rows": rows, "device": device_kind("ours"),
+    return {"rows": rows, "device": device_kind("ours"), "float_weight_bytes": float_bytes,
             "weight_bytes": sum(x.nbytes for x in jax.tree.leaves(next(iter(engines.values())).params))}
 
 
@@ -140,6 +151,9 @@ def main() -> None:
     p.add_argument("--layer-loop", nargs="+", choices=LAYER_LOOPS, default=list(LAYER_LOOPS),
                    help="our decode step's layer loop: a scan over the stacked weights, or unrolled "
                         "(Engine(unroll_layers=True)); each is measured and their greedy tokens compared")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="our model's decoder matmul weights int8 weight-only (qwq_jax.quant): changes the "
+                        "numbers, reported in each row; HF stays in the float dtype")
     args = p.parse_args()
     if args.tiny:
         args.preset, args.batch, args.prompt_len, args.new_tokens = "tiny", [1, 4], [16, 40], 16
@@ -160,13 +174,20 @@ def main() -> None:
                 rec = {"bench": "decode", "impl": IMPL_NAMES[impl], "preset": args.preset, "prompt_len": prompt_len,
                        "batch": batch, "new_tokens": args.new_tokens, "device": res["device"],
                        "dtype": "float32" if args.tiny else "bfloat16",
-                       **({"attention": args.attention, "prefill_chunk": args.prefill_chunk, "layer_loop": loop}
-                          if impl == "ours" else {}), **row}
+                       **({"attention": args.attention, "prefill_chunk": args.prefill_chunk, "layer_loop": loop,
+                           "weights": f"{args.quantize} weight-only (quantized)" if args.quantize else "as dtype",
+                           "weight_bytes": res["weight_bytes"]} if impl == "ours" else {}), **row}
                 if impl == "ours" and "error" not in row:
+                    cache_itemsize = 4 if args.tiny else 2
                     top = roofline(cfg, res["weight_bytes"], prompt_len, batch, args.new_tokens, bandwidth,
-                                   4 if args.tiny else 2)
+                                   cache_itemsize)
                     rec.update(roofline_tokens_per_s=top,
                                fraction_of_roofline=row["decode_tokens_per_s"] / top if top else None)
+                    if args.quantize:  # against the unquantized weights' ceiling, the issue's bar
+                        top = roofline(cfg, res["float_weight_bytes"], prompt_len, batch, args.new_tokens,
+                                       bandwidth, cache_itemsize)
+                        rec.update(unquantized_roofline_tokens_per_s=top,
+                                   fraction_of_unquantized_roofline=row["decode_tokens_per_s"] / top if top else None)
                 emit(rec)
                 summary["decode_tokens_per_s"].setdefault(name, []).append(row.get("decode_tokens_per_s"))
     if set(results) == set(IMPL_NAMES):

@@ -86,8 +86,11 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: Any = None, r
 
     dtype: parameter dtype (default: the dtype stored in the checkpoint); compute_dtype: the
     activations' dtype (default: the parameter dtype). The config is `model.config`; tokenizer
-    files sit in the same directory. model_kwargs go to `Qwen2` (remat, attention_backend).
+    files sit in the same directory. model_kwargs go to `Qwen2` (remat, attention_backend); with
+    `quant="int8"` the restored weights are then quantized (`qwq_jax.quant`, the float matmul
+    weights freed one by one: peak memory is the float model plus one int8 weight).
     """
+    quant = model_kwargs.pop("quant", None)
     cfg = read_config(path)
     param_dtype = as_dtype(dtype if dtype is not None else cfg.dtype)
     model_kwargs["dtype"] = as_dtype(compute_dtype) if compute_dtype is not None else param_dtype
@@ -95,4 +98,9 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: Any = None, r
     params = restore_params(Path(path), target)
     graphdef, state = nnx.split(abstract_model(cfg, param_dtype=param_dtype, **model_kwargs))
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if quant is not None:
+        from qwq_jax.quant import quantize
+
+        model = quantize(model, quant, donate=True)
+    return model

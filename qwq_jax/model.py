@@ -44,6 +44,9 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# Weight-only quantization modes (qwq_jax/quant.py makes such a model from a float one).
+QUANT_MODES = ("int8",)
+
 
 def as_dtype(dtype: Any) -> jnp.dtype:
     """A jnp dtype from a dtype or its name ('bfloat16', 'float32', 'float16')."""
@@ -60,6 +63,30 @@ def _declare(cfg: QwenConfig, rngs: nnx.Rngs, axes: tuple[str, ...], init: Calla
     sizes = cfg.axis_sizes()
     shape = tuple(sizes[a] for a in axes)
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def _declare_kernel(module: nnx.Module, name: str, cfg: QwenConfig, rngs: nnx.Rngs, prefix: tuple[str, ...],
+                    axes: tuple[str, ...], contract: int, param_dtype: Any, quant: str | None) -> None:
+    """A matmul weight `module.<name>` with logical axes `prefix + axes`, whose first `contract` axes
+    are contracted. With `quant="int8"` it is stored as int8 plus `module.<name>_scale`, float32, one
+    per output channel (axes `prefix + axes[contract:]`): weight = int8 value x scale."""
+    if quant is None:
+        setattr(module, name, _declare(cfg, rngs, prefix + axes, _normal, param_dtype))
+        return
+    setattr(module, name, _declare(cfg, rngs, prefix + axes, _zeros, jnp.int8))
+    setattr(module, name + "_scale", _declare(cfg, rngs, prefix + axes[contract:], _ones, jnp.float32))
+
+
+def matmul(spec: str, x: jnp.ndarray, module: nnx.Module, name: str, dtype: Any) -> jnp.ndarray:
+    """`einsum(spec, x, weight)` in `dtype`. An int8 weight is converted to `dtype` (exact: |q| <= 127)
+    inside the matmul, which accumulates in float32; its per-output-channel scale is applied to the
+    result (it commutes with the contraction), then the result is cast to `dtype`."""
+    kernel = getattr(module, name)[...]
+    scale = getattr(module, name + "_scale", None)
+    if scale is None:
+        return jnp.einsum(spec, x, kernel.astype(dtype))
+    y = jnp.einsum(spec, x, kernel.astype(dtype), preferred_element_type=jnp.float32)
+    return (y * scale[...]).astype(dtype)
 
 
 def write_rows(cache: jnp.ndarray, layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
@@ -94,15 +121,15 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with QKV bias; parameters of one layer (or a stack)."""
 
     def __init__(self, cfg: QwenConfig, prefix: tuple[str, ...], *, rngs: nnx.Rngs, param_dtype: Any,
-                 dtype: Any, backend: str):
+                 dtype: Any, backend: str, quant: str | None = None):
         p = prefix
-        self.q_proj = _declare(cfg, rngs, p + ("embed", "heads", "head_dim"), _normal, param_dtype)
+        _declare_kernel(self, "q_proj", cfg, rngs, p, ("embed", "heads", "head_dim"), 1, param_dtype, quant)
         self.q_bias = _declare(cfg, rngs, p + ("heads", "head_dim"), _zeros, param_dtype)
-        self.k_proj = _declare(cfg, rngs, p + ("embed", "kv_heads", "head_dim"), _normal, param_dtype)
+        _declare_kernel(self, "k_proj", cfg, rngs, p, ("embed", "kv_heads", "head_dim"), 1, param_dtype, quant)
         self.k_bias = _declare(cfg, rngs, p + ("kv_heads", "head_dim"), _zeros, param_dtype)
-        self.v_proj = _declare(cfg, rngs, p + ("embed", "kv_heads", "head_dim"), _normal, param_dtype)
+        _declare_kernel(self, "v_proj", cfg, rngs, p, ("embed", "kv_heads", "head_dim"), 1, param_dtype, quant)
         self.v_bias = _declare(cfg, rngs, p + ("kv_heads", "head_dim"), _zeros, param_dtype)
-        self.o_proj = _declare(cfg, rngs, p + ("heads", "head_dim", "embed"), _normal, param_dtype)
+        _declare_kernel(self, "o_proj", cfg, rngs, p, ("heads", "head_dim", "embed"), 2, param_dtype, quant)
         self.dtype = dtype
         self.backend = backend
 
@@ -110,12 +137,12 @@ class Attention(nnx.Module):
         """Projected, rotated q `[B, T, H, D]` and k, v `[B, T, K, D]`."""
         dt = self.dtype
 
-        def proj(kernel: nnx.Param, bias: nnx.Param) -> jnp.ndarray:
-            return jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(dt)) + bias[...].astype(dt)
+        def proj(name: str, bias: nnx.Param) -> jnp.ndarray:
+            return matmul("btd,dhk->bthk", x, self, name, dt) + bias[...].astype(dt)
 
-        q = rope_lib.apply_rope(proj(self.q_proj, self.q_bias), cos, sin)
-        k = rope_lib.apply_rope(proj(self.k_proj, self.k_bias), cos, sin)
-        return q, k, proj(self.v_proj, self.v_bias)
+        q = rope_lib.apply_rope(proj("q_proj", self.q_bias), cos, sin)
+        k = rope_lib.apply_rope(proj("k_proj", self.k_bias), cos, sin)
+        return q, k, proj("v_proj", self.v_bias)
 
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray,
                  kv: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray] | None = None):
@@ -132,35 +159,36 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(self.dtype)
             v = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(self.dtype)
         out = attention(q, k, v, mask, backend=self.backend)  # [B, T, H, D]
-        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype)), new_kv
+        return matmul("bthk,hkd->btd", out, self, "o_proj", self.dtype), new_kv
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
     def __init__(self, cfg: QwenConfig, prefix: tuple[str, ...], *, rngs: nnx.Rngs, param_dtype: Any,
-                 dtype: Any):
-        self.gate_proj = _declare(cfg, rngs, prefix + ("embed", "mlp"), _normal, param_dtype)
-        self.up_proj = _declare(cfg, rngs, prefix + ("embed", "mlp"), _normal, param_dtype)
-        self.down_proj = _declare(cfg, rngs, prefix + ("mlp", "embed"), _normal, param_dtype)
+                 dtype: Any, quant: str | None = None):
+        _declare_kernel(self, "gate_proj", cfg, rngs, prefix, ("embed", "mlp"), 1, param_dtype, quant)
+        _declare_kernel(self, "up_proj", cfg, rngs, prefix, ("embed", "mlp"), 1, param_dtype, quant)
+        _declare_kernel(self, "down_proj", cfg, rngs, prefix, ("mlp", "embed"), 1, param_dtype, quant)
         self.dtype = dtype
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         dt = self.dtype
-        gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...].astype(dt))
-        up = jnp.einsum("btd,df->btf", x, self.up_proj[...].astype(dt))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))
+        gate = matmul("btd,df->btf", x, self, "gate_proj", dt)
+        up = matmul("btd,df->btf", x, self, "up_proj", dt)
+        return matmul("btf,fd->btd", jax.nn.silu(gate) * up, self, "down_proj", dt)
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm decoder block. Built with `prefix=("layers",)` it holds all L layers stacked."""
 
     def __init__(self, cfg: QwenConfig, prefix: tuple[str, ...], *, rngs: nnx.Rngs, param_dtype: Any,
-                 dtype: Any, backend: str):
+                 dtype: Any, backend: str, quant: str | None = None):
         self.input_norm = RMSNorm(cfg, prefix, rngs=rngs, param_dtype=param_dtype)
-        self.attn = Attention(cfg, prefix, rngs=rngs, param_dtype=param_dtype, dtype=dtype, backend=backend)
+        self.attn = Attention(cfg, prefix, rngs=rngs, param_dtype=param_dtype, dtype=dtype, backend=backend,
+                              quant=quant)
         self.post_attn_norm = RMSNorm(cfg, prefix, rngs=rngs, param_dtype=param_dtype)
-        self.mlp = MLP(cfg, prefix, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.mlp = MLP(cfg, prefix, rngs=rngs, param_dtype=param_dtype, dtype=dtype, quant=quant)
 
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray, kv=None):
         h, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv)
@@ -169,20 +197,30 @@ class DecoderLayer(nnx.Module):
 
 
 class Qwen2(nnx.Module):
-    """Qwen2ForCausalLM. Call on int32 token ids `[B, T]`; returns float32 logits `[B, T, V]`."""
+    """Qwen2ForCausalLM. Call on int32 token ids `[B, T]`; returns float32 logits `[B, T, V]`.
+
+    `quant="int8"`: the decoder layers' seven matmul weights are int8 with a float32 scale per
+    output channel (weight-only, for inference; embeddings, norms and biases stay in `param_dtype`).
+    Build one from a float model with `qwq_jax.quant.quantize`.
+    """
 
     def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
-                 dtype: Any = jnp.bfloat16, remat: str = "none", attention_backend: str = "xla"):
+                 dtype: Any = jnp.bfloat16, remat: str = "none", attention_backend: str = "xla",
+                 quant: str | None = None):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r} (known: {', '.join(REMAT_POLICIES)})")
+        if quant is not None and quant not in QUANT_MODES:
+            raise ValueError(f"unknown quantization {quant!r} (known: {', '.join(QUANT_MODES)}, or None)")
         get_backend(attention_backend)  # fail early on an unknown name
         param_dtype, dtype = as_dtype(param_dtype), as_dtype(dtype)
         self.config = cfg
         self.dtype = dtype
         self.remat = remat
+        self.quant = quant
+        self.attention_backend = attention_backend
         self.embed = _declare(cfg, rngs, ("vocab", "embed"), _normal, param_dtype)
         self.layers = DecoderLayer(cfg, ("layers",), rngs=rngs, param_dtype=param_dtype, dtype=dtype,
-                                   backend=attention_backend)
+                                   backend=attention_backend, quant=quant)
         self.final_norm = RMSNorm(cfg, (), rngs=rngs, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _declare(cfg, rngs, ("vocab", "embed"), _normal, param_dtype)

@@ -3,6 +3,7 @@
     python -m qwq_jax.sample --demo --prompt "Write a haiku about JAX."
     python -m qwq_jax.sample --checkpoint OUT --prompt "How many r in strawberry?" --json
     python -m qwq_jax.sample --checkpoint OUT --interactive
+    python -m qwq_jax.sample --checkpoint OUT --prompt "..." --quantize int8   # int8 weight-only weights
 
 Sampling defaults come from the checkpoint's generation_config.json; every flag overrides them.
 The reply streams to stdout (reasoning, when the model thinks, is shown apart from the answer);
@@ -22,6 +23,7 @@ DEMO_NAME = "qwen2.5-coder-0.5b-instruct-q4km-f32"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qwq_jax.model import QUANT_MODES
     from sharding import add_distributed_args
 
     p = argparse.ArgumentParser(prog="python -m qwq_jax.sample", description=__doc__,
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens per prefill call (long prompts go in several; memory grows with this)")
     m.add_argument("--unroll-layers", action="store_true",
                    help="compile the decode step's layer loop unrolled (see benchmarks/decode.py --layer-loop)")
+    m.add_argument("--quantize", choices=QUANT_MODES, default=None,
+                   help="weight-only quantization of the decoder's matmul weights after loading (changes "
+                        "the model's numbers slightly; halves bf16 weight bytes)")
     m.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="parameter dtype (default: as stored)")
     m.add_argument("--cache-dir", default=None, help="where --demo keeps its converted checkpoint "
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"checkpoint not found: {ckpt}")
         params = _sampling(args, ckpt)
         tokenizer = Tokenizer.from_dir(ckpt)
-        model = qwq_jax.load(ckpt, mesh=mesh, dtype=args.dtype)
+        model = qwq_jax.load(ckpt, mesh=mesh, dtype=args.dtype, quant=args.quantize)
     except ValueError as e:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 2

@@ -92,6 +92,7 @@ TASKS = ("generate", "train")
 ATTENTION = ("xla", "flash")
 ENGINE_PREFILL_CHUNK = 2048  # qwq_jax.generate.Engine's default prefill_chunk
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+QUANT_BYTES = {"int8": 1}  # weight-only quantization (qwq_jax.quant): bytes per matmul weight element
 # What each remat policy saves per layer for the backward pass (names of W's terms; see docstring).
 _DOTS = ("x", "q", "k", "v", "scores", "attn_out", "o_out", "gate", "up", "down")
 _PROJECTIONS = ("x", "q", "k", "v", "o_out", "gate", "up", "down")
@@ -165,13 +166,14 @@ def get_topology(name: str | None = None, devices: int | None = None, hbm_gib: f
 
 # ---- parameters: exact per-device counts ----------------------------------------------------------
 @functools.lru_cache(maxsize=16)
-def _param_table(cfg: Any) -> tuple[Any, tuple[tuple[str, tuple[int, ...], tuple[str | None, ...]], ...]]:
+def _param_table(cfg: Any, quant: str | None = None
+                 ) -> tuple[Any, tuple[tuple[str, tuple[int, ...], tuple[str | None, ...]], ...]]:
     """(abstract state, ((path, shape, logical axes), ...)) of the model `cfg` declares."""
     from flax import nnx
 
     from qwq_jax.model import abstract_model
 
-    state = nnx.state(abstract_model(cfg))
+    state = nnx.state(abstract_model(cfg, quant=quant))
     return state, tuple(_logical_specs(state))
 
 
@@ -181,13 +183,14 @@ def _abstract_mesh(sizes: dict[str, int]):
     return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
 
 
-def param_elements(cfg: Any, rules: str, sizes: dict[str, int]) -> dict[str, int]:
-    """Elements of each parameter held by one device (path -> count) under `rules` on a mesh of `sizes`.
+def param_elements(cfg: Any, rules: str, sizes: dict[str, int], quant: str | None = None) -> dict[str, int]:
+    """Elements of each parameter held by one device (path -> count) under `rules` on a mesh of `sizes`
+    (of the int8 weight-only model with `quant="int8"`: its matmul weights and their scales).
 
     Raises ValueError, naming the parameter and a mesh that works, when a mesh axis does not divide
     a dimension mapped to it.
     """
-    state, table = _param_table(cfg)
+    state, table = _param_table(cfg, quant)
     amesh = _abstract_mesh(sizes)
     out = {}
     for path, shape, logical in table:
@@ -205,9 +208,26 @@ def param_elements(cfg: Any, rules: str, sizes: dict[str, int]) -> dict[str, int
     return out
 
 
-def param_bytes(cfg: Any, rules: str, sizes: dict[str, int], dtype: str) -> int:
-    """Bytes of the parameters one device holds, in `dtype`, under `rules` on a mesh of `sizes`."""
-    return sum(param_elements(cfg, rules, sizes).values()) * _itemsize(dtype)
+def param_bytes(cfg: Any, rules: str, sizes: dict[str, int], dtype: str, quant: str | None = None) -> int:
+    """Bytes of the parameters one device holds, in `dtype`, under `rules` on a mesh of `sizes`.
+    With `quant="int8"` the decoder's matmul weights take 1 byte and their per-channel scales 4
+    (`qwq_jax.quant`); the rest stays in `dtype`."""
+    if quant is not None and quant not in QUANT_BYTES:
+        raise ValueError(f"unknown quantization {quant!r} (known: {', '.join(QUANT_BYTES)})")
+    elements = param_elements(cfg, rules, sizes, quant)
+    if quant is None:
+        return sum(elements.values()) * _itemsize(dtype)
+    state, _ = _param_table(cfg, quant)
+    int8 = {path for path, leaf in _flat_leaves(state) if str(leaf.dtype) == "int8"}
+    return sum(n * (QUANT_BYTES[quant] if path in int8 else 4 if path.endswith("_scale") else _itemsize(dtype))
+               for path, n in elements.items())
+
+
+def _flat_leaves(state: Any) -> list[tuple[str, Any]]:
+    from flax import nnx
+
+    return [(".".join(str(k) for k in path), leaf)
+            for path, leaf in nnx.to_flat_state(state)]
 
 
 def _itemsize(dtype: str) -> int:
@@ -316,7 +336,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
          mu_dtype: str = "float32", reference: bool = True, micro_batches: int = 1,
          rollout_batch: int | None = None, rollout_len: int | None = None, prefill_chunk: int | None = None,
          rollout_weights: str = "copy", attention: str = "xla", headroom: float = 0.10,
-         aot: bool | None = False) -> Plan:
+         aot: bool | None = False, quantize: str | None = None) -> Plan:
     """Per-device memory of `task` ("generate" or "train") for `cfg` (a QwenConfig or preset name).
 
     seq: generate: the cache length (prompt + new tokens); train: the row width (prompt +
@@ -325,17 +345,18 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
     param_dtype: generate: the weights' dtype; train: the rollout engine's copy (the dtype of the
     model handed to the trainer). rollout_weights (train, as `GRPOConfig.rollout_weights`): "copy"
     keeps that copy, "master" decodes from the float32 master weights (no copy). aot: True compiles for a TPU topology (needs libtpu), None does
-    so when libtpu is installed, False never (the analytic count only).
+    so when libtpu is installed, False never (the analytic count only). quantize (generate only):
+    "int8" counts the int8 weight-only model of `qwq_jax.quant` (the rest of it in param_dtype).
     """
     cfg = _config(cfg)
     topo = topology if isinstance(topology, Topology) else get_topology(topology)
-    _check(task, seq, batch, remat, attention, micro_batches, headroom)
+    _check(task, seq, batch, remat, attention, micro_batches, headroom, quantize)
     if mesh is None:
         best = best_mesh(cfg, task, topo, seq, batch, remat=remat, param_dtype=param_dtype,
                          compute_dtype=compute_dtype, mu_dtype=mu_dtype, reference=reference,
                          micro_batches=micro_batches, rollout_batch=rollout_batch, rollout_len=rollout_len,
                          prefill_chunk=prefill_chunk, rollout_weights=rollout_weights, attention=attention,
-                         headroom=headroom)
+                         headroom=headroom, quantize=quantize)
         mesh = best.mesh
     sizes = parse_mesh_spec(mesh, topo.devices)
     rollout_len = seq if rollout_len is None else rollout_len
@@ -352,10 +373,10 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
 
     if task == "generate":
         rows = -(-batch // shards)
-        settings.update(prefill_chunk=chunk, rows_per_device=rows)
+        settings.update(prefill_chunk=chunk, rows_per_device=rows, quantize=quantize)
         if batch % shards:
             notes.append(f"batch {batch} is padded to {rows * shards} rows (a multiple of data x fsdp = {shards})")
-        phases = {"generate": dict(params=param_bytes(cfg, "generate", sizes, param_dtype),
+        phases = {"generate": dict(params=param_bytes(cfg, "generate", sizes, param_dtype, quantize),
                                    **_generation(cfg, rows, seq, chunk, tensor, c, attention, shards))}
     else:
         if batch % micro_batches or (batch // micro_batches) % shards:
@@ -409,9 +430,14 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
 
 
 def _check(task: str, seq: int, batch: int, remat: str, attention: str, micro_batches: int,
-           headroom: float) -> None:
+           headroom: float, quantize: str | None = None) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    if quantize is not None and quantize not in QUANT_BYTES:
+        raise ValueError(f"unknown quantization {quantize!r} (known: {', '.join(QUANT_BYTES)})")
+    if quantize is not None and task != "generate":
+        raise ValueError(f"quantize={quantize!r} is for generation: training (and its rollouts) use the float "
+                         "weights")
     if remat not in REMAT_SAVES:
         raise ValueError(f"unknown remat policy {remat!r} (known: {', '.join(REMAT_SAVES)})")
     if attention not in ATTENTION:
@@ -469,7 +495,7 @@ def best_mesh(cfg: Any, task: str, topology: str | Topology, seq: int, batch: in
     aot = kwargs.pop("aot", False)
     kwargs.pop("mesh", None)
     _check(task, seq, batch, kwargs.get("remat", "full"), kwargs.get("attention", "xla"),
-           kwargs.get("micro_batches", 1), kwargs.get("headroom", 0.10))
+           kwargs.get("micro_batches", 1), kwargs.get("headroom", 0.10), kwargs.get("quantize"))
     plans, errors = [], []
     for sizes in mesh_candidates(topo.devices, topo.devices_per_host):
         try:
@@ -488,7 +514,8 @@ def best_mesh(cfg: Any, task: str, topology: str | Topology, seq: int, batch: in
 # ---- ahead-of-time compilation (TPU, needs libtpu) ----------------------------------------------------
 def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: str = "full",
                param_dtype: str = "bfloat16", compute_dtype: str = "bfloat16", mu_dtype: str = "float32",
-               micro_batches: int = 1, prefill_chunk: int | None = None) -> dict[str, int]:
+               micro_batches: int = 1, prefill_chunk: int | None = None,
+               quantize: str | None = None) -> dict[str, int]:
     """Compile the task's main step for `mesh` (any devices: compile-only TPU ones, or CPUs) and
     return `compiled.memory_analysis()` per device: argument, output, alias, temp and
     peak = argument + output - alias + temp.
@@ -514,7 +541,8 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
     rules = "generate" if task == "generate" else "train"
     shards = batch_shards(mesh, rules)
     if task == "generate":
-        graphdef, state = nnx.split(abstract_model(cfg, param_dtype=param_dtype, dtype=compute_dtype))
+        graphdef, state = nnx.split(abstract_model(cfg, param_dtype=param_dtype, dtype=compute_dtype,
+                                                   quant=quantize))
         params = placed(state, state_shardings(state, mesh, rules))
         rows = -(-batch // shards) * shards
         chunk = prefill_chunk or seq
@@ -591,7 +619,7 @@ def _try_aot(p: Plan, cfg: Any, topo: Topology, aot: bool | None) -> None:
         stats = aot_memory(cfg, p.task, _tpu_mesh(topo, p.mesh), p.seq, p.batch, remat=s.get("remat", "full"),
                            param_dtype=s["param_dtype"], compute_dtype=s["compute_dtype"],
                            mu_dtype=s.get("mu_dtype", "float32"), micro_batches=s.get("micro_batches", 1),
-                           prefill_chunk=s.get("prefill_chunk"))
+                           prefill_chunk=s.get("prefill_chunk"), quantize=s.get("quantize"))
     except Exception as e:  # the compiler's failure is reported, the analytic plan stands
         p.notes.append(f"AOT: compiling for {topo.aot_name} failed ({type(e).__name__}: {str(e)[:300]}); "
                        "analytic count used")
@@ -627,6 +655,8 @@ _DESCRIBE = {
 def _describe(p: Plan, cat: str) -> str:
     s = p.settings
     if cat == "params":
+        if s.get("quantize"):
+            return _DESCRIBE[cat].format(f"{s['quantize']} weight-only matmuls, the rest {s['param_dtype']}", p.task)
         return _DESCRIBE[cat].format(s["param_dtype"] if p.task == "generate" else "float32 master", p.task)
     if cat == "optimizer":
         return _DESCRIBE[cat].format(s["mu_dtype"])
@@ -712,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="generate: weights; train: the rollout engine's copy")
     ap.add_argument("--compute-dtype", choices=list(DTYPE_BYTES), default="bfloat16",
                     help="activations, KV cache, reference model")
+    ap.add_argument("--quantize", choices=list(QUANT_BYTES), default=None,
+                    help="generate: int8 weight-only matmul weights (qwq_jax.quant; python -m qwq_jax.sample "
+                         "--quantize int8)")
     ap.add_argument("--mu-dtype", choices=list(DTYPE_BYTES), default="float32", help="train: AdamW first moment")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                     help="train: keep a frozen reference model (KL term)")
@@ -743,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       mu_dtype=args.mu_dtype, reference=args.reference, micro_batches=args.micro_batches,
                       rollout_batch=args.rollout_batch, rollout_len=args.rollout_len,
                       prefill_chunk=args.prefill_chunk, rollout_weights=args.rollout_weights,
-                      attention=args.attention, headroom=args.headroom)
+                      attention=args.attention, headroom=args.headroom, quantize=args.quantize)
         best = best_mesh(cfg, args.task, topo, args.seq, args.batch, **kwargs)
         mesh = args.mesh if args.mesh is not None else best.mesh
         result = plan(cfg, args.task, topo, args.seq, args.batch, mesh=mesh, aot=args.aot, **kwargs)

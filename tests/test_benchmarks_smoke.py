@@ -83,6 +83,25 @@ def test_decode_tiny():
         {"scan": 4, "unrolled": 4}
 
 
+def test_decode_tiny_int8_weights():
+    lines = run_bench("decode.py", "--quantize", "int8", "--layer-loop", "unrolled", "--impl", "ours")
+    rows, ratios = split(lines)
+    assert len(rows) == 4 and not ratios  # our engine only: no ratio lines
+    from qwq_jax import QwenConfig
+
+    c = QwenConfig.preset("tiny")
+    e, hd, kd, f = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    matmul = c.num_layers * (2 * e * hd + 2 * e * kd + 3 * e * f)
+    scales = c.num_layers * (hd + 2 * kd + 2 * e + 2 * f)
+    for r in rows:
+        assert "error" not in r, r
+        assert r["weights"] == "int8 weight-only (quantized)" and r["layer_loop"] == "unrolled"
+        assert r["decode_tokens_per_s"] > 0 and r["same_tokens_as_unrolled"]
+        assert r["fraction_of_unquantized_roofline"] is None  # no bandwidth figure for a CPU
+    float_bytes = rows[0]["weight_bytes"] + 3 * matmul - 4 * scales  # --tiny is float32: 4 bytes -> 1
+    assert float_bytes == 4 * c.num_params()
+
+
 def test_decode_roofline_by_hand():
     """The issue's figure: QwQ-32B's bf16 weights read once per token at 3.0 TB/s = about 46 tok/s."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

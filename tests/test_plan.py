@@ -80,6 +80,29 @@ def test_qwq32b_param_bytes_by_hand():
     assert param_bytes(QWQ, "train", sizes(data=4, tensor=8), "float32") == tp8 * 4  # data replicates
 
 
+def test_int8_weight_only_param_bytes_by_hand():
+    # qwq_jax.quant: the seven matmuls of each layer 1 byte per weight + a float32 scale per output
+    # channel (q: H D, k and v: K D each, o: E, gate and up: I each, down: E); the rest in bf16.
+    matrices = E * H * D + 2 * E * K * D + H * D * E + 3 * E * I
+    scales = H * D + 2 * K * D + E + 2 * I + E
+    rest = L * (H * D + 2 * K * D + 2 * E) + 2 * V * E + E  # biases, norms; embed, lm_head, final norm
+    one = L * matrices + 4 * L * scales + 2 * rest
+    assert one == 34_340_743_168  # 31.98 GiB: QwQ-32B fits one H100 with room for a long cache
+    assert param_bytes(QWQ, "generate", sizes(), "bfloat16", "int8") == one
+    # tensor=8: matrices, scales and biases split 8 ways (every scale has a head / KV head / MLP
+    # axis, except o's and down's, which are over embed: whole), norms whole, vocab split.
+    tp8 = (L * matrices // 8 + 4 * L * (H * D // 8 + 2 * K * D // 8 + E + 2 * I // 8 + E)
+           + 2 * (L * ((H * D + 2 * K * D) // 8 + 2 * E) + 2 * V * E // 8 + E))
+    assert param_bytes(QWQ, "generate", sizes(tensor=8), "bfloat16", "int8") == tp8
+    p = plan(QWQ, "generate", "h100x1", 65536, 1, mesh="tensor=1", quantize="int8")
+    assert p.phases["generate"]["params"] == one and p.settings["quantize"] == "int8" and p.fits
+    assert not plan(QWQ, "generate", "h100x1", 65536, 1, mesh="tensor=1").fits  # bf16 weights: no room
+    with pytest.raises(ValueError, match="is for generation"):
+        plan(QWQ, "train", "h100x8", 1024, 8, quantize="int8")
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        plan(QWQ, "generate", "h100x8", 1024, 8, quantize="int4")
+
+
 def test_non_dividing_mesh_is_rejected_with_a_working_one():
     with pytest.raises(ValueError, match=r"kv_heads=8\) is not divisible by mesh axis tensor of size 16 .*"
                                          r"a mesh that works: data=2,fsdp=1,tensor=8"):
@@ -233,6 +256,11 @@ def test_aot_path_compiles_on_cpu_devices(monkeypatch):
     assert p.aot["argument"] == weights + cache + 2 * 16 * 4 + 2 * 4
     assert p.phases["generate"]["params"] + p.phases["generate"]["kv_cache"] == weights + cache
     assert p.aot["temp"] > 0 and p.total == p.aot["peak"] + p.aot["extra"]
+    # The int8 weight-only model: the compiled step's arguments are the analytic int8 count.
+    q = plan(TINY, "generate", topo, 64, 2, mesh="tensor=2", prefill_chunk=16, aot=True, quantize="int8")
+    assert q.method == "aot-tpu", q.notes
+    assert q.aot["argument"] == q.phases["generate"]["params"] + cache + 2 * 16 * 4 + 2 * 4
+    assert q.phases["generate"]["params"] < weights
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
@@ -261,10 +289,14 @@ def test_cli_table_and_bad_input(capsys):
     text = capsys.readouterr().out
     for want in ("GiB per device", "optimizer", "verdict: FITS", "best mesh: data=1,fsdp=4,tensor=8", "summary:"):
         assert want in text
+    assert main(["--topology", "h100x1", "--seq", "32768", "--quantize", "int8"]) == 0
+    text = capsys.readouterr().out
+    assert "31.98   weights (int8 weight-only matmuls, the rest bfloat16)" in text and "verdict: FITS" in text
     for argv, msg in [(["--preset", "qwq-99b", "--topology", "v5e-8"], "unknown preset 'qwq-99b'"),
                       (["--topology", "h100x16", "--mesh", "tensor=16"], "not divisible"),
                       (["--topology", "h100x8", "--task", "train", "--batch", "4", "--mesh", "fsdp=8"],
                        "does not split"),
-                      (["--topology", "h100x8", "--seq", "0"], "seq must be >= 1")]:
+                      (["--topology", "h100x8", "--seq", "0"], "seq must be >= 1"),
+                      (["--topology", "h100x8", "--task", "train", "--quantize", "int8"], "is for generation")]:
         assert main(argv) == 2, argv
         assert msg in capsys.readouterr().err

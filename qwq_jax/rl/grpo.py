@@ -141,6 +141,10 @@ class GRPOTrainer:
 
     def __init__(self, model: Qwen2, config: GRPOConfig, reward_fn: RewardFn, tokenizer: Any = None,
                  reference: Qwen2 | None = None, mesh: Any = None):
+        for name, m in (("model", model), ("reference", reference)):
+            if m is not None and getattr(m, "quant", None) is not None:
+                raise ValueError(f"GRPOTrainer: the {name} is {m.quant} weight-only quantized (qwq_jax.quant), "
+                                 "which is for inference; train the float model (bfloat16 or float32)")
         self.config = config
         self.loss_cfg = config.loss_config()
         self.reward_fn = reward_fn
