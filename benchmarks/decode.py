@@ -11,13 +11,19 @@ the memory-bound ceiling is B x bandwidth / (weight bytes + mean cache bytes per
 `roofline_tokens_per_s` uses the device's peak HBM bandwidth (null where unknown, e.g. CPU) and
 `fraction_of_roofline` is the measured figure over it.
 
+`weight_copies` (ours, `--inspect-hlo`, on by default): XLA's optimised HLO of each decode
+program is searched for weight-sized buffers it materialises (a layer's weight slice copied out
+of the stacked arrays, a dtype conversion, a re-layout; benchmarks/hlo_buffers.py):
+`copied_bytes_per_step` > 0 means the step does not read every weight in place, which alone
+keeps it from the roofline.
+
 `--quantize int8` runs our engine on int8 weight-only weights (qwq_jax.quant; HF stays bf16):
 every row says so, its roofline counts the bytes it reads, and `fraction_of_unquantized_roofline`
 compares it with the bf16 weights' ceiling.
 
-Our engine runs once per `--layer-loop`: the decode step's layers as a scan over the stacked
-weights, and unrolled (`Engine(unroll_layers=True)`), which shows whether the compiler copies
-each layer's weight slice inside the loop; `same_tokens_as_scan` checks the two agree.
+Our engine runs once per `--layer-loop` (`Engine(layer_loop=...)`): `scan` over the stacked
+weights, the decode step `unrolled` over static slices of them, and `split` (each layer's weights
+in arrays of their own, nothing to slice); `same_tokens_as_scan` checks they agree.
 
     python benchmarks/decode.py --preset qwq-32b --batch 1 16 64 --prompt-len 128 4096   # one H100
     python benchmarks/decode.py --tiny                                                      # CPU smoke run (CI)
@@ -27,7 +33,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import glob
 import json
+import os
+import shutil
 import sys
 import time
 
@@ -35,58 +44,118 @@ from _common import (IMPL_NAMES, HelpFormatter, add_common_args, build_hf, build
                      error_line, peak_bandwidth, preset_config, ratio, run_child)
 
 
-LAYER_LOOPS = ("scan", "unrolled")
+LAYER_LOOPS = ("scan", "unrolled", "split")
 
 
 def settings(args) -> list[tuple[int, int]]:
     return [(p, b) for p in args.prompt_len for b in args.batch]
 
 
+def _dump_decode_hlo(keep_in: str | None) -> str:
+    """Have XLA write the optimised HLO of every decode program (before jax is first used), into
+    `keep_in` or a temporary directory."""
+    import tempfile
+
+    out = os.path.abspath(keep_in) if keep_in else tempfile.mkdtemp(prefix="qwq_decode_hlo_")
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), f"--xla_dump_to={out}",
+                                                     "--xla_dump_hlo_as_text",
+                                                     "--xla_dump_hlo_module_re=.*_decode_fn.*"]))
+    return out
+
+
+def _decode_programs(dump: str | None) -> set[str]:
+    return set(glob.glob(os.path.join(dump, "*_decode_fn*_after_optimizations.txt"))) if dump else set()
+
+
+def weight_copies(files: set[str], cfg) -> dict:
+    """What `hlo_buffers` finds in the decode programs compiled for one setting."""
+    from hlo_buffers import model_weight_shapes, weight_sized_buffers
+
+    shapes = model_weight_shapes(cfg)
+    reports = [weight_sized_buffers(open(f).read(), shapes) for f in sorted(files)]
+    top = sorted((b for r in reports for b in r["buffers"]), key=lambda b: -b["bytes"] * b["times"])[:3]
+    return {"programs": len(reports),
+            "copied_bytes_per_step": sum(r["copied_bytes_in_loops"] for r in reports),
+            "copied_bytes_per_call": sum(r["copied_bytes_outside"] for r in reports),
+            "largest": [{k: b[k] for k in ("instruction", "opcode", "dtype", "shape", "times")} for b in top]}
+
+
+def _watch_decode_calls(engine) -> dict:
+    """Record the shapes of the engine's last decode call (`["shapes"]`): settings that reuse a
+    compiled decode program are matched to the program compiled for the first of them."""
+    import jax
+
+    last, inner = {}, engine._decode
+
+    def watched(*a, **k):
+        last["shapes"] = str(jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") else x, (a, k)))
+        return inner(*a, **k)
+
+    engine._decode = watched
+    return last
+
+
 def run_ours(args) -> dict:
+    dump = _dump_decode_hlo(args.hlo_dir) if args.inspect_hlo else None
     import jax
     import jax.numpy as jnp
     import numpy as np
-
     from flax import nnx
 
     from qwq_jax.generate import Engine
     from qwq_jax.sampling import SamplingParams
 
     cfg = preset_config(args.preset)
-    dtype = jnp.float32 if args.tiny else jnp.bfloat16
+    dtype = jnp.dtype(args.dtype)
     model = build_ours(cfg, dtype, attention=args.attention)
     float_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     if args.quantize:
         from qwq_jax.quant import quantize
 
         model = quantize(model, args.quantize, donate=True)  # peak: the float weights + one int8 weight
-    engines = {loop: Engine(model, chunk=args.chunk, prefill_chunk=args.prefill_chunk,
-                            unroll_layers=loop == "unrolled") for loop in args.layer_loop}  # one copy of the weights
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     sp = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
-    rows = {}
-    for prompt_len, batch in settings(args):
-        prompts = np.random.default_rng(prompt_len).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
-        first = first_loop = None  # the first loop's tokens (that ran): every other must produce the same
-        for loop, engine in engines.items():
+    cases = [(p, b, np.random.default_rng(p).integers(0, cfg.vocab_size, (b, p)).tolist()) for p, b in settings(args)]
+    rows, first = {}, {}  # first: (loop, tokens) of the first loop that ran each setting; the others must agree
+    copies = {}  # (layer loop, decode call shapes) -> what hlo_buffers found in that compiled program
+    # One loop at a time, `split` last: it copies the layers out of the stacks and frees those.
+    for loop in sorted(args.layer_loop, key=lambda name: name == "split"):
+        try:
+            engine = Engine(model, chunk=args.chunk, prefill_chunk=args.prefill_chunk, layer_loop=loop,
+                            donate_weights=loop == "split")
+        except Exception as e:  # e.g. out of memory while splitting
+            rows.update({row_key(loop, p, b): {"error": error_line(e)} for p, b, _ in cases})
+            continue
+        last_call = _watch_decode_calls(engine)
+        for prompt_len, batch, prompts in cases:
             try:
+                before = _decode_programs(dump)
                 engine.generate(prompts, sp)  # compile
+                programs = _decode_programs(dump) - before
                 t0 = time.perf_counter()
                 outs = engine.generate(prompts, sp)
                 total = time.perf_counter() - t0
                 assert all(len(o[0].token_ids) == args.new_tokens for o in outs)
                 tokens = [o[0].token_ids for o in outs]
-                if first is None:
-                    first, first_loop = tokens, loop
+                ref_loop, ref_tokens = first.setdefault((prompt_len, batch), (loop, tokens))
                 t = engine.last_timings
-                rows[row_key(loop, prompt_len, batch)] = {
+                row = rows[row_key(loop, prompt_len, batch)] = {
                     "prefill_s": t["prefill_s"], "prefill_chunks": t["prefill_chunks"], "decode_s": t["decode_s"],
                     "total_s": total, "decode_tokens_per_s": batch * args.new_tokens / t["decode_s"],
-                    "same_tokens_as_" + first_loop: tokens == first}
+                    "same_tokens_as_" + ref_loop: tokens == ref_tokens}
+                if programs:
+                    copies[loop, last_call["shapes"]] = weight_copies(programs, cfg)
+                if (loop, last_call.get("shapes")) in copies:
+                    row["weight_copies"] = copies[loop, last_call["shapes"]]
             except Exception as e:  # out of memory at one setting should not lose the others
                 rows[row_key(loop, prompt_len, batch)] = {"error": error_line(e)}
                 gc.collect()
-    return {"rows": rows, "device": device_kind("ours"), "float_weight_bytes": float_bytes,
-            "weight_bytes": sum(x.nbytes for x in jax.tree.leaves(next(iter(engines.values())).params))}
+        del engine
+        gc.collect()
+    if dump and not args.hlo_dir:
+        shutil.rmtree(dump, ignore_errors=True)
+    return {"rows": rows, "device": device_kind("ours"), "float_weight_bytes": float_bytes, "hlo_dump": args.hlo_dir,
+            "weight_bytes": weight_bytes}
 
 
 def run_hf(args) -> dict:
@@ -94,7 +163,7 @@ def run_hf(args) -> dict:
 
     cfg = preset_config(args.preset)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_hf(cfg, torch.float32 if args.tiny else torch.bfloat16, device).eval()
+    model = build_hf(cfg, getattr(torch, args.dtype), device).eval()
     rows = {}
     for prompt_len, batch in settings(args):
         ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
@@ -149,13 +218,21 @@ def main() -> None:
     p.add_argument("--prefill-chunk", type=int, default=2048, help="our engine's prompt tokens per prefill call")
     p.add_argument("--attention", default="auto", help="our attention backend (qwq_jax.attention)")
     p.add_argument("--layer-loop", nargs="+", choices=LAYER_LOOPS, default=list(LAYER_LOOPS),
-                   help="our decode step's layer loop: a scan over the stacked weights, or unrolled "
-                        "(Engine(unroll_layers=True)); each is measured and their greedy tokens compared")
+                   help="our engine's layer loop (Engine(layer_loop=...)): each is measured, split last (it "
+                        "frees the stacked weights), and their greedy tokens compared")
+    p.add_argument("--hlo-dir", help="keep the decode programs' HLO dumps here (default: a temporary "
+                                      "directory, removed after the run)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="weights, activations and KV cache on both sides (--tiny: float32)")
+    p.add_argument("--inspect-hlo", action=argparse.BooleanOptionalAction, default=True,
+                   help="dump our decode programs' optimised HLO and report the weight-sized buffers they "
+                        "write per step (benchmarks/hlo_buffers.py): 0 means weights are read in place")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="our model's decoder matmul weights int8 weight-only (qwq_jax.quant): changes the "
                         "numbers, reported in each row; HF stays in the float dtype")
     args = p.parse_args()
     if args.tiny:
+        args.dtype = "float32"
         args.preset, args.batch, args.prompt_len, args.new_tokens = "tiny", [1, 4], [16, 40], 16
         args.prefill_chunk = 16  # the 40-token prompts go in 3 prefill calls
     if args.child:
@@ -173,12 +250,13 @@ def main() -> None:
                 row = res["rows"][row_key(loop, prompt_len, batch)]
                 rec = {"bench": "decode", "impl": IMPL_NAMES[impl], "preset": args.preset, "prompt_len": prompt_len,
                        "batch": batch, "new_tokens": args.new_tokens, "device": res["device"],
-                       "dtype": "float32" if args.tiny else "bfloat16",
+                       "dtype": args.dtype,
                        **({"attention": args.attention, "prefill_chunk": args.prefill_chunk, "layer_loop": loop,
                            "weights": f"{args.quantize} weight-only (quantized)" if args.quantize else "as dtype",
-                           "weight_bytes": res["weight_bytes"]} if impl == "ours" else {}), **row}
+                           "weight_bytes": res["weight_bytes"], "hlo_dump": res["hlo_dump"]}
+                          if impl == "ours" else {}), **row}
                 if impl == "ours" and "error" not in row:
-                    cache_itemsize = 4 if args.tiny else 2
+                    cache_itemsize = 4 if args.dtype == "float32" else 2
                     top = roofline(cfg, res["weight_bytes"], prompt_len, batch, args.new_tokens, bandwidth,
                                    cache_itemsize)
                     rec.update(roofline_tokens_per_s=top,

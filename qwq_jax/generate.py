@@ -10,10 +10,19 @@ grows with the chunk, not the prompt: a 131,072-token prompt is 64 calls of one 
 
 The decode loop runs inside `jax.lax.while_loop` in chunks of `chunk` tokens (no Python per
 token); the host only looks at the output between chunks, for streaming and stop strings.
-`unroll_layers=True` compiles the decode step's layer loop as straight-line code (each layer's
-weights a static slice of the stacked arrays, not a dynamic slice inside a loop, which a compiler
-may copy before the matmul); prefill stays a loop. Same tokens either way; which is faster is
-the compiler's business, so `benchmarks/decode.py --layer-loop scan unrolled` measures both.
+
+Layer loop (`layer_loop`; same tokens every way):
+    scan      the decoder layers' stacked `[L, ...]` weights, run by `lax.scan` (compiles once
+              per layer shape, whatever the depth)
+    unrolled  the decode step as straight-line code over static slices of the stacks
+    split     each layer's weights copied into arrays of their own at construction (one layer at a
+              time; `donate_weights=True` frees the stacks as it goes, leaving `model` unusable),
+              prefill and decode run straight through them: no slice of a stack exists, so none
+              can be copied before its matmul, and a decode step reads every weight where it lies
+A compiler may copy each layer's slice of a stack out before its matmul (XLA on CPU does, for
+`scan` and `unrolled` alike: benchmarks/hlo_buffers.py finds it): that is one more read and write
+of every weight per decode step. `benchmarks/decode.py --layer-loop scan unrolled split` measures
+all three and reports the copies it finds in each compiled decode step.
 Each of the `n` samples of a prompt reuses that prompt's prefill. Row b draws with the key
 `fold_in(key(seed_b), step)`, so a seed gives the same text whatever else is in the batch.
 
@@ -36,10 +45,11 @@ from flax import nnx
 
 from qwq_jax import rope as rope_lib
 from qwq_jax.cache import KVCache
-from qwq_jax.model import Qwen2
+from qwq_jax.model import Qwen2, split_layers
 from qwq_jax.sampling import SamplingParams, batch_params, sample
 
 ROPE_MODES = ("auto", "static", "off")
+LAYER_LOOPS = ("scan", "unrolled", "split")
 _RUNNING, _STOP, _LENGTH = 0, 1, 2
 FINISH_REASONS = {_STOP: "stop", _LENGTH: "length"}
 
@@ -99,15 +109,15 @@ class Engine:
 
     def __init__(self, model: Qwen2, tokenizer: Any = None, *, mesh: Any = None, rules: Any = "generate",
                  cache_dtype: Any = None, chunk: int = 16, rope_scaling: str = "auto",
-                 prefill_chunk: int | None = 2048, unroll_layers: bool = False):
+                 prefill_chunk: int | None = 2048, layer_loop: str = "scan", donate_weights: bool = False):
         if rope_scaling not in ROPE_MODES:
             raise ValueError(f"rope_scaling={rope_scaling!r} must be one of {', '.join(ROPE_MODES)}")
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk={prefill_chunk!r} must be a positive number of tokens (or None: "
                              "every prompt in one call)")
-        if not isinstance(unroll_layers, bool):
-            raise ValueError(f"unroll_layers={unroll_layers!r} must be True or False")
+        if layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop={layer_loop!r} must be one of {', '.join(LAYER_LOOPS)}")
         if not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk={chunk!r} must be a positive number of decode steps")
         self.prefill_chunk = prefill_chunk
@@ -117,9 +127,14 @@ class Engine:
         self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else model.dtype
         self.compute_dtype = jnp.dtype(model.dtype)
         self.chunk = chunk
-        self.unroll_layers = unroll_layers
+        self.layer_loop = layer_loop
         self.rope_scaling = rope_scaling
         self.graphdef, self.params = nnx.split(model)
+        self.layer_params = None
+        if layer_loop == "split":
+            self.layer_params = split_layers(self.params["layers"], donate=donate_weights)
+            # The graph still has `layers`; give it layer 0's arrays (the same buffers, no copy).
+            self.params["layers"] = self.layer_params[0]
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
         self._last_logits = jax.jit(self._logits_fn)
         self._decode = jax.jit(self._decode_fn, static_argnames=("steps",), donate_argnums=(1,))
@@ -169,20 +184,28 @@ class Engine:
         """One prefill chunk `tokens [B, T]`: row b has `remaining[b]` prompt tokens from this chunk's
         start on (<= 0: none left; > T: more chunks follow). Writes them into the cache and keeps, in
         `last [B, 1, E]`, the hidden state of each row's final prompt token once it has been seen."""
-        model = nnx.merge(self.graphdef, params)
+        model, layers = self._merge(params)
         t = tokens.shape[1]
         here = jnp.clip(remaining, 0, t)
         segments = (jnp.arange(t)[None, :] < here[:, None]).astype(jnp.int32)
-        x, cache, _ = model.hidden_states(tokens, segment_ids=segments, cache=cache, rope=rope)
+        x, cache, _ = model.hidden_states(tokens, segment_ids=segments, cache=cache, rope=rope, layers=layers)
         final = jnp.take_along_axis(x, jnp.maximum(here - 1, 0)[:, None, None], axis=1)  # [B, 1, E]
         ends_here = (remaining >= 1) & (remaining <= t)
         return cache, jnp.where(ends_here[:, None, None], final.astype(last.dtype), last)
 
-    def _logits_fn(self, params, last):
-        return nnx.merge(self.graphdef, params).logits(last)[:, 0]
+    def _weights(self):
+        """What the jitted pieces take as weights: the model's state and the split layers (or None)."""
+        return self.params, self.layer_params
 
-    def _decode_fn(self, params, state, consts, steps: int):
-        model = nnx.merge(self.graphdef, params)
+    def _merge(self, weights):
+        params, layers = weights
+        return nnx.merge(self.graphdef, params), layers
+
+    def _logits_fn(self, weights, last):
+        return self._merge(weights)[0].logits(last)[:, 0]
+
+    def _decode_fn(self, weights, state, consts, steps: int):
+        model, layers = self._merge(weights)
         arrays, seeds, max_tokens, stop_ids, prompt_mask, rope = consts
         max_new = state["out"].shape[1]
 
@@ -207,8 +230,8 @@ class Engine:
             hit = jnp.any(tok[:, None] == stop_ids, axis=1) & ~done
             full = (new_count >= max_tokens) & ~done & ~hit
             finish = jnp.where(hit, _STOP, jnp.where(full, _LENGTH, s["finish"]))
-            x, cache, _ = model.hidden_states(tok[:, None], cache=s["cache"], rope=rope,
-                                              unroll_layers=self.unroll_layers)
+            x, cache, _ = model.hidden_states(tok[:, None], cache=s["cache"], rope=rope, layers=layers,
+                                              unroll_layers=self.layer_loop == "unrolled")
             logits = model.logits(x)[:, 0]
             s = dict(s, out=out, logp=logp, counts=counts, count=new_count, done=done | hit | full, finish=finish,
                      cache=cache, logits=logits)
@@ -282,9 +305,9 @@ class Engine:
         last = self._put(np.zeros((b, 1, self.config.hidden_size), self.compute_dtype))
         for c in range(n_chunks):
             remaining = self._put((rows.prompt_lens - c * step).astype(np.int32))
-            cache, last = self._prefill(self.params, self._put(tokens[:, c * step:(c + 1) * step]), remaining, rope,
-                                        cache, last)
-        logits = self._last_logits(self.params, last)
+            cache, last = self._prefill(self._weights(), self._put(tokens[:, c * step:(c + 1) * step]), remaining,
+                                        rope, cache, last)
+        logits = self._last_logits(self._weights(), last)
         jax.block_until_ready(logits)
         self.last_timings = {"prefill_s": time.perf_counter() - t0, "prefill_chunks": n_chunks}
 
@@ -317,7 +340,7 @@ class Engine:
         stop_reason: dict[int, Any] = {}
         t_decode = time.perf_counter()
         while not finished.all():
-            state = self._decode(self.params, state, consts, steps=self.chunk)
+            state = self._decode(self._weights(), state, consts, steps=self.chunk)
             out, count, done, finish = (np.array(_to_host(state[k])) for k in ("out", "count", "done", "finish"))
             events, host_stopped = [], []
             for r in range(b):

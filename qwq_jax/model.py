@@ -17,10 +17,12 @@ config.py (QwenConfig), sharding/ (meshes, rules), convert/ (HF name map, conver
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qwq_jax import rope as rope_lib
@@ -87,6 +89,54 @@ def matmul(spec: str, x: jnp.ndarray, module: nnx.Module, name: str, dtype: Any)
         return jnp.einsum(spec, x, kernel.astype(dtype))
     y = jnp.einsum(spec, x, kernel.astype(dtype), preferred_element_type=jnp.float32)
     return (y * scale[...]).astype(dtype)
+
+
+def drop_axes_sharding(array: jax.Array, drop: tuple[int, ...]) -> Any:
+    """`array`'s sharding for an array of its axes except `drop` (a layer of a stacked weight, the
+    output channels of a weight): the same mesh and the spec without those axes. A placement
+    that is not a NamedSharding (one device) is kept as it is."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = array.sharding
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (array.ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*(a for i, a in enumerate(spec) if i not in drop)))
+
+
+@functools.lru_cache(maxsize=None)
+def _take_layer(sharding: Any):
+    return jax.jit(lambda w, i: jax.lax.dynamic_index_in_dim(w, i, 0, keepdims=False), out_shardings=sharding)
+
+
+def split_layers(stacked: Any, donate: bool = False) -> list[Any]:
+    """A layer-stacked parameter tree (`[L, ...]` leaves, e.g. `nnx.state(model.layers)`) as L trees of
+    one layer's arrays each, every array in its own buffer, sharded as its stack was (minus the
+    `layers` axis). Run over by `Qwen2.hidden_states(layers=...)`, each layer's weights are then read
+    where they lie, with no slice of a stack for the compiler to copy.
+
+    Copies the weights. `donate=True` deletes each stacked array once split, staging it through host
+    memory when this process holds all of it (device memory then never holds a weight twice);
+    otherwise the peak is the weights plus one stacked array's share.
+    """
+    leaves, treedef = jax.tree.flatten(stacked)
+    if not leaves:
+        return []
+    n = leaves[0].shape[0]
+    columns = []
+    for w in leaves:
+        if not isinstance(w, jax.Array):
+            w = jnp.asarray(w)
+        sharding = drop_axes_sharding(w, (0,))
+        if donate and w.is_fully_addressable:
+            host = np.asarray(jax.device_get(w))
+            w.delete()
+            columns.append([jax.device_put(host[i], sharding) for i in range(n)])
+            continue
+        columns.append([_take_layer(sharding)(w, i) for i in range(n)])
+        if donate:
+            w.delete()
+    return [jax.tree.unflatten(treedef, [col[i] for col in columns]) for i in range(n)]
 
 
 def write_rows(cache: jnp.ndarray, layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
@@ -245,7 +295,7 @@ class Qwen2(nnx.Module):
     def hidden_states(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
                       segment_ids: jnp.ndarray | None = None, *, cache: KVCache | None = None,
                       rope: tuple[Any, Any] | None = None, return_hidden: bool = False,
-                      unroll_layers: bool = False):
+                      unroll_layers: bool = False, layers: Sequence[Any] | None = None):
         """The decoder stack before the final norm: `(x [B, T, E], updated cache or None, hidden or None)`.
 
         With a `cache`, this call's tokens are written at each row's `cache.lengths` (positions
@@ -253,6 +303,8 @@ class Qwen2(nnx.Module):
         `unroll_layers`: straight-line code, one copy of the layer per depth, instead of a loop; each
         layer's weights are then a static slice of the stacked arrays rather than a dynamic slice
         taken inside a loop (same numbers; compile time grows with depth).
+        `layers`: the decoder layers' parameters as one tree per layer (`split_layers`), run as
+        straight-line code in place of `self.layers`' values (whose graph they share).
         """
         b, t = tokens.shape
         segmented = segment_ids is not None
@@ -285,9 +337,18 @@ class Qwen2(nnx.Module):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
-        layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        (x, k_all, v_all), hidden = jax.lax.scan(body, carry, (stacked, layer_ids),
-                                                 unroll=True if unroll_layers else 1)
+        if layers is not None:
+            if len(layers) != self.config.num_layers:
+                raise ValueError(f"layers has {len(layers)} entries for a {self.config.num_layers}-layer model")
+            outs = []
+            for i, layer_params in enumerate(layers):
+                carry, h = body(carry, (layer_params, jnp.int32(i)))
+                outs.append(h)
+            (x, k_all, v_all), hidden = carry, (jnp.stack(outs) if return_hidden else None)
+        else:
+            layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+            (x, k_all, v_all), hidden = jax.lax.scan(body, carry, (stacked, layer_ids),
+                                                     unroll=True if unroll_layers else 1)
         if cache is not None:
             cache = cache.replace(k=k_all, v=v_all, lengths=new_lengths)
         return x, cache, hidden

@@ -28,9 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from qwq_jax.model import QUANT_MODES, Qwen2
+from qwq_jax.model import QUANT_MODES, Qwen2, drop_axes_sharding
 
 # Matmul weights of a decoder layer -> how many of their (per-layer) leading axes are contracted.
 KERNELS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
@@ -64,21 +63,13 @@ def _layer_fn(contract: int, q_sharding: Any, s_sharding: Any):
                    out_shardings=(q_sharding, s_sharding))
 
 
-def _scale_sharding(w: jax.Array, contract: int) -> Any:
-    """The weight's sharding restricted to its layer and output axes (the scale's axes)."""
-    sharding = w.sharding
-    if not isinstance(sharding, NamedSharding):
-        return sharding  # one device (or fully replicated): the same placement
-    spec = tuple(sharding.spec) + (None,) * (w.ndim - len(sharding.spec))
-    return NamedSharding(sharding.mesh, P(spec[0], *spec[1 + contract:]))
-
-
 def quantize_stacked(w: jax.Array, contract: int, donate: bool = False) -> tuple[jax.Array, jax.Array]:
     """Quantize a layer-stacked weight `[L, ...]` one layer at a time (`contract` counts per-layer
     axes). The int8 result keeps `w`'s sharding. `donate=True` deletes `w` afterwards."""
     if not isinstance(w, jax.Array):  # a host array (e.g. loaded with set_params): the default device
         w = jnp.asarray(w)
-    q_sharding, s_sharding = w.sharding, _scale_sharding(w, contract)
+    q_sharding = w.sharding
+    s_sharding = drop_axes_sharding(w, tuple(range(1, 1 + contract)))  # the layer and output axes
     q_buf = jax.jit(lambda: jnp.zeros(w.shape, jnp.int8), out_shardings=q_sharding)()
     s_shape = (w.shape[0],) + tuple(w.shape[1 + contract:])
     s_buf = jax.jit(lambda: jnp.ones(s_shape, jnp.float32), out_shardings=s_sharding)()

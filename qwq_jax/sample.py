@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YaRN: auto = only for requests longer than the original context")
     m.add_argument("--prefill-chunk", type=_positive_int, default=2048,
                    help="prompt tokens per prefill call (long prompts go in several; memory grows with this)")
-    m.add_argument("--unroll-layers", action="store_true",
-                   help="compile the decode step's layer loop unrolled (see benchmarks/decode.py --layer-loop)")
+    m.add_argument("--layer-loop", choices=("scan", "unrolled", "split"), default="split",
+                   help="how the decoder layers run (qwq_jax.generate): split (each layer's weights in arrays "
+                        "of their own: decode reads them in place; compiles longer), or a scan over the stacks")
     m.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="weight-only quantization of the decoder's matmul weights after loading (changes "
                         "the model's numbers slightly; halves bf16 weight bytes)")
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 1
     engine = Engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
-                    unroll_layers=args.unroll_layers)
+                    layer_loop=args.layer_loop, donate_weights=True)
     primary = jax.process_index() == 0
     messages = [{"role": "system", "content": args.system}] if args.system else []
     try:

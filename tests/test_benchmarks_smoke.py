@@ -65,22 +65,27 @@ def test_decode_tiny():
     lines = run_bench("decode.py")
     rows, ratios = split(lines)
     assert {r["impl"] for r in rows} == {"qwq-jax", "hf-transformers-sdpa"}
-    assert len(rows) == 12  # (our 2 layer loops + hf) x prompt lengths 16, 40 x batches 1, 4
+    assert len(rows) == 16  # (our 3 layer loops + hf) x prompt lengths 16, 40 x batches 1, 4
     for r in rows:
         assert "error" not in r, r
         assert r["decode_tokens_per_s"] > 0 and r["prefill_s"] > 0 and r["decode_s"] > 0
     ours = [r for r in rows if r["impl"] == "qwq-jax"]
-    assert [r["layer_loop"] for r in ours] == ["scan"] * 4 + ["unrolled"] * 4
-    assert [r["prefill_chunks"] for r in ours] == [1, 1, 3, 3] * 2  # 40-token prompts in 16-token calls
-    assert all(r["same_tokens_as_scan"] for r in ours)  # unrolled greedy tokens = the scan's
+    assert [r["layer_loop"] for r in ours] == ["scan"] * 4 + ["unrolled"] * 4 + ["split"] * 4
+    assert [r["prefill_chunks"] for r in ours] == [1, 1, 3, 3] * 3  # 40-token prompts in 16-token calls
+    assert all(r["same_tokens_as_scan"] for r in ours)  # unrolled and split greedy tokens = the scan's
+    for r in ours:  # every setting's decode program was searched for weight copies
+        copies = r["weight_copies"]
+        assert copies["programs"] >= 1 and copies["copied_bytes_per_step"] >= 0, r
+    per_step = {(r["layer_loop"], r["prompt_len"], r["batch"]): r["weight_copies"]["copied_bytes_per_step"] for r in ours}
+    assert all(per_step["split", p, b] <= per_step["scan", p, b] for _, p, b in per_step)  # nothing to slice
     assert all(r["roofline_tokens_per_s"] is None for r in ours)  # no bandwidth figure for a CPU
     settings = [(16, 1), (16, 4), (40, 1), (40, 4)]
     assert [(r["layer_loop"], r["prompt_len"], r["batch"]) for r in ratios] == \
-        [("scan", *s) for s in settings] + [("unrolled", *s) for s in settings]
+        [(loop, *s) for loop in ("scan", "unrolled", "split") for s in settings]
     assert all(r["decode_tokens_per_s"] > 0 for r in ratios)
     summary = lines[-1]
     assert summary["summary"] and {k: len(v) for k, v in summary["ratio_decode_tokens_per_s"].items()} == \
-        {"scan": 4, "unrolled": 4}
+        {"scan": 4, "unrolled": 4, "split": 4}
 
 
 def test_decode_tiny_int8_weights():

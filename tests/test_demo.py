@@ -95,7 +95,7 @@ def test_int8_weights_keep_transformers_next_token_predictions(demo_checkpoint, 
         want = demo_hf_model(torch.tensor([ids])).logits.float().detach().numpy()[0]
         got = np.asarray(forward(qmodel, jnp.asarray([ids], jnp.int32)))[0]
         agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
-        lw, lg = (torch.log_softmax(torch.from_numpy(x).double(), -1).numpy() for x in (want, got))
+        lw, lg = (torch.log_softmax(torch.tensor(x, dtype=torch.float64), -1).numpy() for x in (want, got))
         kl = float(np.mean(np.sum(np.exp(lw) * (lw - lg), axis=-1)))
         print(f"int8 demo, {len(ids)} tokens: top-1 agreement {agree:.3f}, mean KL {kl:.2e}")
         assert agree >= 0.95 and kl < 1e-2
@@ -111,7 +111,7 @@ def test_sample_cli_json(demo_checkpoint):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(demo_checkpoint), "--prompt",
                         "Write a one-line Python hello world.", "--json", "--temperature", "0", "--max-tokens", "24",
-                        "--prefill-chunk", "8", "--unroll-layers", "--quantize", "int8"],
+                        "--prefill-chunk", "8", "--layer-loop", "split", "--quantize", "int8"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
@@ -130,6 +130,7 @@ def test_sample_cli_json(demo_checkpoint):
     (["--rope-scaling", "dynamic"], 2, "invalid choice"),
     (["--prefill-chunk", "0"], 2, "--prefill-chunk: must be a positive whole number of tokens, got '0'"),
     (["--quantize", "int4"], 2, "invalid choice: 'int4'"),
+    (["--layer-loop", "vmap"], 2, "invalid choice: 'vmap'"),
 ])
 def test_sample_cli_invalid_parameters(demo_checkpoint, args, code, message):
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -1,5 +1,6 @@
 """Generation engine: cached decode vs recompute, ragged batches, meshes, YaRN auto, HF greedy parity."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -90,16 +91,52 @@ def test_chunked_prefill_on_a_mesh_and_when_sampling(model):
     assert [o[0].token_ids for o in got] == [o[0].token_ids for o in want]
 
 
-def test_unrolled_decode_layers_equal_full_recompute_and_the_scan(model):
+@pytest.mark.parametrize("layer_loop", ["unrolled", "split"])
+def test_layer_loops_equal_full_recompute_and_the_scan(model, layer_loop):
     ps = prompts([5, 21], seed=3)
     sp = SamplingParams(temperature=0.0, max_tokens=10)
-    got = Engine(model, chunk=4, unroll_layers=True).generate(ps, sp)
-    scanned = Engine(model, chunk=4).generate(ps, sp)
+    got = Engine(model, chunk=4, prefill_chunk=8, layer_loop=layer_loop).generate(ps, sp)
+    scanned = Engine(model, chunk=4, prefill_chunk=8).generate(ps, sp)
     for p, out, ref in zip(ps, got, scanned):
         assert out[0].token_ids == greedy_by_recompute(model, p, 10)
         np.testing.assert_allclose(out[0].logprobs, ref[0].logprobs, atol=1e-5)
-    with pytest.raises(ValueError, match="unroll_layers="):
-        Engine(model, unroll_layers="yes")
+    with pytest.raises(ValueError, match="layer_loop='vmap' must be one of scan, unrolled, split"):
+        Engine(model, layer_loop="vmap")
+
+
+def test_split_layers_on_a_mesh_keep_shardings_and_free_the_stacks():
+    from flax import nnx
+
+    mesh = sh.make_mesh("data=2,tensor=4")
+    sharded = sh.shard_model(init_model(CFG, seed=5, param_dtype=jnp.float32, dtype=jnp.float32), mesh, "generate")
+    stacked = nnx.to_pure_dict(nnx.state(sharded.layers))
+    want = {k: np.asarray(v) for k, v in stacked["mlp"].items()}
+    ps = prompts([7, 30, 12], seed=12)
+    sp = SamplingParams(temperature=0.9, top_k=40, max_tokens=8, seed=4)
+    ref = Engine(sharded, mesh=mesh).generate(ps, sp)
+    engine = Engine(sharded, mesh=mesh, layer_loop="split", donate_weights=True, prefill_chunk=8)
+    assert stacked["mlp"]["gate_proj"].is_deleted()  # donated: the stacks are gone
+    assert len(engine.layer_params) == CFG.num_layers
+    for i, layer in enumerate(engine.layer_params):
+        gate = layer["mlp"]["gate_proj"]
+        assert gate.shape == (CFG.hidden_size, CFG.intermediate_size)
+        assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")  # the stack's, minus layers
+        np.testing.assert_array_equal(np.asarray(gate), want["gate_proj"][i])
+    assert [o[0].token_ids for o in engine.generate(ps, sp)] == [o[0].token_ids for o in ref]
+
+
+def test_split_layers_through_host_memory_frees_the_device_stacks():
+    from flax import nnx
+
+    from qwq_jax.model import split_layers
+
+    model = init_model(CFG, seed=2, param_dtype=jnp.float32, dtype=jnp.float32)
+    stacked = nnx.state(model.layers)
+    copies = jax.tree.map(np.asarray, stacked)
+    layers = split_layers(stacked, donate=True)
+    assert all(x.is_deleted() for x in jax.tree.leaves(stacked))
+    for i, layer in enumerate(layers):
+        jax.tree.map(lambda got, full: np.testing.assert_array_equal(np.asarray(got), full[i]), layer, copies)
 
 
 def test_engine_rejects_bad_chunk_sizes(model):
