@@ -10,6 +10,8 @@ grows with the chunk, not the prompt: a 131,072-token prompt is 64 calls of one 
 
 The decode loop runs inside `jax.lax.while_loop` in chunks of `chunk` tokens (no Python per
 token); the host only looks at the output between chunks, for streaming and stop strings.
+Each of the `n` samples of a prompt reuses that prompt's prefill. Row b draws with the key
+`fold_in(key(seed_b), step)`, so a seed gives the same text whatever else is in the batch.
 
 Layer loop (`layer_loop`; same tokens every way):
     scan      the decoder layers' stacked `[L, ...]` weights, run by `lax.scan` (compiles once
@@ -23,8 +25,6 @@ A compiler may copy each layer's slice of a stack out before its matmul (XLA on 
 `scan` and `unrolled` alike: benchmarks/hlo_buffers.py finds it): that is one more read and write
 of every weight per decode step. `benchmarks/decode.py --layer-loop scan unrolled split` measures
 all three and reports the copies it finds in each compiled decode step.
-Each of the `n` samples of a prompt reuses that prompt's prefill. Row b draws with the key
-`fold_in(key(seed_b), step)`, so a seed gives the same text whatever else is in the batch.
 
 Long context: with a YaRN config, `rope_scaling="auto"` (default) uses plain RoPE for a
 request whose prompt + max_tokens fits the original context and YaRN only for longer ones
