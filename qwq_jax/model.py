@@ -91,17 +91,21 @@ def matmul(spec: str, x: jnp.ndarray, module: nnx.Module, name: str, dtype: Any)
     return (y * scale[...]).astype(dtype)
 
 
-def drop_axes_sharding(array: jax.Array, drop: tuple[int, ...]) -> Any:
-    """`array`'s sharding for an array of its axes except `drop` (a layer of a stacked weight, the
-    output channels of a weight): the same mesh and the spec without those axes. A placement
-    that is not a NamedSharding (one device) is kept as it is."""
+def drop_axes(sharding: Any, ndim: int, drop: tuple[int, ...]) -> Any:
+    """The sharding, for an `ndim`-dimensional array, of that array without axes `drop` (a layer
+    of a stacked weight, the output channels of a weight): the same mesh and the spec without
+    those axes. A placement that is not a NamedSharding (one device) is kept as it is."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    sharding = array.sharding
     if not isinstance(sharding, NamedSharding):
         return sharding
-    spec = tuple(sharding.spec) + (None,) * (array.ndim - len(sharding.spec))
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
     return NamedSharding(sharding.mesh, PartitionSpec(*(a for i, a in enumerate(spec) if i not in drop)))
+
+
+def drop_axes_sharding(array: jax.Array, drop: tuple[int, ...]) -> Any:
+    """`drop_axes` of `array`'s own sharding."""
+    return drop_axes(array.sharding, array.ndim, drop)
 
 
 @functools.lru_cache(maxsize=None)

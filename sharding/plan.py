@@ -384,8 +384,8 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
                              f"shards (data x fsdp) of mesh {mesh_spec(sizes)}")
         rows, mb = batch // shards, batch // micro_batches // shards
         rollout_rows = -(-rollout_batch // shards)
-        if rollout_weights not in ("copy", "master"):
-            raise ValueError(f"rollout_weights must be 'copy' or 'master', got {rollout_weights!r}")
+        if rollout_weights not in ("copy", "split", "master"):
+            raise ValueError(f"rollout_weights must be 'copy', 'split' or 'master', got {rollout_weights!r}")
         settings.update(remat=remat, mu_dtype=mu_dtype, reference=reference, micro_batches=micro_batches,
                         rollout_batch=rollout_batch, rollout_len=rollout_len, prefill_chunk=chunk,
                         rollout_weights=rollout_weights, rows_per_device=rows, micro_batch_rows_per_device=mb)
@@ -394,7 +394,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
                       "optimizer": param_bytes(cfg, "train", sizes, mu_dtype) + master,
                       "reference": param_bytes(cfg, "train", sizes, compute_dtype) if reference else 0,
                       "engine_params": param_bytes(cfg, "generate", sizes, param_dtype)
-                      if rollout_weights == "copy" else 0}
+                      if rollout_weights != "master" else 0}  # split: the same copy, one array per layer
         # One layer's weights split over `tensor` only (as gathered for compute), and the output head.
         gathered = param_elements(cfg, "train", {"data": 1, "fsdp": 1, "tensor": tensor})
         layer = sum(n for p, n in gathered.items() if p.startswith("layers.")) // L
@@ -751,8 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro-batches", type=int, default=1, help="train: gradient accumulation steps")
     ap.add_argument("--rollout-batch", type=int, help="train: rows generated together (default: --batch)")
     ap.add_argument("--rollout-len", type=int, help="train: rollout cache length (default: --seq)")
-    ap.add_argument("--rollout-weights", choices=("copy", "master"), default="copy",
-                    help="train: a param-dtype copy for rollouts, or decode from the fp32 master weights")
+    ap.add_argument("--rollout-weights", choices=("copy", "split", "master"), default="copy",
+                    help="train: a param-dtype copy for rollouts (split: the same, one array per layer), or "
+                         "decode from the fp32 master weights")
     ap.add_argument("--prefill-chunk", type=int,
                     help="tokens per prefill call: the engine's prefill_chunk, or the longest prompt if shorter "
                          f"(default: {ENGINE_PREFILL_CHUNK}, the engine's default)")

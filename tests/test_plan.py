@@ -190,6 +190,9 @@ def test_train_categories_by_hand():
     # Rollouts from the float32 master weights: no engine copy, per-layer cast copies instead.
     p = plan(TINY, "train", topo, 64, 8, mesh=mesh, rollout_weights="master")
     assert p.phases["update"]["engine_params"] == 0 and p.phases["rollout"]["layer_weights"] > 0
+    # The split copy (one array per layer) is the same bytes as the stacked one.
+    split = plan(TINY, "train", topo, 64, 8, mesh=mesh, rollout_weights="split").phases["update"]
+    assert split["engine_params"] == 38272 * 2 and split == plan(TINY, "train", topo, 64, 8, mesh=mesh).phases["update"]
     with pytest.raises(ValueError, match="does not split over the 2 batch shards"):
         plan(TINY, "train", topo, 64, 6, mesh=mesh, micro_batches=2)
 

@@ -62,3 +62,40 @@ def test_mean_reward_rises(loss):
         for key in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "reward_std", "response_length",
                     "tokens_per_s", "step_s"):
             assert np.isfinite(m[key]), key
+
+
+@pytest.mark.parametrize("rollout_weights", ["split", "master"])
+def test_rollout_weight_layouts_train_the_same(rollout_weights):
+    """Rollouts from the per-layer split copy (or the fp32 master weights) give the same completions,
+    rewards and updates as from the stacked copy, step after step (each step re-syncs the engine)."""
+    runs = {}
+    for layout in ("copy", rollout_weights):
+        model = init_model(CFG, seed=3, param_dtype=jnp.float32, dtype=jnp.float32)
+        cfg = GRPOConfig(group_size=4, max_tokens=6, learning_rate=2e-2, seed=1, rollout_weights=layout)
+        trainer = GRPOTrainer(model, cfg, reward)
+        runs[layout] = [trainer.step(make_prompts(step, n=2)) for step in range(3)]
+        if layout == "split":
+            assert trainer.engine.layer_params is not None and len(trainer.engine.layer_params) == CFG.num_layers
+    for want, got in zip(runs["copy"], runs[rollout_weights]):
+        for key in ("reward_mean", "loss", "response_length", "grad_norm"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    with pytest.raises(ValueError, match="rollout_weights must be one of copy, split, master"):
+        GRPOConfig(rollout_weights="stacked")
+
+
+def test_split_rollout_weights_on_a_mesh():
+    import jax
+
+    import sharding as sh
+
+    mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
+    model = sh.shard_model(init_model(CFG, seed=3, param_dtype=jnp.float32, dtype=jnp.float32), mesh, "generate")
+    trainer = GRPOTrainer(model, GRPOConfig(group_size=4, max_tokens=4, rollout_weights="split"), reward, mesh=mesh)
+    metrics = trainer.step(make_prompts(0, n=2))
+    assert np.isfinite(metrics["loss"])
+    trainer.sync_engine()  # the updated weights (the step's rollout ran before its update)
+    gate = trainer.engine.layer_params[1]["mlp"]["gate_proj"]
+    assert gate.shape == (CFG.hidden_size, CFG.intermediate_size)
+    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")  # generate rules, minus layers
+    np.testing.assert_allclose(np.asarray(gate), np.asarray(trainer.params["layers"]["mlp"]["gate_proj"][1]),
+                               rtol=1e-6)

@@ -33,12 +33,15 @@ import optax
 from flax import nnx
 
 from qwq_jax.generate import Completion, Engine
-from qwq_jax.model import Qwen2, as_dtype
+from qwq_jax.model import Qwen2, as_dtype, drop_axes
 from qwq_jax.rl.losses import (LossConfig, batch_normalizers, dynamic_sampling_keep, group_advantages,
                                overlong_penalty, policy_loss)
 from qwq_jax.sampling import SamplingParams
 
 RewardFn = Callable[[Sequence[int], Sequence[Completion]], "Mapping[str, Sequence[float]] | Sequence[float]"]
+
+
+ROLLOUT_WEIGHTS = ("copy", "split", "master")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +63,10 @@ class GRPOConfig:
     kl_beta: float | None = None     # default: the loss kind's
     dynamic_sampling: bool | None = None  # drop all-equal groups (default: on for dapo)
     overlong_buffer: int = 0         # DAPO soft overlong punishment buffer (0: off)
-    rollout_weights: str = "copy"    # copy: a model-dtype copy in the generate layout; master: decode
-                                     # straight from the fp32 master weights (no copy; 2x weight reads)
+    rollout_weights: str = "copy"    # copy: a model-dtype copy in the generate layout; split: that copy
+                                     # with one array per layer (Engine layer_loop="split": decode reads
+                                     # each weight in place; same memory); master: decode straight from
+                                     # the fp32 master weights (no copy; 2x weight reads)
     seed: int = 0
 
     def __post_init__(self):
@@ -71,8 +76,9 @@ class GRPOConfig:
         if self.learning_rate < 0 or self.clip_norm <= 0:
             raise ValueError(f"learning_rate must be >= 0 and clip_norm > 0 (got {self.learning_rate}, "
                              f"{self.clip_norm})")
-        if self.rollout_weights not in ("copy", "master"):
-            raise ValueError(f"rollout_weights must be 'copy' or 'master', got {self.rollout_weights!r}")
+        if self.rollout_weights not in ROLLOUT_WEIGHTS:
+            raise ValueError(f"rollout_weights must be one of {', '.join(ROLLOUT_WEIGHTS)}, "
+                             f"got {self.rollout_weights!r}")
         self.loss_config()  # validates the loss kind and its overrides
 
     def loss_config(self) -> LossConfig:
@@ -178,6 +184,16 @@ class GRPOTrainer:
             lambda t: jax.tree.unflatten(self._state_def, [x.astype(d) for x, d in
                                                            zip(jax.tree.leaves(t), self._engine_dtypes)]),
             out_shardings=self._engine_shardings)
+        self._num_layers = model.config.num_layers
+        if config.rollout_weights == "split":
+            self._layers_def = jax.tree.structure(state["layers"])
+            split_shardings = None
+            if mesh is not None:
+                rest = self._pure(self._engine_shardings)
+                stacked = rest.pop("layers")
+                one = jax.tree.map(lambda s, x: drop_axes(s, x.ndim, (0,)), stacked, pure["layers"])
+                split_shardings = (rest, [one] * model.config.num_layers)
+            self._to_engine_split = jax.jit(self._split_fn, out_shardings=split_shardings)
         self._update = jax.jit(self._update_fn, donate_argnums=(0, 1),
                                out_shardings=(self.param_shardings, self.opt_shardings, None))
         self._grads = jax.jit(self._grads_fn)
@@ -280,11 +296,24 @@ class GRPOTrainer:
     # ---- rollouts -----------------------------------------------------------------------------
     def sync_engine(self) -> None:
         """Give the rollout engine the current weights: a copy in the model dtype and `generate`
-        layout, or (rollout_weights="master") the fp32 master arrays themselves."""
+        layout (rollout_weights="split": one array per layer), or (rollout_weights="master") the
+        fp32 master arrays themselves."""
         if self.config.rollout_weights == "master":
             self.engine.params = jax.tree.unflatten(self._state_def, jax.tree.leaves(self.params))
+        elif self.config.rollout_weights == "split":
+            rest, layers = self._to_engine_split(self.params)
+            # The engine's graph still has `layers`: it holds layer 0's arrays (the same buffers).
+            self.engine.params = jax.tree.unflatten(self._state_def, jax.tree.leaves(dict(rest, layers=layers[0])))
+            self.engine.layer_params = [jax.tree.unflatten(self._layers_def, jax.tree.leaves(lp)) for lp in layers]
         else:
             self.engine.params = self._to_engine(self.params)
+
+    def _split_fn(self, params):
+        """The engine's copy of `params` (model dtypes) as (everything but the layers, one tree per layer)."""
+        cast = jax.tree.unflatten(self._pure_def, [x.astype(d) for x, d in
+                                                   zip(jax.tree.leaves(params), self._engine_dtypes)])
+        stacked = cast.pop("layers")
+        return cast, [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self._num_layers)]
 
     def score(self, reward_fn: RewardFn, prompt_indices: Sequence[int], completions: Sequence[Completion]
               ) -> dict[str, np.ndarray]:
