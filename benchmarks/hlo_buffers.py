@@ -14,8 +14,11 @@ of its enclosing loops with a known trip count (a layer scan: L), so
                              outermost loop (per decode step), summed over inner loops' trips
     copied_bytes_outside     those written once per call, outside every loop
 
-A step that reads weights in place has copied_bytes_in_loops == 0. `benchmarks/decode.py` reports
-this for every decode program it compiles.
+A step that reads weights in place has copied_bytes_in_loops == 0. A scatter or
+dynamic-update-slice (or a fusion whose root is one) writes into its operand's buffer, e.g. a
+token's keys into the KV cache: such buffers are listed with `in_place: true` and counted apart
+(`updated_in_place_bytes`), not as copies. `benchmarks/decode.py` and `benchmarks/gpu_aot.py`
+report this for every decode program they compile.
 
     python benchmarks/hlo_buffers.py FILE_after_optimizations.txt --preset qwq-32b
 """
@@ -38,6 +41,7 @@ _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _NOT_MATERIALISED = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "while",
                      "call", "conditional"}
+_IN_PLACE = {"scatter", "dynamic-update-slice"}  # write into their operand's buffer
 
 
 def _itemsize(dtype: str) -> int:
@@ -62,7 +66,7 @@ def parse(hlo_text: str) -> tuple[dict[str, list[dict]], str | None]:
             called = _CALLED.findall(rest) + [c.strip().lstrip("%") for group in _BRANCHES.findall(rest)
                                               for c in group.split(",") if c.strip()]
             body, trip = _BODY.search(rest), _TRIP.search(rest)
-            current.append({"name": m.group(2), "opcode": m.group(4), "called": called,
+            current.append({"name": m.group(2), "opcode": m.group(4), "called": called, "root": bool(m.group(1)),
                             "body": body.group(1) if body else None, "trip": int(trip.group(1)) if trip else None,
                             "arrays": [(dt, tuple(int(d) for d in dims.split(",") if d))
                                        for dt, dims in _ARRAY.findall(m.group(3))]})
@@ -93,6 +97,13 @@ def weight_sized_buffers(hlo_text: str, weight_shapes: dict[str, tuple[int, ...]
     """
     comps, entry = parse(hlo_text)
     fused = {c for instrs in comps.values() for i in instrs if i["opcode"] == "fusion" for c in i["called"]}
+    root_op = {name: next((i["opcode"] for i in instrs if i["root"]), None) for name, instrs in comps.items()}
+
+    def in_place(i: dict) -> bool:
+        if i["opcode"] in _IN_PLACE:
+            return True
+        return i["opcode"] == "fusion" and any(root_op.get(c) in _IN_PLACE for c in i["called"])
+
     # Runs per call of the entry: loops multiply by their known trip counts, except the outermost
     # loop, which is the unit ("per step"); unknown trip counts count once.
     times: dict[str, int] = {}
@@ -124,11 +135,13 @@ def weight_sized_buffers(hlo_text: str, weight_shapes: dict[str, tuple[int, ...]
                 if count in sizes:
                     found.append({"instruction": i["name"], "opcode": i["opcode"], "dtype": dtype,
                                   "shape": list(shape), "bytes": count * _itemsize(dtype), "times": n,
-                                  "in_loop": in_loop[comp], "matches": sizes[count]})
+                                  "in_loop": in_loop[comp], "in_place": in_place(i), "matches": sizes[count]})
     found.sort(key=lambda b: -b["bytes"] * b["times"])
-    return {"buffers": found,
-            "copied_bytes_in_loops": sum(b["bytes"] * b["times"] for b in found if b["in_loop"]),
-            "copied_bytes_outside": sum(b["bytes"] * b["times"] for b in found if not b["in_loop"])}
+    copies = [b for b in found if not b["in_place"]]
+    return {"buffers": copies + [b for b in found if b["in_place"]],
+            "copied_bytes_in_loops": sum(b["bytes"] * b["times"] for b in copies if b["in_loop"]),
+            "copied_bytes_outside": sum(b["bytes"] * b["times"] for b in copies if not b["in_loop"]),
+            "updated_in_place_bytes": sum(b["bytes"] * b["times"] for b in found if b["in_place"])}
 
 
 def model_weight_shapes(cfg) -> dict[str, tuple[int, ...]]:

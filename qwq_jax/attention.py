@@ -3,7 +3,10 @@
 `attention(q, k, v, mask, backend=...)` takes queries `[B, T, H, D]`, keys/values `[B, S, K, D]`
 with `H = K * G` (GQA: query head h reads KV head h // G, as HF's `repeat_kv`) and a `Mask`
 (segment ids and positions; a dense boolean `[B, T, S]` array, True = may attend, also works).
-KV heads are never repeated in memory.
+KV heads are never repeated in memory. `cache_layout=True` takes one layer of the KV cache as it
+is stored (qwq_jax.cache): keys `[B, K, S, D]`, values `[B, K, D, S]`, read where they lie by the
+decode path, `xla` and `blockwise`; cuDNN and splash, which want `[B, S, K, D]`, get transposed
+copies (prefill into a cache only: decoding never reaches them).
 
     backend      runs on        what it does
     xla          anywhere       the reference: einsums, float32 softmax, any mask
@@ -127,42 +130,57 @@ def _fallback(backend: str, reason: str) -> None:
         log.warning(msg)
 
 
+# ---- key/value layouts ----------------------------------------------------------------------
+def _kv_dims(k: jnp.ndarray, cache_layout: bool) -> tuple[int, int, str, str]:
+    """(S, K, einsum letters of k, of v): keys/values `[B, S, K, D]`, or in the cache's layout
+    keys `[B, K, S, D]` and values `[B, K, D, S]`."""
+    return (k.shape[2], k.shape[1], "bksd", "bkds") if cache_layout else (k.shape[1], k.shape[2], "bskd", "bskd")
+
+
+def _seq_major(k: jnp.ndarray, v: jnp.ndarray, cache_layout: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Keys/values as `[B, S, K, D]` (transposed copies when they come in the cache's layout)."""
+    return (k.swapaxes(1, 2), v.transpose(0, 3, 1, 2)) if cache_layout else (k, v)
+
+
 # ---- the reference and the decode path ------------------------------------------------------
-def xla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray) -> jnp.ndarray:
+def xla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray, *,
+                  cache_layout: bool = False) -> jnp.ndarray:
     """Reference attention in plain XLA ops: scores and softmax in float32."""
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    if _against_cache(q, mask) and b * h * t * k.shape[1] * 4 > DENSE_SCORES_LIMIT:
-        return blockwise_attention(q, k, v, mask)
+    s, kv_heads, ks, vs = _kv_dims(k, cache_layout)
+    if _against_cache(q, mask) and b * h * t * s * 4 > DENSE_SCORES_LIMIT:
+        return blockwise_attention(q, k, v, mask, cache_layout=cache_layout)
     mask = _dense(mask)  # [B, T, S]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, K, G, D]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{ks}->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S]
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bkgts,{vs}->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def decode_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
-    """One query token per row against a long cache: q `[B, 1, H, D]`, k/v `[B, S, K, D]`, valid `[B, S]`.
+def decode_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, valid: jnp.ndarray, *,
+                     cache_layout: bool = False) -> jnp.ndarray:
+    """One query token per row against a long cache: q `[B, 1, H, D]`, k/v `[B, S, K, D]` (with
+    `cache_layout`, the cache's own: k `[B, K, S, D]`, v `[B, K, D, S]`), valid `[B, S]`.
 
     The G query heads of a KV head form the rows of one matrix-vector product per KV head, so
     each cached key and value is read once and never repeated; no `[B, T, S]` mask exists.
     Same numerics as `xla_attention` (float32 scores and softmax).
     """
     b, _, h, d = q.shape
-    kv_heads = k.shape[2]
+    _, kv_heads, ks, vs = _kv_dims(k, cache_layout)
     q = q.reshape(b, kv_heads, h // kv_heads, d)  # [B, K, G, D]
-    scores = jnp.einsum("bkgd,bskd->bkgs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum(f"bkgd,{ks}->bkgs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     scores = jnp.where(valid[:, None, None, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, S]
-    out = jnp.einsum("bkgs,bskd->bkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bkgs,{vs}->bkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
-def _decode(q, k, v, mask) -> jnp.ndarray:
-    return decode_attention(q, k, v, _dense(mask)[:, 0, :])
+def _decode(q, k, v, mask, cache_layout: bool = False) -> jnp.ndarray:
+    return decode_attention(q, k, v, _dense(mask)[:, 0, :], cache_layout=cache_layout)
 
 
 # ---- blockwise (flash-style) attention in plain XLA ------------------------------------------
@@ -185,7 +203,7 @@ def _kv_block(s: int, block: int | None) -> tuple[int, int]:
 
 
 def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray,
-                        *, block: int | None = None) -> jnp.ndarray:
+                        *, block: int | None = None, cache_layout: bool = False) -> jnp.ndarray:
     """Attention over key/value blocks with an online (running max and sum) float32 softmax.
 
     Same result as `xla_attention` up to float rounding; memory per step is one block's scores.
@@ -193,9 +211,10 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Ma
     module docstring for the trip count and gradients).
     """
     if q.shape[1] == 1:
-        return _decode(q, k, v, mask)
+        return _decode(q, k, v, mask, cache_layout)
     b, t, h, d = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
+    s, kv_heads, ks, vs = _kv_dims(k, cache_layout)
+    k_seq, v_seq = (2, 3) if cache_layout else (1, 1)
     g = h // kv_heads
     blk, s_pad = _kv_block(s, block)
     if isinstance(mask, Mask):
@@ -220,8 +239,10 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Ma
         valid = jnp.any(dense, axis=1)
         dynamic = True
     if s_pad != s:
-        k = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+        def pad_seq(x, axis):
+            return jnp.pad(x, [(0, s_pad - s) if i == axis else (0, 0) for i in range(4)])
+
+        k, v = pad_seq(k, k_seq), pad_seq(v, v_seq)
 
     qg = q.reshape(b, t, kv_heads, g, d)
     scale = d ** -0.5
@@ -229,15 +250,15 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Ma
     def step(j, carry):
         m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, D]
         start = j * blk
-        kb = jax.lax.dynamic_slice_in_dim(k, start, blk, axis=1)
-        vb = jax.lax.dynamic_slice_in_dim(v, start, blk, axis=1)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32) * scale
+        kb = jax.lax.dynamic_slice_in_dim(k, start, blk, axis=k_seq)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, blk, axis=v_seq)
+        scores = jnp.einsum(f"btkgd,{ks}->bkgts", qg, kb, preferred_element_type=jnp.float32) * scale
         scores = jnp.where(block_mask(start)[:, None, None, :, :], scores, _MASKED)
         m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
         p = jnp.exp(scores - m_new[..., None])
         correction = jnp.exp(m - m_new)
         l = l * correction + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+        pv = jnp.einsum(f"bkgts,{vs}->bkgtd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
         return m_new, l, acc * correction[..., None] + pv
 
     init = (jnp.full((b, kv_heads, g, t), _MASKED, jnp.float32), jnp.zeros((b, kv_heads, g, t), jnp.float32),
@@ -264,16 +285,17 @@ def _roll_rows(x: jnp.ndarray, shift: jnp.ndarray) -> jnp.ndarray:
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _sdpa(q, k, v, mask, implementation: str, name: str, allow_bias: bool) -> jnp.ndarray:
+def _sdpa(q, k, v, mask, implementation: str, name: str, allow_bias: bool, cache_layout: bool = False) -> jnp.ndarray:
     """Attention through `jax.nn.dot_product_attention`, the mask given as a causal flag and per-row lengths."""
     if q.shape[1] == 1:
-        return _decode(q, k, v, mask)
+        return _decode(q, k, v, mask, cache_layout)
     call = functools.partial(jax.nn.dot_product_attention, implementation=implementation)
     if not isinstance(mask, Mask) or not mask.self_attention:
         # Against a cache (or an arbitrary mask): the mask becomes an additive bias [B, 1, T, S].
         if not allow_bias:
-            return blockwise_attention(q, k, v, mask)
-        return call(q, k, v, mask=_dense(mask)[:, None])
+            return blockwise_attention(q, k, v, mask, cache_layout=cache_layout)
+        return call(q, *_seq_major(k, v, cache_layout), mask=_dense(mask)[:, None])
+    k, v = _seq_major(k, v, cache_layout)
     if not mask.segmented:
         return call(q, k, v, is_causal=True)
     # One sequence per row, padding at either end: roll it to the front, pass its length.
@@ -293,9 +315,10 @@ def _sdpa(q, k, v, mask, implementation: str, name: str, allow_bias: bool) -> jn
     return jnp.where(one_sequence[:, None, None, None], out, jnp.asarray(jnp.nan, out.dtype))
 
 
-def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray) -> jnp.ndarray:
+def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray, *,
+                          cache_layout: bool = False) -> jnp.ndarray:
     """`jax.nn.dot_product_attention` through XLA, fed exactly as the cuDNN backend (runs anywhere)."""
-    return _sdpa(q, k, v, mask, "xla", "dot_product", allow_bias=True)
+    return _sdpa(q, k, v, mask, "xla", "dot_product", allow_bias=True, cache_layout=cache_layout)
 
 
 def _cudnn_unsupported(q: jnp.ndarray) -> str | None:
@@ -311,15 +334,15 @@ def _cudnn_unsupported(q: jnp.ndarray) -> str | None:
 
 
 def cudnn_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray,
-                    *, allow_bias: bool = True, name: str = "cudnn") -> jnp.ndarray:
+                    *, allow_bias: bool = True, name: str = "cudnn", cache_layout: bool = False) -> jnp.ndarray:
     """cuDNN flash attention (GPU) through `jax.nn.dot_product_attention(implementation="cudnn")`.
 
-    allow_bias: against a cache with T > 1, pass the mask as a dense bias (else use xla).
+    allow_bias: against a cache with T > 1, pass the mask as a dense bias (else use blockwise).
     """
     if q.shape[1] > 1 and (reason := _cudnn_unsupported(q)):
         _fallback(name, reason)
-        return xla_attention(q, k, v, mask)
-    return _sdpa(q, k, v, mask, "cudnn", name, allow_bias=allow_bias)
+        return xla_attention(q, k, v, mask, cache_layout=cache_layout)
+    return _sdpa(q, k, v, mask, "cudnn", name, allow_bias=allow_bias, cache_layout=cache_layout)
 
 
 # ---- splash attention (TPU) -------------------------------------------------------------------
@@ -340,15 +363,16 @@ def _splash_kernel(t: int, heads: int, interpret: bool):
 
 
 def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray,
-                     *, interpret: bool = False) -> jnp.ndarray:
+                     *, interpret: bool = False, cache_layout: bool = False) -> jnp.ndarray:
     """Pallas splash attention (TPU; `interpret=True` runs it anywhere, slowly, for tests)."""
     if q.shape[1] == 1:
-        return _decode(q, k, v, mask)
+        return _decode(q, k, v, mask, cache_layout)
     if _against_cache(q, mask):
-        return blockwise_attention(q, k, v, mask)
+        return blockwise_attention(q, k, v, mask, cache_layout=cache_layout)
     if not isinstance(mask, Mask):
         _fallback("splash", "splash attention takes a Mask (segment ids), not a dense mask")
-        return xla_attention(q, k, v, mask)
+        return xla_attention(q, k, v, mask, cache_layout=cache_layout)
+    k, v = _seq_major(k, v, cache_layout)
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     b, t, h, d = q.shape
@@ -400,20 +424,22 @@ def resolve_auto(q: jnp.ndarray | None = None) -> str:
     return "xla"
 
 
-def auto_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray) -> jnp.ndarray:
+def auto_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray, *,
+                   cache_layout: bool = False) -> jnp.ndarray:
     """The platform's fast backend where it applies, the decode path for T == 1, else the reference."""
+    hm = cache_layout
     if _against_cache(q, mask):  # chunked prefill: bounded memory on every platform
-        return blockwise_attention(q, k, v, mask)
+        return blockwise_attention(q, k, v, mask, cache_layout=hm)
     name = resolve_auto(q)
     if name == "cudnn":
         try:  # jax checks cuDNN's presence and limits while tracing
-            return cudnn_attention(q, k, v, mask, allow_bias=False, name="auto")
+            return cudnn_attention(q, k, v, mask, allow_bias=False, name="auto", cache_layout=hm)
         except (NotImplementedError, RuntimeError) as e:
             _fallback("auto", f"cuDNN unavailable ({e})")
-            return xla_attention(q, k, v, mask)
+            return xla_attention(q, k, v, mask, cache_layout=hm)
     if name == "xla" and q.shape[1] == 1:
-        return _decode(q, k, v, mask)
-    return BACKENDS[name](q, k, v, mask)
+        return _decode(q, k, v, mask, hm)
+    return BACKENDS[name](q, k, v, mask, cache_layout=hm)
 
 
 BACKENDS: dict[str, Callable[..., jnp.ndarray]] = {
@@ -439,6 +465,7 @@ def get_backend(name: str) -> Callable[..., jnp.ndarray]:
 
 
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray,
-              backend: str = "xla") -> jnp.ndarray:
-    """Attention output `[B, T, H, D]` by the named backend (see the module docstring)."""
-    return get_backend(backend)(q, k, v, mask)
+              backend: str = "xla", *, cache_layout: bool = False) -> jnp.ndarray:
+    """Attention output `[B, T, H, D]` by the named backend (see the module docstring); keys and
+    values `[B, S, K, D]`, or with `cache_layout` keys `[B, K, S, D]` and values `[B, K, D, S]`."""
+    return get_backend(backend)(q, k, v, mask, cache_layout=cache_layout)

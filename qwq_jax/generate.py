@@ -21,10 +21,12 @@ Layer loop (`layer_loop`; same tokens every way):
               time; `donate_weights=True` frees the stacks as it goes, leaving `model` unusable),
               prefill and decode run straight through them: no slice of a stack exists, so none
               can be copied before its matmul, and a decode step reads every weight where it lies
-A compiler may copy each layer's slice of a stack out before its matmul (XLA on CPU does, for
-`scan` and `unrolled` alike: benchmarks/hlo_buffers.py finds it): that is one more read and write
-of every weight per decode step. `benchmarks/decode.py --layer-loop scan unrolled split` measures
-all three and reports the copies it finds in each compiled decode step.
+A compiler may copy each layer's slice of a stack out before its matmul: XLA for an H100 does for
+`scan` (one to three extra writes and reads of every weight per decode step for the QwQ-32B
+shape, `benchmarks/gpu_aot.py`), XLA on CPU for `scan` and `unrolled` alike. With `split` the KV
+cache is one buffer per layer as well (`KVCache.init(per_layer=True)`), so attention reads its
+layer's cache in place too. `benchmarks/decode.py --layer-loop scan unrolled split` times all
+three and reports the copies it finds in each compiled decode step.
 
 Long context: with a YaRN config, `rope_scaling="auto"` (default) uses plain RoPE for a
 request whose prompt + max_tokens fits the original context and YaRN only for longer ones
@@ -240,6 +242,67 @@ class Engine:
         _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
         return state
 
+    # ---- ahead-of-time lowering --------------------------------------------------------------
+    def _spec(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        """An abstract `[batch, ...]` argument, placed as `_put` would place it."""
+        sharding = None
+        if self.mesh is not None:
+            from sharding import batch_sharding
+
+            sharding = batch_sharding(self.mesh, self.rules, len(shape))
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+
+    def _abstract_cache(self, batch: int, max_len: int) -> KVCache:
+        per_layer = self.layer_loop == "split"
+        shapes = KVCache.shapes(self.config, batch, max_len, per_layer)
+        shardings = KVCache.shardings(self.mesh, self.rules, per_layer)[:2] if self.mesh is not None else (None, None)
+        k, v = (jax.ShapeDtypeStruct(shape, self.cache_dtype, sharding=sh) for shape, sh in zip(shapes, shardings))
+        if per_layer:
+            k, v = (k,) * self.config.num_layers, (v,) * self.config.num_layers
+        return KVCache(k, v, self._spec((batch,), jnp.int32))
+
+    def _check_rows(self, batch: int, max_len: int) -> None:
+        if batch < 1 or batch % self._batch_multiple():
+            raise ValueError(f"batch={batch} must be a positive multiple of {self._batch_multiple()} (the mesh's "
+                             "batch shards)")
+        if max_len < 1:
+            raise ValueError(f"max_len={max_len} must be a positive number of cache slots")
+
+    def lower_prefill(self, batch: int, tokens: int, max_len: int) -> jax.stages.Lowered:
+        """The prefill call for `batch` rows of a `tokens`-token chunk into a `max_len`-slot cache,
+        lowered with abstract arguments: `.compile()` it for the mesh's devices (compile-only ones
+        from `jax.experimental.topologies` included) to read its memory and cost analyses or its
+        optimised HLO without running it. Works on an abstract model (`abstract_model` with
+        sharded `jax.ShapeDtypeStruct` leaves)."""
+        self._check_rows(batch, max_len)
+        b, c = batch, self.config
+        rope = (self._spec((b, 1, c.head_dim // 2), jnp.float32), self._spec((b, 1, 1), jnp.float32))
+        return self._prefill.lower(self._weights(), self._spec((b, tokens), jnp.int32), self._spec((b,), jnp.int32),
+                                   rope, self._abstract_cache(b, max_len),
+                                   self._spec((b, 1, c.hidden_size), self.compute_dtype))
+
+    def lower_decode(self, batch: int, max_len: int, max_new: int | None = None,
+                     steps: int | None = None) -> jax.stages.Lowered:
+        """The decode loop (`steps` tokens per call, default the engine's `chunk`) for `batch` rows
+        with a `max_len`-slot cache and room for `max_new` new tokens, lowered with abstract
+        arguments (see `lower_prefill`)."""
+        self._check_rows(batch, max_len)
+        b, c = batch, self.config
+        steps = self.chunk if steps is None else steps
+        max_new = max_len if max_new is None else max_new
+        logits = jax.eval_shape(self._logits_fn, self._weights(),
+                                self._spec((b, 1, c.hidden_size), self.compute_dtype))
+        arrays = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), batch_params([SamplingParams()] * b))
+        rope = (self._spec((b, 1, c.head_dim // 2), jnp.float32), self._spec((b, 1, 1), jnp.float32))
+        stop_width = max(1, len(self.eos_token_ids))
+        consts = (arrays, self._spec((b,), jnp.uint32), self._spec((b,), jnp.int32),
+                  self._spec((b, stop_width), jnp.int32), self._spec((b, c.vocab_size), bool), rope)
+        state = {"cache": self._abstract_cache(b, max_len), "logits": self._spec(logits.shape, logits.dtype),
+                 "out": self._spec((b, max_new), jnp.int32), "logp": self._spec((b, max_new), jnp.float32),
+                 "count": self._spec((b,), jnp.int32), "done": self._spec((b,), bool),
+                 "finish": self._spec((b,), jnp.int32), "counts": self._spec((b, c.vocab_size), jnp.int32)}
+        return self._decode.lower(self._weights(), state, consts, steps=steps)
+
     # ---- public API -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = None,
                  ) -> list[list[Completion]]:
@@ -301,7 +364,8 @@ class Engine:
         needs = np.array([len(prompts[i]) + plist[i].max_tokens if i >= 0 else 1 for i in rows.prompt_of])
         inv, att = self._rope_for(needs)
         rope = (self._put(inv), self._put(att))
-        cache = KVCache.init(self.config, b, max_len, self.cache_dtype, self.mesh, self.rules)
+        cache = KVCache.init(self.config, b, max_len, self.cache_dtype, self.mesh, self.rules,
+                             per_layer=self.layer_loop == "split")
         last = self._put(np.zeros((b, 1, self.config.hidden_size), self.compute_dtype))
         for c in range(n_chunks):
             remaining = self._put((rows.prompt_lens - c * step).astype(np.int32))

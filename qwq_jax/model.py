@@ -119,9 +119,10 @@ def split_layers(stacked: Any, donate: bool = False) -> list[Any]:
     `layers` axis). Run over by `Qwen2.hidden_states(layers=...)`, each layer's weights are then read
     where they lie, with no slice of a stack for the compiler to copy.
 
-    Copies the weights. `donate=True` deletes each stacked array once split, staging it through host
-    memory when this process holds all of it (device memory then never holds a weight twice);
-    otherwise the peak is the weights plus one stacked array's share.
+    Copies the weights (abstract `jax.ShapeDtypeStruct` leaves give abstract layers). `donate=True`
+    deletes each stacked array once split, staging it through host memory when this process holds
+    all of it (device memory then never holds a weight twice); otherwise the peak is the weights
+    plus one stacked array's share.
     """
     leaves, treedef = jax.tree.flatten(stacked)
     if not leaves:
@@ -129,6 +130,11 @@ def split_layers(stacked: Any, donate: bool = False) -> list[Any]:
     n = leaves[0].shape[0]
     columns = []
     for w in leaves:
+        if isinstance(w, jax.ShapeDtypeStruct):  # abstract weights (ahead-of-time compilation)
+            layer = jax.ShapeDtypeStruct(w.shape[1:], w.dtype, sharding=drop_axes(w.sharding, w.ndim, (0,))
+                                         if w.sharding is not None else None)
+            columns.append([layer] * n)
+            continue
         if not isinstance(w, jax.Array):
             w = jnp.asarray(w)
         sharding = drop_axes_sharding(w, (0,))
@@ -143,8 +149,11 @@ def split_layers(stacked: Any, donate: bool = False) -> list[Any]:
     return [jax.tree.unflatten(treedef, [col[i] for col in columns]) for i in range(n)]
 
 
-def write_rows(cache: jnp.ndarray, layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
-    """Write `new [B, T, ...]` into layer `layer` of `cache [L, B, S, ...]`, row b from slot `index[b]` on.
+def write_rows(cache: jnp.ndarray, layer: jnp.ndarray | None, new: jnp.ndarray, index: jnp.ndarray,
+               values: bool = False) -> jnp.ndarray:
+    """Write `new [B, T, K, D]` into layer `layer` of the keys `cache [L, B, K, S, D]` (`values`: of
+    the values `[L, B, K, D, S]`; `layer=None`: one layer's own array, without `L`), row b from
+    slot `index[b]` on.
 
     One scatter into the whole (carried, donated) cache: the layer's slice is never copied out and
     back, and slots past S are dropped rather than shifting the write.
@@ -152,7 +161,11 @@ def write_rows(cache: jnp.ndarray, layer: jnp.ndarray, new: jnp.ndarray, index: 
     b, t = new.shape[:2]
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]
     slots = index[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
-    return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="drop")
+    # Advanced indices (layer, rows | slots) apart: the indexed window is [B, T] + [K, D], as `new`.
+    where = ((rows, slice(None), slice(None), slots) if values else (rows, slice(None), slots))
+    if layer is not None:
+        where = (layer,) + where
+    return cache.at[where].set(new.astype(cache.dtype), mode="drop")
 
 
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -201,18 +214,22 @@ class Attention(nnx.Module):
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray,
                  kv: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray] | None = None):
         """Attention over this call's tokens, or, with `kv = (k_cache, v_cache, layer, write_index)`,
-        over layer `layer` of the whole cache `[L, B, S, K, D]`, into which this call's keys/values
+        over layer `layer` of the whole cache (keys `[L, B, K, S, D]`, values `[L, B, K, D, S]`;
+        `layer=None`: this layer's own cache arrays, without `L`), into which this call's keys/values
         are first written at per-row slots `write_index [B]`. Returns the output and the updated
         `(k_cache, v_cache)` (or None)."""
         q, k, v = self.qkv(x, cos, sin)
         new_kv = None
         if kv is not None:
             k_cache, v_cache, layer, index = kv
-            k_cache, v_cache = write_rows(k_cache, layer, k, index), write_rows(v_cache, layer, v, index)
+            k_cache, v_cache = write_rows(k_cache, layer, k, index), write_rows(v_cache, layer, v, index, values=True)
             new_kv = (k_cache, v_cache)
-            k = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(self.dtype)
-            v = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(self.dtype)
-        out = attention(q, k, v, mask, backend=self.backend)  # [B, T, H, D]
+            if layer is None:
+                k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
+            else:
+                k = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(self.dtype)
+                v = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(self.dtype)
+        out = attention(q, k, v, mask, backend=self.backend, cache_layout=kv is not None)  # [B, T, H, D]
         return matmul("bthk,hkd->btd", out, self, "o_proj", self.dtype), new_kv
 
 
@@ -341,13 +358,24 @@ class Qwen2(nnx.Module):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
+        per_layer = cache is not None and cache.per_layer
+        if per_layer and layers is None:
+            raise ValueError("a per-layer KV cache (KVCache.init(per_layer=True)) needs per-layer weights: "
+                             "pass layers=split_layers(...)")
         if layers is not None:
             if len(layers) != self.config.num_layers:
                 raise ValueError(f"layers has {len(layers)} entries for a {self.config.num_layers}-layer model")
-            outs = []
+            outs, ks, vs = [], [], []
             for i, layer_params in enumerate(layers):
-                carry, h = body(carry, (layer_params, jnp.int32(i)))
+                if per_layer:  # this layer's own cache buffers: no slice of a stack to copy
+                    (x, k_i, v_i), h = body((x, cache.k[i], cache.v[i]), (layer_params, None))
+                    ks.append(k_i)
+                    vs.append(v_i)
+                else:
+                    carry, h = body(carry, (layer_params, jnp.int32(i)))
                 outs.append(h)
+            if per_layer:
+                carry = (x, tuple(ks), tuple(vs))
             (x, k_all, v_all), hidden = carry, (jnp.stack(outs) if return_hidden else None)
         else:
             layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)

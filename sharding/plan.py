@@ -9,8 +9,10 @@
 The planner is the one `sharding` module that reads `qwq_jax` (the model's parameter declarations);
 `import sharding` does not load it. It needs no devices of the target: shard sizes are computed
 from the abstract model's logical axes, the task's rules (`sharding.rules.RULES`) and the mesh axis
-sizes. On TPU topologies with `libtpu` installed it can also compile the task's main step for the
-target ahead of time and report the compiler's own numbers (`aot_memory`).
+sizes. It can also compile the task's main step for the target ahead of time, without its
+devices, and report the compiler's own numbers (`aot_memory`): TPU topologies with `libtpu`
+installed, H100 / H200 machines with JAX's CUDA plugin (`pip install "jax[cuda12]"`; no GPU or
+driver needed; the targets are described in benchmarks/gpu_targets).
 
 Notation (all per device): r rows of the batch, T tokens per call, S keys attended (the cache
 length, or T without a cache), L layers, E hidden, H / K query / KV heads of dim D, I MLP width,
@@ -81,6 +83,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 from sharding.mesh import MESH_AXES, mesh_spec, parse_mesh_spec
@@ -112,6 +115,7 @@ class Topology:
     hbm_bytes: int
     devices_per_host: int | None = None  # GPUs: tensor parallelism stays within a host (NVLink)
     aot_name: str | None = None          # TPU: topology name for `get_topology_desc`
+    gpu_target: str | None = None        # GPU: target description in benchmarks/gpu_targets
     chip_config: str = "default"          # TPU: "megacore" where one device spans 2 TensorCores
 
 
@@ -132,7 +136,8 @@ def _topologies() -> dict[str, Topology]:
     # GPUs, 8 per host; capacities as nvidia-smi reports them (H100 80GB: 81559 MiB, 79.6 GiB).
     for gpu, mib in (("h100", 81559), ("h200", 143771), ("a100", 81920)):
         for n in (1, 8, 16, 32, 64):
-            out[f"{gpu}x{n}"] = Topology(f"{gpu}x{n}", "gpu", n, mib * MIB, devices_per_host=min(n, 8))
+            out[f"{gpu}x{n}"] = Topology(f"{gpu}x{n}", "gpu", n, mib * MIB, devices_per_host=min(n, 8),
+                                         gpu_target=gpu if gpu in ("h100", "h200") else None)
     return out
 
 
@@ -331,11 +336,22 @@ def _libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+def _cuda_plugin_available() -> bool:
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ImportError:  # no jax_plugins package at all
+        return False
+
+
+# GPU targets for deviceless compilation (XLA's GpuTargetConfigProto, text): benchmarks/gpu_targets.
+GPU_TARGETS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_targets"
+
+
 def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *, mesh: str | dict | None = None,
          remat: str = "full", param_dtype: str = "bfloat16", compute_dtype: str = "bfloat16",
          mu_dtype: str = "float32", reference: bool = True, micro_batches: int = 1,
          rollout_batch: int | None = None, rollout_len: int | None = None, prefill_chunk: int | None = None,
-         rollout_weights: str = "copy", attention: str = "xla", headroom: float = 0.10,
+         rollout_weights: str = "split", attention: str = "xla", headroom: float = 0.10,
          aot: bool | None = False, quantize: str | None = None) -> Plan:
     """Per-device memory of `task` ("generate" or "train") for `cfg` (a QwenConfig or preset name).
 
@@ -343,8 +359,9 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
     completion). batch: generate: rows decoded together; train: completions per update.
     mesh: a spec ("data=1,fsdp=4,tensor=8"; -1 allowed) or axis sizes; None: `best_mesh`'s.
     param_dtype: generate: the weights' dtype; train: the rollout engine's copy (the dtype of the
-    model handed to the trainer). rollout_weights (train, as `GRPOConfig.rollout_weights`): "copy"
-    keeps that copy, "master" decodes from the float32 master weights (no copy). aot: True compiles for a TPU topology (needs libtpu), None does
+    model handed to the trainer). rollout_weights (train, as `GRPOConfig.rollout_weights`): "split"
+    (default) and "copy" keep that copy (one array per layer, or stacked: the same bytes), "master"
+    decodes from the float32 master weights (no copy). aot: True compiles for a TPU topology (needs libtpu), None does
     so when libtpu is installed, False never (the analytic count only). quantize (generate only):
     "int8" counts the int8 weight-only model of `qwq_jax.quant` (the rest of it in param_dtype).
     """
@@ -531,7 +548,7 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from qwq_jax.cache import CACHE_AXES, KVCache
+    from qwq_jax.cache import KVCache
     from qwq_jax.model import abstract_model
     from sharding.rules import batch_sharding, batch_shards, state_shardings
 
@@ -546,9 +563,10 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
         params = placed(state, state_shardings(state, mesh, rules))
         rows = -(-batch // shards) * shards
         chunk = prefill_chunk or seq
-        kv_sharding = NamedSharding(mesh, logical_to_mesh(CACHE_AXES, mesh, rules))
-        kv = jax.ShapeDtypeStruct((cfg.num_layers, rows, seq, cfg.num_kv_heads, cfg.head_dim),
-                                  jnp.dtype(compute_dtype), sharding=kv_sharding)
+        k_shape, v_shape = KVCache.shapes(cfg, rows, seq)
+        k_sh, v_sh, _ = KVCache.shardings(mesh, rules)
+        k = jax.ShapeDtypeStruct(k_shape, jnp.dtype(compute_dtype), sharding=k_sh)
+        v = jax.ShapeDtypeStruct(v_shape, jnp.dtype(compute_dtype), sharding=v_sh)
         tokens = jax.ShapeDtypeStruct((rows, chunk), jnp.int32, sharding=batch_sharding(mesh, rules, 2))
         lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=batch_sharding(mesh, rules, 1))
 
@@ -557,7 +575,7 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
             x, cache, _ = model.hidden_states(tokens, cache=KVCache(k, v, lengths))
             return model.logits(x[:, -1:]), cache
 
-        lowered = jax.jit(prefill, donate_argnums=(2, 3)).lower(params, tokens, kv, kv, lengths)
+        lowered = jax.jit(prefill, donate_argnums=(2, 3)).lower(params, tokens, k, v, lengths)
     else:
         graphdef, state = nnx.split(abstract_model(cfg, param_dtype="float32", dtype=compute_dtype, remat=remat))
         shardings = state_shardings(state, mesh, rules)
@@ -598,30 +616,55 @@ def _tpu_mesh(topo: Topology, sizes: dict[str, int]):
     return topologies.make_mesh(desc, tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
 
 
+def _gpu_mesh(topo: Topology, sizes: dict[str, int]):
+    """A mesh of compile-only GPUs of `topo` (hosts x devices per host), from JAX's CUDA plugin."""
+    import jax
+    from jax.experimental import topologies
+
+    from sharding.mesh import make_mesh
+
+    jax.config.update("jax_platforms", "cpu")  # compile for the target; nothing runs on a GPU here
+    per_host = topo.devices_per_host or topo.devices
+    config = (GPU_TARGETS_DIR / f"{topo.gpu_target}.txtpb").read_text()
+    desc = topologies.get_topology_desc(platform="cuda", target_config=config,
+                                        topology=f"1x{topo.devices // per_host}x{per_host}")
+    if len(desc.devices) != topo.devices:
+        raise ValueError(f"the CUDA plugin gave {len(desc.devices)} devices for {topo.name}, expected {topo.devices}")
+    return make_mesh(sizes, desc.devices)
+
+
 def _try_aot(p: Plan, cfg: Any, topo: Topology, aot: bool | None) -> None:
-    """Replace the analytic total by the TPU compiler's where possible; otherwise say why not."""
-    if topo.kind != "tpu":
+    """Replace the analytic total by the compiler's where possible (TPU with libtpu, NVIDIA GPUs with
+    JAX's CUDA plugin, no device needed either way); otherwise say why not."""
+    if topo.kind == "gpu":
+        target, where, make, compiler = topo.gpu_target, f"{topo.name} ({topo.gpu_target})", _gpu_mesh, \
+            _cuda_plugin_available
+        no_target = f"no GPU target description for {topo.name}"
+        missing = ("JAX's CUDA plugin is not installed, so the analytic count is used (pip install "
+                   "'jax[cuda12]' at this jax version compiles for GPUs offline, no GPU needed)")
+    elif topo.kind == "tpu":
+        target, where, make, compiler = topo.aot_name, topo.aot_name, _tpu_mesh, _libtpu_available
+        no_target = f"no TPU topology name for {topo.devices} devices"
+        missing = ("libtpu is not installed, so the analytic count is used (pip install 'jax[tpu]' at this "
+                   "jax version enables TPU ahead-of-time compilation offline)")
+    else:
+        target, no_target = None, f"no offline compiler for {topo.name} (a custom machine)"
+    if target is None:
         if aot:
-            p.notes.append(f"AOT: no offline compiler for {topo.name} (JAX compiles ahead of time only for TPU "
-                           "topologies); analytic count used")
+            p.notes.append(f"AOT: {no_target}; analytic count used")
         return
-    if topo.aot_name is None:
-        if aot:
-            p.notes.append(f"AOT: no TPU topology name for {topo.devices} devices; analytic count used")
-        return
-    if not _libtpu_available():
+    if not compiler():
         if aot is not False:
-            p.notes.append("AOT: libtpu is not installed, so the analytic count is used (pip install "
-                           "'jax[tpu]' at this jax version enables TPU ahead-of-time compilation offline)")
+            p.notes.append(f"AOT: {missing}")
         return
     s = p.settings
     try:
-        stats = aot_memory(cfg, p.task, _tpu_mesh(topo, p.mesh), p.seq, p.batch, remat=s.get("remat", "full"),
+        stats = aot_memory(cfg, p.task, make(topo, p.mesh), p.seq, p.batch, remat=s.get("remat", "full"),
                            param_dtype=s["param_dtype"], compute_dtype=s["compute_dtype"],
                            mu_dtype=s.get("mu_dtype", "float32"), micro_batches=s.get("micro_batches", 1),
                            prefill_chunk=s.get("prefill_chunk"), quantize=s.get("quantize"))
     except Exception as e:  # the compiler's failure is reported, the analytic plan stands
-        p.notes.append(f"AOT: compiling for {topo.aot_name} failed ({type(e).__name__}: {str(e)[:300]}); "
+        p.notes.append(f"AOT: compiling for {where} failed ({type(e).__name__}: {str(e)[:300]}); "
                        "analytic count used")
         return
     extra = 0
@@ -631,10 +674,10 @@ def _try_aot(p: Plan, cfg: Any, topo: Topology, aot: bool | None) -> None:
         upd = p.phases["update"]
         extra = upd["reference"] + upd["engine_params"] + (upd["gradients"] // 2 if s["micro_batches"] > 1 else 0)
     p.aot = dict(stats, extra=extra)
-    p.method = "aot-tpu"
+    p.method = f"aot-{topo.kind}"
     p.total = stats["peak"] + extra
     p.fits = p.total <= p.capacity_bytes
-    p.notes.append(f"AOT: {topo.aot_name} compiler peak {stats['peak'] / GIB:.2f} GiB + {extra / GIB:.2f} GiB "
+    p.notes.append(f"AOT: {where} compiler peak {stats['peak'] / GIB:.2f} GiB + {extra / GIB:.2f} GiB "
                    "the compiled step does not hold (analytic) = total")
 
 
@@ -751,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro-batches", type=int, default=1, help="train: gradient accumulation steps")
     ap.add_argument("--rollout-batch", type=int, help="train: rows generated together (default: --batch)")
     ap.add_argument("--rollout-len", type=int, help="train: rollout cache length (default: --seq)")
-    ap.add_argument("--rollout-weights", choices=("copy", "split", "master"), default="copy",
+    ap.add_argument("--rollout-weights", choices=("copy", "split", "master"), default="split",
                     help="train: a param-dtype copy for rollouts (split: the same, one array per layer), or "
                          "decode from the fp32 master weights")
     ap.add_argument("--prefill-chunk", type=int,
@@ -761,7 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="xla materialises the scores; flash assumes a blockwise kernel")
     ap.add_argument("--headroom", type=float, default=0.10, help="fraction of HBM held back")
     ap.add_argument("--aot", action=argparse.BooleanOptionalAction, default=None,
-                    help="compile for the TPU topology with libtpu (default: when libtpu is installed)")
+                    help="compile for the topology offline: TPUs with libtpu, H100/H200 with JAX's CUDA plugin "
+                         "(default: when that is installed)")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     return ap
 

@@ -82,9 +82,17 @@ def layouts():
 LAYOUTS = layouts()
 
 
-def run(backend, q, k, v, mask):
-    return np.asarray(jax.jit(lambda q, k, v, m: attn.attention(q, k, v, m, backend=backend))(q, k, v, mask),
-                      np.float64)
+def cache_layout(k, v):
+    """k, v `[B, S, K, D]` as the KV cache stores a layer: k `[B, K, S, D]`, v `[B, K, D, S]`."""
+    return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
+
+
+def run(backend, q, k, v, mask, in_cache_layout=False):
+    """The backend's output; `in_cache_layout`: k, v given as the KV cache stores them."""
+    if in_cache_layout:
+        k, v = cache_layout(k, v)
+    fn = jax.jit(lambda q, k, v, m: attn.attention(q, k, v, m, backend=backend, cache_layout=in_cache_layout))
+    return np.asarray(fn(q, k, v, mask), np.float64)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -121,36 +129,41 @@ def cache_mask(lengths, t, s):
     new = np.array([t, max(t - 3, 1), 1, t], np.int32)[: len(lengths)] if t > 1 else np.ones(len(lengths), np.int32)
     segq = (np.arange(t)[None] < new[:, None]).astype(np.int32)
     posq = (lengths[:, None] + np.arange(t)[None]).astype(np.int32)
-    cache = KVCache(jnp.zeros((1, len(lengths), s, K, D)), jnp.zeros((1, len(lengths), s, K, D)), jnp.asarray(lengths))
+    cache = KVCache(jnp.zeros((1, len(lengths), K, s, D)), jnp.zeros((1, len(lengths), K, D, s)), jnp.asarray(lengths))
     segk, posk = (np.asarray(x) for x in cache.slot_segments(jnp.asarray(lengths + new)))
     return segq, posq, segk, posk
 
 
+@pytest.mark.parametrize("in_cache_layout", [False, True], ids=["bskd", "cache-layout"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
-def test_decode_step_against_ragged_cache(backend):
+def test_decode_step_against_ragged_cache(backend, in_cache_layout):
     s = 40
     segq, posq, segk, posk = cache_mask([0, 7, 22, 39], 1, s)
     q, k, v = qkv(seed=3, t=1, s=s)
     want, seen = reference(q, k, v, segq, posq, segk, posk)
     assert seen.all()
     mask = Mask.against_cache(*(jnp.asarray(x) for x in (segq, posq, segk, posk)))
-    np.testing.assert_allclose(run(backend, q, k, v, mask), want, atol=1e-5)
+    np.testing.assert_allclose(run(backend, q, k, v, mask, in_cache_layout), want, atol=1e-5)
     # The decode path itself, and in bf16 (K/V read once, fp32 softmax): close to the reference.
     valid = jnp.asarray(segk != 0)
-    np.testing.assert_allclose(np.asarray(attn.decode_attention(q, k, v, valid)), want, atol=1e-5)
+    if in_cache_layout:
+        k, v = cache_layout(k, v)
+    decode = jax.jit(lambda *a: attn.decode_attention(*a, cache_layout=in_cache_layout))
+    np.testing.assert_allclose(np.asarray(decode(q, k, v, valid)), want, atol=1e-5)
     q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    got16 = np.asarray(jax.jit(attn.decode_attention)(q16, k16, v16, valid), np.float64)
+    got16 = np.asarray(decode(q16, k16, v16, valid), np.float64)
     assert np.abs(got16 - want).max() < 0.05
 
 
+@pytest.mark.parametrize("in_cache_layout", [False, True], ids=["bskd", "cache-layout"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
-def test_prefill_into_cache(backend):
+def test_prefill_into_cache(backend, in_cache_layout):
     s, t = 48, 12
     segq, posq, segk, posk = cache_mask([0, 0, 9, 30], t, s)
     q, k, v = qkv(seed=4, t=t, s=s)
     want, seen = reference(q, k, v, segq, posq, segk, posk)
     mask = Mask.against_cache(*(jnp.asarray(x) for x in (segq, posq, segk, posk)))
-    got = run(backend, q, k, v, mask)
+    got = run(backend, q, k, v, mask, in_cache_layout)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
 
@@ -186,6 +199,11 @@ def test_blockwise_against_a_cache_stops_after_the_filled_blocks(block):
     v = v.at[:, first_unread:].set(jnp.nan)
     mask = Mask.against_cache(*(jnp.asarray(x) for x in (segq, posq, segk, posk)))
     got = np.asarray(blockwise(block)(q, k, v, mask))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
+    # In the KV cache's layout (k [B, K, S, D], v [B, K, D, S]), the NaN slots included.
+    in_cache = jax.jit(lambda q, k, v, m: attn.blockwise_attention(q, k, v, m, block=block, cache_layout=True))
+    got = np.asarray(in_cache(q, *cache_layout(k, v), mask))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
 

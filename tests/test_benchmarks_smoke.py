@@ -152,3 +152,38 @@ def test_random_weights_are_drawn_one_layer_at_a_time():
     assert not np.allclose(q[0], q[1])  # each layer its own draw
     assert (np.asarray(model.layers.input_norm.scale[...]) == 1).all()
     assert (np.asarray(model.layers.attn.q_bias[...]) == 0).all()
+
+
+def test_gpu_aot_tiny_compiles_every_setting_for_the_cpu():
+    """benchmarks/gpu_aot.py's machinery (abstract engine, lowering, HLO search, memory analysis)
+    on the CPU target; the GPU targets need JAX's CUDA plugin, whose absence is a clear error."""
+    lines = run_bench("gpu_aot.py")
+    rows, summary = lines[:-1], lines[-1]
+    assert len(rows) == 12 and summary["summary"] and summary["compiled"] == 12 and summary["failed"] == 0
+    assert [(r["phase"], r["layer_loop"]) for r in rows[::2]] == \
+        [(ph, lp) for ph in ("decode", "prefill") for lp in ("scan", "unrolled", "split")]
+    from qwq_jax import QwenConfig
+
+    c = QwenConfig.preset("tiny")
+    for r in rows:
+        assert "error" not in r, r
+        mem = r["memory"]
+        assert mem["peak"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+        assert r["cache_bytes"] == r["batch"] * 128 * 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+        assert mem["argument"] >= r["cache_bytes"] + (r["weight_bytes"] if r["phase"] == "decode" else 0)
+        assert r["fits"] is None and r["capacity_bytes"] is None  # no memory figure for a CPU
+        if r["phase"] == "decode":
+            assert 0 < r["max_fraction_of_roofline"] <= 1
+            assert r["weight_copies"]["copied_bytes_per_step"] >= 0
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_aot.py"), "--target", "h100", "--batch", "1",
+                        "--phase", "decode", "--layer-loop", "split"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+    from sharding.plan import _cuda_plugin_available
+
+    if not _cuda_plugin_available():
+        assert r.returncode != 0 and "needs JAX's CUDA plugin" in r.stderr, r.stderr[-2000:]
+    else:  # the plugin is installed: the H100 compile itself must work
+        assert r.returncode == 0, r.stderr[-2000:]
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_aot.py"), "--target", "tpu9"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode != 0 and "unknown target 'tpu9' (known: h100, h200, cpu)" in bad.stderr

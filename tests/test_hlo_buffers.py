@@ -74,6 +74,55 @@ def test_handwritten_program_counted_by_hand():
     assert weight_sized_buffers(HLO, {"gate": (4, 96, 200)}, min_elements=10**6)["buffers"] == []
 
 
+# One token's keys written into a cache-sized buffer per step: a fusion whose root is a
+# dynamic-update-slice (XLA does it in place), beside a real copy of the cache (a transpose).
+HLO_CACHE = """HloModule cache_update
+
+%fused_dus (p0: bf16[2,8,64,16], p1: bf16[2,8,1,16], p2: s32[]) -> bf16[2,8,64,16] {
+  %p0 = bf16[2,8,64,16]{3,2,1,0} parameter(0)
+  %p1 = bf16[2,8,1,16]{3,2,1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = bf16[2,8,64,16]{3,2,1,0} dynamic-update-slice(%p0, %p1, %z, %z, %p2, %z)
+}
+
+%step (arg: (s32[], bf16[2,8,64,16], bf16[2,8,1,16])) -> (s32[], bf16[2,8,64,16], bf16[2,8,1,16]) {
+  %arg = (s32[], bf16[2,8,64,16]{3,2,1,0}, bf16[2,8,1,16]{3,2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %c = bf16[2,8,64,16]{3,2,1,0} get-tuple-element(%arg), index=1
+  %new = bf16[2,8,1,16]{3,2,1,0} get-tuple-element(%arg), index=2
+  %write = bf16[2,8,64,16]{3,2,1,0} fusion(%c, %new, %i), kind=kLoop, calls=%fused_dus
+  %moved = bf16[2,8,16,64]{3,2,1,0} transpose(%write), dimensions={0,1,3,2}
+  ROOT %t = (s32[], bf16[2,8,64,16]{3,2,1,0}, bf16[2,8,1,16]{3,2,1,0}) tuple(%i, %write, %new)
+}
+
+%cond (arg: (s32[], bf16[2,8,64,16], bf16[2,8,1,16])) -> pred[] {
+  %arg = (s32[], bf16[2,8,64,16]{3,2,1,0}, bf16[2,8,1,16]{3,2,1,0}) parameter(0)
+  ROOT %p = pred[] constant(true)
+}
+
+ENTRY %main (c: bf16[2,8,64,16], new: bf16[2,8,1,16]) -> bf16[2,8,64,16] {
+  %c = bf16[2,8,64,16]{3,2,1,0} parameter(0)
+  %new = bf16[2,8,1,16]{3,2,1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %t0 = (s32[], bf16[2,8,64,16]{3,2,1,0}, bf16[2,8,1,16]{3,2,1,0}) tuple(%zero, %c, %new)
+  %loop = (s32[], bf16[2,8,64,16]{3,2,1,0}, bf16[2,8,1,16]{3,2,1,0}) while(%t0), condition=%cond, body=%step
+  ROOT %out = bf16[2,8,64,16]{3,2,1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_in_place_updates_are_not_copies():
+    report = weight_sized_buffers(HLO_CACHE, {"kv_cache": (2, 8, 64, 16)}, stacked=False)
+    bufs = {b["instruction"]: b for b in report["buffers"]}
+    assert set(bufs) == {"write", "moved"}
+    assert bufs["write"]["in_place"] and not bufs["moved"]["in_place"]
+    cache_bytes = 2 * 8 * 64 * 16 * 2
+    assert report["copied_bytes_in_loops"] == cache_bytes  # the transpose only
+    assert report["updated_in_place_bytes"] == cache_bytes
+    assert report["buffers"][-1]["instruction"] == "write"  # copies are listed first
+
+
 def test_programs_xla_compiles_here():
     w = jnp.asarray(np.random.default_rng(0).normal(size=(3, 64, 96)), jnp.float32)
 

@@ -240,8 +240,16 @@ def test_aot_without_libtpu_says_so(monkeypatch):
     monkeypatch.setattr(planner, "_libtpu_available", lambda: False)
     p = plan(TINY, "generate", "v5e-8", 64, 8, mesh="tensor=4,data=2", aot=True)
     assert p.method == "analytic" and any("libtpu is not installed" in n for n in p.notes)
+    monkeypatch.setattr(planner, "_cuda_plugin_available", lambda: False)
     p = plan(TINY, "generate", "h100x8", 64, 8, mesh="tensor=4,data=2", aot=True)
-    assert p.method == "analytic" and any("only for TPU" in n for n in p.notes)
+    assert p.method == "analytic" and any("CUDA plugin is not installed" in n for n in p.notes)
+    p = plan(TINY, "generate", "a100x8", 64, 8, mesh="tensor=4,data=2", aot=True)
+    assert p.method == "analytic" and any("no GPU target description for a100x8" in n for n in p.notes)
+    assert get_topology("h100x16").gpu_target == "h100" and get_topology("h200x8").gpu_target == "h200"
+    for name in ("h100", "h200"):  # the target descriptions the GPU path hands to the compiler
+        text = (planner.GPU_TARGETS_DIR / f"{name}.txtpb").read_text()
+        memory = get_topology(name + "x1").hbm_bytes
+        assert "cuda_compute_capability" in text and f"device_memory_size: {memory}" in text
 
 
 def test_aot_path_compiles_on_cpu_devices(monkeypatch):
@@ -264,6 +272,17 @@ def test_aot_path_compiles_on_cpu_devices(monkeypatch):
     assert q.method == "aot-tpu", q.notes
     assert q.aot["argument"] == q.phases["generate"]["params"] + cache + 2 * 16 * 4 + 2 * 4
     assert q.phases["generate"]["params"] < weights
+
+
+def test_aot_gpu_path_compiles_on_cpu_devices(monkeypatch):
+    # The GPU path (JAX's CUDA plugin's compile-only devices) with CPU devices standing in.
+    monkeypatch.setattr(planner, "_cuda_plugin_available", lambda: True)
+    monkeypatch.setattr(planner, "_gpu_mesh", lambda topo, s: make_mesh(s, jax.devices()[:2]))
+    topo = Topology("fake-gpu", "gpu", 2, 16 * GIB, devices_per_host=2, gpu_target="h100")
+    p = plan(TINY, "generate", topo, 64, 2, mesh="tensor=2", prefill_chunk=16, aot=True)
+    assert p.method == "aot-gpu", p.notes
+    assert p.aot["argument"] == p.phases["generate"]["params"] + p.phases["generate"]["kv_cache"] + 2 * 16 * 4 + 2 * 4
+    assert any(n.startswith("AOT: fake-gpu (h100) compiler peak") for n in p.notes)
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------

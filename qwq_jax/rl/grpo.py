@@ -63,10 +63,12 @@ class GRPOConfig:
     kl_beta: float | None = None     # default: the loss kind's
     dynamic_sampling: bool | None = None  # drop all-equal groups (default: on for dapo)
     overlong_buffer: int = 0         # DAPO soft overlong punishment buffer (0: off)
-    rollout_weights: str = "copy"    # copy: a model-dtype copy in the generate layout; split: that copy
-                                     # with one array per layer (Engine layer_loop="split": decode reads
-                                     # each weight in place; same memory); master: decode straight from
-                                     # the fp32 master weights (no copy; 2x weight reads)
+    rollout_weights: str = "split"   # split: a model-dtype copy in the generate layout, one array per
+                                     # layer (Engine layer_loop="split": decode reads each weight and its
+                                     # layer's KV cache in place); copy: that copy stacked [L, ...] (run
+                                     # by lax.scan: XLA for GPU copies each layer's weight slice out per
+                                     # step, benchmarks/gpu_aot.py); master: decode straight from the
+                                     # fp32 master weights (no copy; 2x weight reads, stacked)
     seed: int = 0
 
     def __post_init__(self):
