@@ -5,7 +5,7 @@ JAX compiles for an NVIDIA GPU with no GPU present ("deviceless" ahead-of-time c
 PJRT plugin installed, `pip install "jax[cuda12]"` at this jax version, which needs no driver).
 This script builds the engine on an abstract model of a preset (no weights exist), lowers its
 decode loop (`Engine.lower_decode`) and prefill (`Engine.lower_prefill`) for each layer loop,
-batch and context, compiles them for the target described in `benchmarks/gpu_targets/<name>.txtpb`
+batch and context, compiles them for the target described in `sharding/gpu_targets/<name>.txtpb`
 and reports, per program, from XLA's own output:
 
     weight_copies   bytes written per decode step into weight-sized buffers (benchmarks/hlo_buffers.py):
@@ -36,17 +36,19 @@ from pathlib import Path
 
 from _common import HelpFormatter, emit, preset_config
 
-TARGETS_DIR = Path(__file__).resolve().parent / "gpu_targets"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sharding.plan import GPU_TARGETS_DIR  # noqa: E402  (the planner's GPU descriptions)
+
 LAYER_LOOPS = ("scan", "unrolled", "split")
 PHASES = ("decode", "prefill")
 
 
 def target_names() -> list[str]:
-    return sorted(p.stem for p in TARGETS_DIR.glob("*.txtpb")) + ["cpu"]
+    return sorted(p.stem for p in GPU_TARGETS_DIR.glob("*.txtpb")) + ["cpu"]
 
 
 def target_config(target: str) -> str:
-    path = TARGETS_DIR / f"{target}.txtpb"
+    path = GPU_TARGETS_DIR / f"{target}.txtpb"
     if not path.exists():
         raise SystemExit(f"unknown target {target!r} (known: {', '.join(target_names())})")
     return path.read_text()
@@ -198,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.target != "cpu":
         jax.config.update("jax_platforms", "cpu")  # compile for the target; run nothing on a GPU here
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tqdm import tqdm
 
     cfg = preset_config(args.preset)

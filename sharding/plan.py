@@ -12,7 +12,7 @@ from the abstract model's logical axes, the task's rules (`sharding.rules.RULES`
 sizes. It can also compile the task's main step for the target ahead of time, without its
 devices, and report the compiler's own numbers (`aot_memory`): TPU topologies with `libtpu`
 installed, H100 / H200 machines with JAX's CUDA plugin (`pip install "jax[cuda12]"`; no GPU or
-driver needed; the targets are described in benchmarks/gpu_targets).
+driver needed; the targets are described in sharding/gpu_targets).
 
 Notation (all per device): r rows of the batch, T tokens per call, S keys attended (the cache
 length, or T without a cache), L layers, E hidden, H / K query / KV heads of dim D, I MLP width,
@@ -115,7 +115,7 @@ class Topology:
     hbm_bytes: int
     devices_per_host: int | None = None  # GPUs: tensor parallelism stays within a host (NVLink)
     aot_name: str | None = None          # TPU: topology name for `get_topology_desc`
-    gpu_target: str | None = None        # GPU: target description in benchmarks/gpu_targets
+    gpu_target: str | None = None        # GPU: target description in sharding/gpu_targets
     chip_config: str = "default"          # TPU: "megacore" where one device spans 2 TensorCores
 
 
@@ -343,8 +343,8 @@ def _cuda_plugin_available() -> bool:
         return False
 
 
-# GPU targets for deviceless compilation (XLA's GpuTargetConfigProto, text): benchmarks/gpu_targets.
-GPU_TARGETS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_targets"
+# GPU targets for deviceless compilation (XLA's GpuTargetConfigProto, text), shipped with the package.
+GPU_TARGETS_DIR = Path(__file__).resolve().parent / "gpu_targets"
 
 
 def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *, mesh: str | dict | None = None,
