@@ -40,12 +40,18 @@ def run_ours(args) -> dict:
     cfg = preset_config(args.preset)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     graphdef, params = nnx.split(build_ours(cfg, dtype, attention=args.attention))
+    layers = None
+    if args.layer_loop == "split":  # one array per layer: no slice of a stack to copy (as the engine's split)
+        from qwq_jax.model import split_layers
+
+        layers = split_layers(params["layers"], donate=True)
+        params["layers"] = layers[0]  # the graph keeps `layers`: layer 0's buffers, no copy
 
     def make_prefill(graphdef):
         @jax.jit
         def prefill(params, tokens):
             model = nnx.merge(graphdef, params)
-            x, _, _ = model.hidden_states(tokens)
+            x, _, _ = model.hidden_states(tokens, layers=layers, unroll_layers=args.layer_loop == "unrolled")
             return model.logits(x[:, -1:])[:, 0]  # [B, V]
 
         return prefill
@@ -78,6 +84,7 @@ def run_ours(args) -> dict:
         except Exception as e:
             check = {"seq": seq, "error": error_line(e)}
     return {"rows": rows, "device": device_kind("ours"), "attention": args.attention, "attention_resolved": resolved,
+            "layer_loop": args.layer_loop,
             "attention_fallbacks": sorted(set(fallbacks)), "check_vs_xla": check}
 
 
@@ -115,6 +122,11 @@ def main() -> None:
     add_common_args(p, preset="qwq-32b")
     p.add_argument("--seq", type=int, nargs="+", default=[2048, 8192, 32768], help="prompt lengths")
     p.add_argument("--batch", type=int, default=1, help="prompts per pass")
+    p.add_argument("--layer-loop", choices=("scan", "unrolled", "split"), default="split",
+                   help="our decoder layers: lax.scan over the stacked weights, unrolled over static slices, or "
+                        "one array per layer (split_layers; what Engine(layer_loop='split') and the sample CLI "
+                        "prefill with). XLA for an H100 copies every layer's weight slice out of the stacks "
+                        "per forward with scan: 62 GB for the QwQ-32B shape (benchmarks/gpu_aot.py --phase forward)")
     p.add_argument("--attention", default="auto", help="our attention backend (qwq_jax.attention)")
     p.add_argument("--check-max-seq", type=int, default=8192,
                    help="compare a non-xla backend's logits with the xla reference at the shortest --seq, up to this")
@@ -138,7 +150,8 @@ def main() -> None:
             rec = {"bench": "prefill", "impl": name, "preset": args.preset, "batch": args.batch, "seq": seq,
                    "device": res["device"], "dtype": "float32" if args.tiny else "bfloat16"}
             if impl == "ours":
-                rec.update({k: res[k] for k in ("attention", "attention_resolved", "attention_fallbacks")})
+                rec.update({k: res[k] for k in ("attention", "attention_resolved", "attention_fallbacks",
+                                                "layer_loop")})
                 if res["check_vs_xla"] and res["check_vs_xla"]["seq"] == seq:
                     rec["check_vs_xla"] = res["check_vs_xla"]
             if "error" in row:

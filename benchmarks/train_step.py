@@ -25,7 +25,10 @@ difference| against the xla reference on one micro-batch (left-padded rows inclu
 Memory: ours holds about 20 bytes per parameter during a step (fp32 weights, two AdamW moments,
 the gradient accumulator and a micro-batch's gradient), so the 7B shape (~150 GB) fits no single
 GPU: `--layers auto` (default) keeps the preset's widths (vocabulary included) and takes as many
-layers as fit the device; the JSON says how many, and the HF peer gets the same number.
+layers as fit the device, found by compiling the update at 2 and 4 layers and reading XLA's peak
+(`gpu_aot.compiled_layer_fit`; for one H100 with JAX at 0.95 of its memory this predicts 11 of the
+7B's 28 layers: `gpu_aot.py --preset qwen2.5-7b --phase train --layers 4 8 28` compiles 22.8 GB
++ 4.8 GB per layer); the JSON says how many, and the HF peer gets the same number.
 
     python benchmarks/train_step.py --preset qwen2.5-7b        # one H100 / H200
     python benchmarks/train_step.py --tiny                      # CPU smoke run (CI)
@@ -59,15 +62,30 @@ def synthetic_rows(args, vocab: int):
 
 
 def fit_layers(args, cfg) -> int:
-    """Layers of the preset's shape whose training state fits this device (all of them if unknown)."""
+    """Layers of the preset's shape whose training step fits this device (all of them if its memory is
+    unknown): the update compiled (not run) at 2 and 4 layers gives XLA's peak per layer and the
+    layers fitting 97% of the memory JAX may use; if compiling fails, an estimate by hand."""
     import jax
 
     if args.layers != "auto":
         return int(args.layers)
-    stats = jax.devices()[0].memory_stats() or {}
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
     limit = stats.get("bytes_limit")
     if not limit:
         return cfg.num_layers
+    try:
+        from gpu_aot import compiled_layer_fit
+
+        fit = compiled_layer_fit(cfg, device, int(0.97 * limit), dtype="float32" if args.tiny else "bfloat16",
+                                 attention=args.attention, remat=args.remat, rows=args.prompts * args.group_size,
+                                 prompt_len=args.prompt_len, completion_len=args.completion_len,
+                                 micro_batches=args.micro_batches)
+        print(f"layers that fit (compiled at {[n for n, _ in fit['points']]} layers): {fit['max_layers']}",
+              file=sys.stderr)
+        return max(1, min(cfg.num_layers, fit["max_layers"]))
+    except Exception as e:  # the estimate below still gives a usable count
+        print(f"fitting layers by compiling failed ({error_line(e)}); estimating by hand", file=sys.stderr)
     rows = args.prompts * args.group_size // args.micro_batches
     width = args.prompt_len + args.completion_len
     logits = 4 * rows * width * cfg.vocab_size * 4  # fp32 logits, log-softmax, their gradients

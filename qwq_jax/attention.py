@@ -29,7 +29,9 @@ rows that restart at 0). What they cannot express falls back to `xla` with a log
 - cudnn, no cache: `is_causal`; with segment ids each row must hold one sequence with padding
   at either end (plain, right- or left-padded): the row is rolled so its sequence starts at 0
   and cuDNN gets per-row lengths. A packed row (two or more sequences) comes out NaN, so the
-  mistake cannot pass silently: pack with `xla`, `dot_product` or `splash`.
+  mistake cannot pass silently: pack with `xla`, `dot_product` or `splash`. An odd length gets one
+  padding position appended (jax refuses cuDNN's backward for odd lengths while tracing, e.g. a
+  GRPO step's 512 + 1536 - 1 = 2047 input tokens).
 - cudnn against a cache with T > 1 (prefill into the cache): the dense mask as a cuDNN bias
   (forward only: cuDNN's bias gradient needs batch 1); "auto" uses blockwise there.
 - splash: self-attention only (causal mask + segment ids, packing included), sequence padded to
@@ -47,15 +49,21 @@ all blocks (differentiable, but the backward keeps every block's probabilities, 
 sequences with cudnn or splash).
 
 Queries that may attend to nothing (padding) get finite but unspecified outputs in every backend.
+
+Backends are chosen, and their platform checked, for this process's platform, or inside
+`compile_for(device)` for that device's: ahead-of-time compilation for an H100 from a CPU host
+(`benchmarks/gpu_aot.py`, the planner's GPU AOT) then gets cuDNN where the GPU would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +75,42 @@ log = logging.getLogger(__name__)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 ENV_OVERRIDE = "QWQ_ATTENTION"  # overrides what "auto" picks
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_PLATFORMS = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu", "cpu": "cpu"}
+_TARGET: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("qwq_attention_target", default=None)
+
+
+@contextlib.contextmanager
+def compile_for(target) -> Iterator[None]:
+    """Choose and check backends for `target` instead of this process's platform, while inside.
+
+    For ahead-of-time compilation on a host without the accelerator (`jax.experimental.topologies`
+    gives compile-only devices): with an H100's compile-only device, "auto" picks cuDNN and
+    "cudnn" passes its platform check although `jax.default_backend()` is "cpu" here. `target` is a
+    device (its `platform` and `compute_capability` are read) or a platform name ("gpu", "tpu",
+    "cpu"; a GPU given by name counts as Hopper, compute capability 9.0).
+    """
+    if isinstance(target, str):
+        platform, capability = target, "9.0" if _PLATFORMS.get(target) == "gpu" else "0"
+    else:
+        platform, capability = getattr(target, "platform", ""), str(getattr(target, "compute_capability", "0"))
+    if platform not in _PLATFORMS:
+        raise ValueError(f"compile_for: unknown platform {platform!r} (known: {', '.join(_PLATFORMS)})")
+    token = _TARGET.set((_PLATFORMS[platform], capability))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def target_platform() -> tuple[str, str]:
+    """(platform, compute capability) that backends are chosen for: `compile_for`'s target if one is
+    active, else this process's default backend and its first device."""
+    target = _TARGET.get()
+    if target is not None:
+        return target
+    platform = jax.default_backend()
+    capability = str(getattr(jax.devices()[0], "compute_capability", "0")) if platform == "gpu" else "0"
+    return platform, capability
 
 
 def attention_mask(q_segments: jnp.ndarray, q_positions: jnp.ndarray,
@@ -296,10 +340,20 @@ def _sdpa(q, k, v, mask, implementation: str, name: str, allow_bias: bool, cache
             return blockwise_attention(q, k, v, mask, cache_layout=cache_layout)
         return call(q, *_seq_major(k, v, cache_layout), mask=_dense(mask)[:, None])
     k, v = _seq_major(k, v, cache_layout)
-    if not mask.segmented:
+    t = q.shape[1]
+    seg = mask.q_segments if mask.segmented else None
+    if t % 2:  # cuDNN trains on even lengths only (jax refuses an odd one while tracing the gradient):
+        # one padding position at the end, which no real query sees (causal; segment 0)
+        q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
+        seg = None if seg is None else jnp.pad(seg, ((0, 0), (0, 1)))
+    return _sdpa_causal(call, q, k, v, seg)[:, :t]
+
+
+def _sdpa_causal(call, q, k, v, seg: jnp.ndarray | None) -> jnp.ndarray:
+    """Causal self-attention through `call`; `seg` [B, T] (None: every row one full sequence)."""
+    if seg is None:
         return call(q, k, v, is_causal=True)
     # One sequence per row, padding at either end: roll it to the front, pass its length.
-    seg = mask.q_segments
     real = seg != 0
     lengths = jnp.sum(real, axis=1, dtype=jnp.int32)  # [B]
     start = jnp.argmax(real, axis=1).astype(jnp.int32)  # first real token (0 for an empty row)
@@ -326,7 +380,7 @@ def _cudnn_unsupported(q: jnp.ndarray) -> str | None:
     d = q.shape[-1]
     if jnp.dtype(q.dtype) not in _HALF:
         return f"cuDNN flash attention needs bfloat16/float16, got {jnp.dtype(q.dtype).name}"
-    capability = str(getattr(jax.devices()[0], "compute_capability", "0"))
+    capability = target_platform()[1]
     hopper = tuple(int(x) for x in capability.split(".") if x.isdigit()) >= (9, 0)
     if d % 8 or d > (256 if hopper else 128):
         return f"cuDNN flash attention does not support head_dim {d}"
@@ -416,7 +470,7 @@ def resolve_auto(q: jnp.ndarray | None = None) -> str:
     if override and override != "auto":
         get_backend(override)  # unknown name or wrong platform: a clear error
         return override
-    platform = jax.default_backend()
+    platform = target_platform()[0]
     if platform == "gpu" and (q is None or _cudnn_unsupported(q) is None):
         return "cudnn"
     if platform == "tpu":
@@ -458,8 +512,9 @@ def get_backend(name: str) -> Callable[..., jnp.ndarray]:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (known: {', '.join(BACKENDS)})")
     need = _PLATFORM.get(name)
-    if need is not None and (platform := jax.default_backend()) != need:
-        raise ValueError(f"attention backend {name!r} needs a {need.upper()}, but this process runs on "
+    if need is not None and (platform := target_platform()[0]) != need:
+        where = "compiles for" if _TARGET.get() is not None else "runs on"
+        raise ValueError(f"attention backend {name!r} needs a {need.upper()}, but this process {where} "
                          f"{platform!r} (use 'auto' or 'xla')")
     return BACKENDS[name]
 

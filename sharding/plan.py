@@ -532,7 +532,7 @@ def best_mesh(cfg: Any, task: str, topology: str | Topology, seq: int, batch: in
 def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: str = "full",
                param_dtype: str = "bfloat16", compute_dtype: str = "bfloat16", mu_dtype: str = "float32",
                micro_batches: int = 1, prefill_chunk: int | None = None,
-               quantize: str | None = None) -> dict[str, int]:
+               quantize: str | None = None, attention: str = "xla") -> dict[str, int]:
     """Compile the task's main step for `mesh` (any devices: compile-only TPU ones, or CPUs) and
     return `compiled.memory_analysis()` per device: argument, output, alias, temp and
     peak = argument + output - alias + temp.
@@ -541,7 +541,29 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
     train: one micro-batch's next-token loss gradient and an AdamW update (params and optimizer
     state donated) -- the GRPO loss adds only [B, T] terms; the trainer's other arrays (engine copy,
     reference, accumulator) are added by the caller from the analytic count.
+    attention: "flash" compiles the model's "auto" backend chosen for the mesh's devices (on a GPU:
+    cuDNN flash attention, blockwise against the cache); TPU meshes compile the xla path (splash
+    needs a mesh context under which it runs per shard, not tried offline here); "xla" the reference.
     """
+    from qwq_jax.attention import compile_for
+
+    device = mesh.devices.flat[0]
+    backend = "auto" if attention == "flash" and device.platform != "tpu" else "xla"
+    with compile_for(device):
+        lowered = _lower_task(cfg, task, mesh, seq, batch, remat=remat, param_dtype=param_dtype,
+                              compute_dtype=compute_dtype, mu_dtype=mu_dtype, micro_batches=micro_batches,
+                              prefill_chunk=prefill_chunk, quantize=quantize, backend=backend)
+    stats = lowered.compile().memory_analysis()
+    out = {"argument": int(stats.argument_size_in_bytes), "output": int(stats.output_size_in_bytes),
+           "alias": int(stats.alias_size_in_bytes), "temp": int(stats.temp_size_in_bytes)}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def _lower_task(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: str, param_dtype: str,
+                compute_dtype: str, mu_dtype: str, micro_batches: int, prefill_chunk: int | None,
+                quantize: str | None, backend: str) -> Any:
+    """aot_memory's program, lowered with abstract arguments placed on `mesh`."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -559,7 +581,7 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
     shards = batch_shards(mesh, rules)
     if task == "generate":
         graphdef, state = nnx.split(abstract_model(cfg, param_dtype=param_dtype, dtype=compute_dtype,
-                                                   quant=quantize))
+                                                   quant=quantize, attention_backend=backend))
         params = placed(state, state_shardings(state, mesh, rules))
         rows = -(-batch // shards) * shards
         chunk = prefill_chunk or seq
@@ -577,7 +599,8 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
 
         lowered = jax.jit(prefill, donate_argnums=(2, 3)).lower(params, tokens, k, v, lengths)
     else:
-        graphdef, state = nnx.split(abstract_model(cfg, param_dtype="float32", dtype=compute_dtype, remat=remat))
+        graphdef, state = nnx.split(abstract_model(cfg, param_dtype="float32", dtype=compute_dtype, remat=remat,
+                                                   attention_backend=backend))
         shardings = state_shardings(state, mesh, rules)
         params = placed(state, shardings)
         opt = optax.adamw(1e-5, mu_dtype=jnp.dtype(mu_dtype))
@@ -599,11 +622,7 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
             return optax.apply_updates(params, updates), opt_state
 
         lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens)
-    stats = lowered.compile().memory_analysis()
-    out = {"argument": int(stats.argument_size_in_bytes), "output": int(stats.output_size_in_bytes),
-           "alias": int(stats.alias_size_in_bytes), "temp": int(stats.temp_size_in_bytes)}
-    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    return out
+    return lowered
 
 
 def _tpu_mesh(topo: Topology, sizes: dict[str, int]):
@@ -662,7 +681,8 @@ def _try_aot(p: Plan, cfg: Any, topo: Topology, aot: bool | None) -> None:
         stats = aot_memory(cfg, p.task, make(topo, p.mesh), p.seq, p.batch, remat=s.get("remat", "full"),
                            param_dtype=s["param_dtype"], compute_dtype=s["compute_dtype"],
                            mu_dtype=s.get("mu_dtype", "float32"), micro_batches=s.get("micro_batches", 1),
-                           prefill_chunk=s.get("prefill_chunk"), quantize=s.get("quantize"))
+                           prefill_chunk=s.get("prefill_chunk"), quantize=s.get("quantize"),
+                           attention=s.get("attention", "xla"))
     except Exception as e:  # the compiler's failure is reported, the analytic plan stands
         p.notes.append(f"AOT: compiling for {where} failed ({type(e).__name__}: {str(e)[:300]}); "
                        "analytic count used")
@@ -801,7 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens per prefill call: the engine's prefill_chunk, or the longest prompt if shorter "
                          f"(default: {ENGINE_PREFILL_CHUNK}, the engine's default)")
     ap.add_argument("--attention", choices=ATTENTION, default="xla",
-                    help="xla materialises the scores; flash assumes a blockwise kernel")
+                    help="xla materialises the scores; flash assumes a blockwise kernel (AOT for a GPU topology "
+                         "compiles cuDNN flash attention)")
     ap.add_argument("--headroom", type=float, default=0.10, help="fraction of HBM held back")
     ap.add_argument("--aot", action=argparse.BooleanOptionalAction, default=None,
                     help="compile for the topology offline: TPUs with libtpu, H100/H200 with JAX's CUDA plugin "

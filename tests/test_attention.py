@@ -242,11 +242,20 @@ def test_xla_goes_blockwise_when_the_scores_would_be_too_large(monkeypatch):
     np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
 
 
-def test_cudnn_plumbing_gradients_match_reference():
-    """The roll + per-row-length route (dot_product) differentiates like the reference on real tokens."""
-    seg, pos, _ = LAYOUTS["left-padded"]
-    q, k, v = qkv(seed=5)
-    mask = Mask.causal(jnp.asarray(seg), jnp.asarray(pos))
+@pytest.mark.parametrize("layout", ["left-padded", "plain"])
+@pytest.mark.parametrize("t", [T, T - 1])
+def test_cudnn_plumbing_gradients_match_reference(layout, t, monkeypatch):
+    """The roll + per-row-length route (dot_product) differentiates like the reference on real tokens,
+    also for an odd length (cuDNN trains on even lengths only: one padding position is appended)."""
+    lengths = []  # what jax.nn.dot_product_attention is given
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, *a, **kw: (lengths.append(q.shape[1]),
+                                                                               real(q, *a, **kw))[1])
+    seg, pos, segmented = (x[:, :t] if isinstance(x, np.ndarray) else x for x in LAYOUTS[layout])
+    q, k, v = qkv(seed=5, t=t)
+    mask = Mask.causal(jnp.asarray(seg), jnp.asarray(pos), segmented=segmented)
+    want, seen = reference(q, k, v, seg, pos, seg, pos)
+    np.testing.assert_allclose(run("dot_product", q, k, v, mask)[seen], want[seen], atol=1e-5)
     weight = jnp.asarray(seg, jnp.float32)[:, :, None, None]  # the loss reads real tokens only
 
     def loss(backend):
@@ -255,6 +264,7 @@ def test_cudnn_plumbing_gradients_match_reference():
 
     for a, b in zip(loss("dot_product"), loss("xla")):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    assert lengths and {n % 2 for n in lengths} == {0} and max(lengths) == t + t % 2
 
 
 def test_splash_interpret_matches_reference():
@@ -356,3 +366,64 @@ def test_generation_same_logprobs_with_the_decode_path(tiny_model):
         for got, want in zip(outs[b], outs["xla"]):
             assert got.token_ids == want.token_ids
             np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
+class _Device:
+    """Stands in for a compile-only device of `jax.experimental.topologies` (platform, capability)."""
+
+    def __init__(self, platform, compute_capability=None):
+        self.platform = platform
+        if compute_capability is not None:
+            self.compute_capability = compute_capability
+
+
+def test_compile_for_chooses_backends_for_the_target(monkeypatch):
+    """Ahead-of-time compilation for a GPU from this CPU host: "auto" and the platform checks follow
+    the target inside `compile_for`, and this host again outside it (also after an error)."""
+    monkeypatch.delenv(attn.ENV_OVERRIDE, raising=False)
+    q = jnp.zeros((1, 2, H, D), jnp.bfloat16)
+    with attn.compile_for(_Device("gpu", "9.0")):
+        assert attn.target_platform() == ("gpu", "9.0")
+        assert attn.resolve_auto(q) == "cudnn"
+        assert attn.resolve_auto(q.astype(jnp.float32)) == "xla"  # cuDNN takes half precision only
+        attn.get_backend("cudnn")  # no platform error
+        init_model(QwenConfig.preset("tiny"), attention_backend="cudnn")
+        with pytest.raises(ValueError, match="'splash' needs a TPU, but this process compiles for 'gpu'"):
+            attn.get_backend("splash")
+    wide = jnp.zeros((1, 2, H, 192), jnp.bfloat16)  # head_dim 192: Hopper only
+    with attn.compile_for(_Device("gpu", "8.0")):
+        assert attn.resolve_auto(wide) == "xla"
+    with attn.compile_for(_Device("gpu", "9.0")):
+        assert attn.resolve_auto(wide) == "cudnn"
+    with attn.compile_for("tpu"):
+        assert attn.resolve_auto(q) == "splash"
+    with attn.compile_for(jax.devices("cpu")[0]):
+        assert attn.resolve_auto(q) == "xla"
+    with pytest.raises(RuntimeError), attn.compile_for("gpu"):
+        raise RuntimeError("boom")
+    assert attn.target_platform() == ("cpu", "0") and attn.resolve_auto(q) == "xla"
+    with pytest.raises(ValueError, match="'cudnn' needs a GPU, but this process runs on 'cpu'"):
+        attn.get_backend("cudnn")
+    with pytest.raises(ValueError, match="compile_for: unknown platform 'metal'"):
+        with attn.compile_for("metal"):
+            pass
+
+
+def test_auto_for_a_gpu_target_without_cudnn_falls_back_to_the_reference(caplog):
+    """Compiling "auto" for a GPU on a host whose jax has no cuDNN (no CUDA plugin): jax refuses the
+    cuDNN call while tracing, and the layer takes the xla reference with the reason logged."""
+    seg, pos, segmented = LAYOUTS["plain"]
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(seed=9))
+    mask = Mask.causal(jnp.asarray(seg), jnp.asarray(pos), segmented=segmented)
+    from sharding.plan import _cuda_plugin_available
+
+    if _cuda_plugin_available():  # this jax has cuDNN: the traced program calls it instead
+        with attn.compile_for("gpu"):
+            text = jax.jit(attn.auto_attention).lower(q, k, v, mask).as_text()
+        assert "cudnn" in text
+        return
+    want = attn.xla_attention(q, k, v, mask)
+    with caplog.at_level(logging.WARNING, logger="qwq_jax.attention"), attn.compile_for("gpu"):
+        got = attn.auto_attention(q, k, v, mask)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert "attention backend 'auto': cuDNN unavailable" in caplog.text

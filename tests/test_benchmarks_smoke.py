@@ -187,3 +187,57 @@ def test_gpu_aot_tiny_compiles_every_setting_for_the_cpu():
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_aot.py"), "--target", "tpu9"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode != 0 and "unknown target 'tpu9' (known: h100, h200, cpu)" in bad.stderr
+
+
+def test_gpu_aot_tiny_forward_and_train():
+    """gpu_aot's forward (prefill.py's program) and train (train_step.py's GRPO update, abstract
+    trainer) phases on the CPU target: argument bytes by hand, and the layer fit of the summary."""
+    lines = run_bench("gpu_aot.py", "--phase", "forward", "train", "--layers", "1", "2", "--layer-loop", "scan",
+                      "split")
+    rows, summary = lines[:-1], lines[-1]
+    assert summary["compiled"] == 6 and summary["failed"] == 0, rows
+    assert summary["train_layers_that_fit"] is None  # no memory capacity for a CPU
+    from qwq_jax import QwenConfig
+
+    c = QwenConfig.preset("tiny")
+    per_layer = (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim
+                 * c.hidden_size + 3 * c.hidden_size * c.intermediate_size  # matmuls
+                 + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 2 * c.hidden_size)  # qkv bias, two norms
+    rest = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
+    forward = [r for r in rows if r["phase"] == "forward"]
+    assert [(r["layer_loop"], r["batch"], r["seq"]) for r in forward] == \
+        [("scan", 1, 64), ("scan", 4, 64), ("split", 1, 64), ("split", 4, 64)]
+    for r in forward:
+        assert r["weight_bytes"] == 4 * (rest + c.num_layers * per_layer)
+        assert r["memory"]["argument"] == r["weight_bytes"] + 4 * r["batch"] * r["seq"]  # + int32 tokens
+    train = [r for r in rows if r["phase"] == "train"]
+    assert [r["layers"] for r in train] == [1, 2]
+    for r in train:
+        assert r["master_weight_bytes"] == 4 * (rest + r["layers"] * per_layer)
+        batch = 2 * 4 * 16 * 4 + 2 * 4 * 8 * 4 + 2 * 4 * 4  # 4 rows: tokens, segments [4, 16]; mask, old [4, 8]
+        assert 0 <= r["memory"]["argument"] - (3 * r["master_weight_bytes"] + batch) <= 64
+        assert r["weight_copies"]["copied_bytes_per_micro_batch"] >= 0
+
+
+def test_layers_that_fit_by_hand_and_by_compiling():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_aot import compiled_layer_fit, layers_that_fit, memory_of
+
+    fit = layers_that_fit([(2, 10 + 2 * 5), (4, 10 + 4 * 5), (8, 10 + 8 * 5)], capacity=42)
+    assert fit == {"fixed_bytes": 10.0, "bytes_per_layer": 5.0, "max_layers": 6}
+    assert layers_that_fit([(2, 20), (2, 20)], 100) is None and layers_that_fit([(2, 20), (4, 30)], None) is None
+
+    # The fit of compiled peaks predicts the most layers whose compiled update fits (CPU compiles).
+    import jax
+
+    from qwq_jax import QwenConfig
+    from gpu_aot import lower_train
+
+    cfg = QwenConfig.preset("tiny").replace(num_layers=8)
+    train = dict(dtype="float32", attention="xla", remat="full", rows=4, prompt_len=8, completion_len=8,
+                 micro_batches=2)
+    device = jax.devices("cpu")[0]
+    peak = lambda n: memory_of(lower_train(cfg, device, layers=n, **train)[0].compile())["peak"]  # noqa: E731
+    capacity = (peak(3) + peak(4)) // 2
+    fit = compiled_layer_fit(cfg, device, capacity, counts=(1, 2), **train)
+    assert fit["max_layers"] == 3, fit

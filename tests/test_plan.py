@@ -283,6 +283,15 @@ def test_aot_gpu_path_compiles_on_cpu_devices(monkeypatch):
     assert p.method == "aot-gpu", p.notes
     assert p.aot["argument"] == p.phases["generate"]["params"] + p.phases["generate"]["kv_cache"] + 2 * 16 * 4 + 2 * 4
     assert any(n.startswith("AOT: fake-gpu (h100) compiler peak") for n in p.notes)
+    # --attention flash compiles the model's "auto" backend, chosen for the mesh's devices
+    # (qwq_jax.attention.compile_for: cuDNN for an H100's compile-only devices, xla for these CPUs).
+    seen = []
+    lower = planner._lower_task
+    monkeypatch.setattr(planner, "_lower_task", lambda *a, **kw: (seen.append(kw["backend"]), lower(*a, **kw))[1])
+    for attention in ("flash", "xla"):
+        f = plan(TINY, "train", topo, 64, 2, mesh="tensor=2", aot=True, attention=attention)
+        assert f.method == "aot-gpu", f.notes
+    assert seen == ["auto", "xla"]
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------

@@ -99,3 +99,36 @@ def test_split_rollout_weights_on_a_mesh():
     assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")  # generate rules, minus layers
     np.testing.assert_allclose(np.asarray(gate), np.asarray(trainer.params["layers"]["mlp"]["gate_proj"][1]),
                                rtol=1e-6)
+
+
+def test_abstract_trainer_lowers_the_same_update():
+    """A trainer built on `abstract_model` (no weights) lowers the very program a real trainer runs:
+    what benchmarks/gpu_aot.py compiles for an H100 from this CPU host. Its arguments are the fp32
+    master weights, AdamW's two fp32 moments and the batch, by hand."""
+    import jax
+
+    import sharding as sh
+    from qwq_jax.model import abstract_model
+
+    mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
+    cfg = GRPOConfig(group_size=4, max_tokens=4, micro_batches=2)
+    real = GRPOTrainer(sh.shard_model(init_model(CFG, seed=3, param_dtype=jnp.float32, dtype=jnp.float32), mesh,
+                                      "generate"), cfg, reward, mesh=mesh)
+    abstract = GRPOTrainer(abstract_model(CFG, param_dtype=jnp.float32, dtype=jnp.float32), cfg, reward, mesh=mesh)
+    assert abstract.abstract and not real.abstract
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract.state()))
+    assert abstract.lower_update(8, 5).as_text() == real.lower_update(8, 5).as_text()
+    with pytest.raises(ValueError, match="built on an abstract model"):
+        abstract.step(make_prompts(0, n=2))
+    with pytest.raises(ValueError, match="do not split into micro_batches=2"):
+        abstract.lower_update(7, 5)
+    with pytest.raises(ValueError, match="needs a mesh"):
+        GRPOTrainer(abstract_model(CFG), cfg, reward)
+
+    one = GRPOTrainer(init_model(CFG, seed=3, param_dtype=jnp.float32, dtype=jnp.float32), cfg, reward)
+    rows, prompt_len, c = 8, 5, 4
+    params = sum(x.size for x in jax.tree.leaves(one.params))
+    batch = 2 * rows * (prompt_len + c) * 4 + 2 * rows * c * 4 + 2 * rows * 4  # tokens, segments; mask, old; adv, w
+    ref = rows * c * 4 if one.ref_params is not None else 0
+    got = one.lower_update(rows, prompt_len).compile().memory_analysis().argument_size_in_bytes
+    assert 0 <= got - (3 * 4 * params + batch + ref) <= 64  # + optimizer step counters (scalars)

@@ -159,6 +159,11 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.graphdef, state = nnx.split(model)
+        # An abstract model (qwq_jax.model.abstract_model, leaves ShapeDtypeStruct): no weights exist,
+        # the trainer's state is shapes placed on `mesh`, and it can only lower its update.
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+        if self.abstract and mesh is None:
+            raise ValueError("GRPOTrainer on an abstract model needs a mesh (where the update would run)")
         self._state_def = jax.tree.structure(state)
         pure = nnx.to_pure_dict(state)
         self._pure_def = jax.tree.structure(pure)
@@ -170,16 +175,16 @@ class GRPOTrainer:
             self._engine_shardings = state_shardings(state, mesh, "generate")
         else:
             self.param_shardings = self._engine_shardings = None
-        self.params = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t),
-                              out_shardings=self.param_shardings)(pure)
+        self.params = self._build(lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t), pure,
+                                  self.param_shardings)
         self.optimizer = config.optimizer()
         self.opt_shardings = self._optimizer_shardings()
-        self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.params)
+        self.opt_state = self._build(self.optimizer.init, self.params, self.opt_shardings)
         self.ref_params = None
         if self.loss_cfg.kl_beta > 0:
             ref = self._pure(nnx.state(reference)) if reference is not None else self.params
-            self.ref_params = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(model.dtype), t),
-                                      out_shardings=self.param_shardings)(ref)
+            self.ref_params = self._build(lambda t: jax.tree.map(lambda x: x.astype(model.dtype), t), ref,
+                                          self.param_shardings)
         self.engine = Engine(model, tokenizer, mesh=mesh, rules="generate")
         self.step_count = 0
         self._to_engine = jax.jit(
@@ -202,6 +207,19 @@ class GRPOTrainer:
         self._prepare = jax.jit(self._prepare_fn, static_argnames=("prompt_len",))
 
     # ---- trees and shardings ----------------------------------------------------------------
+    def _build(self, fn, tree, shardings):
+        """`fn(tree)` placed on `shardings`: computed, or for an abstract trainer its shapes only."""
+        if not self.abstract:
+            return jax.jit(fn, out_shardings=shardings)(tree)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            jax.eval_shape(fn, tree), shardings)
+
+    def _check_concrete(self, what: str) -> None:
+        if self.abstract:
+            raise ValueError(f"GRPOTrainer.{what}: this trainer was built on an abstract model (no weights exist); "
+                             "it can only lower its update (lower_update), e.g. to compile for a device this host "
+                             "does not have")
+
     def _pure(self, state_like) -> dict:
         """A state-shaped tree (nnx.State of anything) as the nested dict the trainer keeps."""
         return jax.tree.unflatten(self._pure_def, jax.tree.leaves(state_like))
@@ -300,6 +318,7 @@ class GRPOTrainer:
         """Give the rollout engine the current weights: a copy in the model dtype and `generate`
         layout (rollout_weights="split": one array per layer), or (rollout_weights="master") the
         fp32 master arrays themselves."""
+        self._check_concrete("sync_engine")
         if self.config.rollout_weights == "master":
             self.engine.params = jax.tree.unflatten(self._state_def, jax.tree.leaves(self.params))
         elif self.config.rollout_weights == "split":
@@ -413,12 +432,43 @@ class GRPOTrainer:
 
     def _device_batch(self, batch: Mapping[str, np.ndarray]) -> tuple[dict[str, jax.Array], jax.Array | None, float]:
         """Put a host batch on the mesh and add the rollout / reference log-probs."""
+        self._check_concrete("update")
         arrays = {k: self._put_batch(v) for k, v in batch.items()}
         prompt_len = batch["tokens"].shape[1] - batch["mask"].shape[1]
         old_logp, ref_logp, gap = self._prepare(self.params, self.ref_params, arrays["tokens"], arrays["segments"],
                                                 arrays["mask"], arrays.pop("behaviour_logp"), prompt_len=prompt_len)
         arrays["old_logp"] = old_logp
         return arrays, ref_logp, float(gap)
+
+    def batch_shapes(self, rows: int, prompt_len: int, completion_len: int | None = None
+                     ) -> tuple[dict[str, jax.ShapeDtypeStruct], jax.ShapeDtypeStruct | None]:
+        """The device batch of an update (`_device_batch`'s arrays and reference log-probs) as
+        ShapeDtypeStructs placed as `update` places them: `rows` completions of `completion_len`
+        (default `max_tokens`) tokens after prompts padded to `prompt_len`."""
+        c = completion_len or self.config.max_tokens
+        layout = {"tokens": ((rows, prompt_len + c), jnp.int32), "segments": ((rows, prompt_len + c), jnp.int32),
+                  "mask": ((rows, c), jnp.float32), "advantages": ((rows,), jnp.float32),
+                  "row_weight": ((rows,), jnp.float32), "old_logp": ((rows, c), jnp.float32)}
+        if self.mesh is not None:
+            from sharding import batch_sharding
+
+            place = lambda n: batch_sharding(self.mesh, "train", n)  # noqa: E731
+        else:
+            place = lambda n: None  # noqa: E731
+        arrays = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=place(len(shape))) for k, (shape, dtype) in
+                  layout.items()}
+        ref = jax.ShapeDtypeStruct((rows, c), jnp.float32, sharding=place(2)) if self.ref_params is not None else None
+        return arrays, ref
+
+    def lower_update(self, rows: int, prompt_len: int, completion_len: int | None = None) -> Any:
+        """The jitted optimizer step (`update`'s program) lowered for `batch_shapes(rows, ...)`, without
+        running anything: `.compile()` it for its memory analysis or HLO. Works on an abstract trainer
+        (built on `abstract_model` with a mesh of compile-only devices) and on a concrete one."""
+        if rows % self.config.micro_batches:
+            raise ValueError(f"{rows} rows do not split into micro_batches={self.config.micro_batches}")
+        spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))  # noqa: E731
+        arrays, ref = self.batch_shapes(rows, prompt_len, completion_len)
+        return self._update.lower(jax.tree.map(spec, self.params), jax.tree.map(spec, self.opt_state), arrays, ref)
 
     def gradients(self, batch: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, float]]:
         """The (summed over micro-batches) gradient of the loss on a host batch, and its metrics."""
