@@ -50,6 +50,7 @@ from pathlib import Path
 from _common import HelpFormatter, emit, preset_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qwq_jax.rl.grpo import COMPUTE_COPIES  # noqa: E402
 from sharding.plan import GPU_TARGETS_DIR  # noqa: E402  (the planner's GPU descriptions)
 
 LAYER_LOOPS = ("scan", "unrolled", "split")
@@ -157,7 +158,7 @@ def lower_forward(cfg, device, *, dtype: str, attention: str, batch: int, seq: i
 
 
 def lower_train(cfg, device, *, layers: int, dtype: str, attention: str, remat: str, rows: int, prompt_len: int,
-                completion_len: int, micro_batches: int):
+                completion_len: int, micro_batches: int, compute_copy: str = "split"):
     """`benchmarks/train_step.py`'s program (GRPOTrainer's update: forward + backward over the
     micro-batches, AdamW on float32 masters, no reference model) for `layers` decoder layers, lowered
     for `device` (a compile-only one, or a real one: nothing runs); also the master weight bytes."""
@@ -167,7 +168,8 @@ def lower_train(cfg, device, *, layers: int, dtype: str, attention: str, remat: 
 
     cfg = cfg.replace(num_layers=layers)
     model, _ = placed_model(cfg, device, dtype=dtype, attention=attention, remat=remat, rules="train")
-    grpo = GRPOConfig(group_size=1, max_tokens=completion_len, micro_batches=micro_batches, kl_beta=0.0)
+    grpo = GRPOConfig(group_size=1, max_tokens=completion_len, micro_batches=micro_batches, kl_beta=0.0,
+                      compute_copy=compute_copy)
     trainer = GRPOTrainer(model, grpo, reward_fn=lambda idx, comps: [0.0] * len(comps),
                           mesh=one_device_mesh(device))
     master_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.params))
@@ -176,7 +178,7 @@ def lower_train(cfg, device, *, layers: int, dtype: str, attention: str, remat: 
 
 def train_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in ("dtype", "attention", "remat", "rows", "prompt_len", "completion_len",
-                                          "micro_batches")}
+                                          "micro_batches", "compute_copy")}
 
 
 def _largest(report: dict, n: int = 3) -> list[dict]:
@@ -291,7 +293,8 @@ def run_forward(args, cfg, device, loop: str, batch: int, seq: int) -> dict:
 def run_train(args, cfg, device, layers: int) -> dict:
     """benchmarks/train_step.py's program: GRPOTrainer's update for `layers` decoder layers."""
     row = dict(_base_row(args, device, "train"), layers=layers, rows=args.rows, prompt_len=args.prompt_len,
-               completion_len=args.completion_len, micro_batches=args.micro_batches, remat=args.remat)
+               completion_len=args.completion_len, micro_batches=args.micro_batches, remat=args.remat,
+               compute_copy=args.compute_copy)
     t0 = time.perf_counter()
     try:
         lowered, master_bytes, layer_cfg = lower_train(cfg, device, layers=layers, **train_kwargs(args))
@@ -360,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--completion-len", type=int, default=1536, help="tokens per completion")
     t.add_argument("--micro-batches", type=int, default=8, help="gradient accumulation steps")
     t.add_argument("--remat", default="full", help="remat policy")
+    t.add_argument("--compute-copy", choices=COMPUTE_COPIES, default=COMPUTE_COPIES[0],
+                   help="GRPOConfig.compute_copy: the fp32 masters cast to the compute dtype once per update, "
+                        "one array per layer (split) or stacked (step), or in every micro-batch where used "
+                        "(micro_batch)")
     p.add_argument("--tiny", action="store_true", help="tiny float32 model for the CPU target: a smoke test (CI)")
     return p
 

@@ -80,7 +80,7 @@ def fit_layers(args, cfg) -> int:
         fit = compiled_layer_fit(cfg, device, int(0.97 * limit), dtype="float32" if args.tiny else "bfloat16",
                                  attention=args.attention, remat=args.remat, rows=args.prompts * args.group_size,
                                  prompt_len=args.prompt_len, completion_len=args.completion_len,
-                                 micro_batches=args.micro_batches)
+                                 micro_batches=args.micro_batches, compute_copy=args.compute_copy)
         print(f"layers that fit (compiled at {[n for n, _ in fit['points']]} layers): {fit['max_layers']}",
               file=sys.stderr)
         return max(1, min(cfg.num_layers, fit["max_layers"]))
@@ -110,7 +110,7 @@ def run_ours(args) -> dict:
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     model = build_ours(cfg, dtype, attention=args.attention, remat=args.remat)
     grpo = GRPOConfig(group_size=args.group_size, max_tokens=args.completion_len, micro_batches=args.micro_batches,
-                      kl_beta=0.0)
+                      kl_beta=0.0, compute_copy=args.compute_copy)
     trainer = GRPOTrainer(model, grpo, reward_fn=lambda idx, comps: [0.0] * len(comps))
     del model
     trainer.engine = None  # no rollouts here: drop the engine's copy of the weights
@@ -224,6 +224,9 @@ def main() -> None:
     p.add_argument("--micro-batches", type=int, default=8, help="gradient accumulation steps")
     p.add_argument("--remat", default="full", help="our remat policy (HF: gradient checkpointing unless 'none')")
     p.add_argument("--attention", default="auto", help="our attention backend (qwq_jax.attention)")
+    p.add_argument("--compute-copy", choices=("split", "step", "micro_batch"), default="split",
+                   help="GRPOConfig.compute_copy: our fp32 masters cast to bf16 once per update (split: one array "
+                        "per layer; step: stacked), or in every micro-batch where used")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed steps (the first compiles; the second can recompile for the updated weights' layout)")
     p.add_argument("--iters", type=int, default=3, help="timed steps (the median is reported)")
@@ -260,6 +263,7 @@ def main() -> None:
         if impl == "ours":
             rec.update({k: res[k] for k in ("attention", "attention_resolved", "attention_fallbacks", "loss",
                                             "check_vs_xla")})
+            rec["compute_copy"] = args.compute_copy
         if "error" in res:
             rec["error"] = res["error"]
         else:

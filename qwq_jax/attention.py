@@ -519,6 +519,14 @@ def get_backend(name: str) -> Callable[..., jnp.ndarray]:
     return BACKENDS[name]
 
 
+def check_backend(name: str) -> str:
+    """What `name` runs as here (for "auto": the backend it picks, `$QWQ_ATTENTION` included); a
+    ValueError naming the problem for an unknown name or one this platform cannot run. Call it
+    before loading weights, so that a bad choice costs nothing."""
+    get_backend(name)
+    return resolve_auto() if name == "auto" else name
+
+
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray,
               backend: str = "xla", *, cache_layout: bool = False) -> jnp.ndarray:
     """Attention output `[B, T, H, D]` by the named backend (see the module docstring); keys and

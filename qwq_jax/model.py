@@ -298,7 +298,7 @@ class Qwen2(nnx.Module):
 
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
                  segment_ids: jnp.ndarray | None = None, *, rope: tuple[Any, Any] | None = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, layers: Sequence[Any] | None = None):
         """Forward pass without a cache: float32 logits `[B, T, V]`.
 
         tokens:      int32 `[B, T]`.
@@ -308,8 +308,10 @@ class Qwen2(nnx.Module):
         rope:        `(inv_freq, attention_factor)` overriding the config's rotary tables
                      (`inv_freq` `[D/2]` or per row `[B, 1, D/2]`, factor scalar or `[B, 1, 1]`).
         return_hidden: also return the residual stream after each layer `[L, B, T, E]`.
+        layers:      per-layer parameter trees run in place of the stacked layers (`hidden_states`).
         """
-        x, _, hidden = self.hidden_states(tokens, positions, segment_ids, rope=rope, return_hidden=return_hidden)
+        x, _, hidden = self.hidden_states(tokens, positions, segment_ids, rope=rope, return_hidden=return_hidden,
+                                          layers=layers)
         logits = self.logits(x)
         return (logits, hidden) if return_hidden else logits
 

@@ -23,6 +23,7 @@ DEMO_NAME = "qwen2.5-coder-0.5b-instruct-q4km-f32"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qwq_jax.attention import BACKENDS
     from qwq_jax.model import QUANT_MODES
     from sharding import add_distributed_args
 
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--layer-loop", choices=("scan", "unrolled", "split"), default="split",
                    help="how the decoder layers run (qwq_jax.generate): split (each layer's weights in arrays "
                         "of their own: decode reads them in place; compiles longer), or a scan over the stacks")
+    m.add_argument("--attention", choices=tuple(BACKENDS), default="auto",
+                   help="attention backend (qwq_jax.attention): auto = cuDNN flash attention on a GPU, splash "
+                        "on a TPU, the XLA reference on CPU, a GQA decode path for one new token and blockwise "
+                        "attention for chunked prefill ($QWQ_ATTENTION overrides what auto picks)")
     m.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="weight-only quantization of the decoder's matmul weights after loading (changes "
                         "the model's numbers slightly; halves bf16 weight bytes)")
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     import qwq_jax
+    from qwq_jax.attention import check_backend
     from qwq_jax.generate import Engine
     from qwq_jax.tokenizer import Tokenizer
     from sharding import make_mesh
@@ -198,12 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(f"--mesh: {e}")
     try:
+        check_backend(args.attention)
+    except ValueError as e:
+        parser.error(f"--attention: {e}")
+    try:
         ckpt = demo_checkpoint(args.cache_dir) if args.demo else Path(args.checkpoint)
         if not ckpt.exists():
             raise FileNotFoundError(f"checkpoint not found: {ckpt}")
         params = _sampling(args, ckpt)
         tokenizer = Tokenizer.from_dir(ckpt)
-        model = qwq_jax.load(ckpt, mesh=mesh, dtype=args.dtype, quant=args.quantize)
+        model = qwq_jax.load(ckpt, mesh=mesh, dtype=args.dtype, quant=args.quantize,
+                             attention_backend=args.attention)
     except ValueError as e:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 2

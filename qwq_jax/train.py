@@ -41,6 +41,7 @@ class ModelConfig:
     tokenizer: str | None = None   # dir with tokenizer.json; default: the checkpoint dir ("bytes" for presets)
     dtype: str = "bfloat16"        # compute dtype (master weights are float32)
     remat: str = "full"            # activation checkpointing policy (qwq_jax.model.REMAT_POLICIES)
+    attention: str = "auto"        # attention backend (qwq_jax.attention): auto = cuDNN / splash / xla by platform
 
 
 @dataclasses.dataclass
@@ -142,6 +143,10 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
                 raise ConfigError(f"unknown key {section}.{key}; known: {', '.join(hints)}")
             setattr(target, key, _check_type(f"{section}.{key}", value, hints[key]))
     cfg.grpo()  # validates [rl]
+    from qwq_jax.attention import BACKENDS
+
+    if cfg.model.attention not in BACKENDS:
+        raise ConfigError(f"model.attention={cfg.model.attention!r}; known: {', '.join(BACKENDS)}")
     return cfg
 
 
@@ -188,6 +193,7 @@ def build_model(cfg: TrainConfig, mesh):
     from flax import nnx
 
     from qwq_jax import checkpoint
+    from qwq_jax.attention import check_backend
     from qwq_jax.config import QwenConfig
     from qwq_jax.model import REMAT_POLICIES, Qwen2
     from qwq_jax.tokenizer import ByteTokenizer, Tokenizer
@@ -196,18 +202,24 @@ def build_model(cfg: TrainConfig, mesh):
     m = cfg.model
     if m.remat not in REMAT_POLICIES:
         raise ConfigError(f"model.remat={m.remat!r}; known: {', '.join(REMAT_POLICIES)}")
+    try:
+        check_backend(m.attention)
+    except ValueError as e:
+        raise ConfigError(f"model.attention={m.attention!r}: {e}") from None
     if m.path.startswith("preset:"):
         try:
             qcfg = QwenConfig.preset(m.path.split(":", 1)[1])
         except (KeyError, ValueError) as e:
             raise ConfigError(f"model.path={m.path!r}: {e}") from None
         model = init_sharded(lambda: Qwen2(qcfg, rngs=nnx.Rngs(cfg.run.seed), param_dtype=jnp.float32,
-                                           dtype=m.dtype, remat=m.remat), mesh, "train")
+                                           dtype=m.dtype, remat=m.remat, attention_backend=m.attention),
+                             mesh, "train")
         tok_dir = m.tokenizer if m.tokenizer not in (None, "bytes") else None
     else:
         if not Path(m.path).is_dir():
             raise ConfigError(f"model.path={m.path!r} is not a directory (convert one with `python -m convert`)")
-        model = checkpoint.load(m.path, mesh=mesh, rules="train", compute_dtype=m.dtype, remat=m.remat)
+        model = checkpoint.load(m.path, mesh=mesh, rules="train", compute_dtype=m.dtype, remat=m.remat,
+                                attention_backend=m.attention)
         tok_dir = m.tokenizer or m.path
     if m.tokenizer == "bytes" or tok_dir is None:
         tokenizer = ByteTokenizer()

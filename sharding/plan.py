@@ -66,6 +66,9 @@ Counted from the code's arrays, with named approximations:
                matmul outputs without batch dimensions (projections) for
                "dots_with_no_batch_dims_saveable". logits: logits, log_softmax and their
                cotangent 3 m T V/t 4 (XLA may fuse one away).
+               compute_copy: the compute-dtype copy of every weight but the embedding table
+               (train rules), made once per update (`GRPOConfig.compute_copy` "split"/"step";
+               0 for "micro_batch"); also held by the log-prob pass.
                layer_weights: the compute-dtype copies of two layers' weights (current and
                prefetched, all-gathered over fsdp) + the lm_head's, + one layer's float32
                gradient before its reduce-scatter.
@@ -95,6 +98,7 @@ TASKS = ("generate", "train")
 ATTENTION = ("xla", "flash")
 ENGINE_PREFILL_CHUNK = 2048  # qwq_jax.generate.Engine's default prefill_chunk
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+COMPUTE_COPIES = ("split", "step", "micro_batch")  # qwq_jax.rl.grpo.COMPUTE_COPIES
 QUANT_BYTES = {"int8": 1}  # weight-only quantization (qwq_jax.quant): bytes per matmul weight element
 # What each remat policy saves per layer for the backward pass (names of W's terms; see docstring).
 _DOTS = ("x", "q", "k", "v", "scores", "attn_out", "o_out", "gate", "up", "down")
@@ -352,7 +356,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
          mu_dtype: str = "float32", reference: bool = True, micro_batches: int = 1,
          rollout_batch: int | None = None, rollout_len: int | None = None, prefill_chunk: int | None = None,
          rollout_weights: str = "split", attention: str = "xla", headroom: float = 0.10,
-         aot: bool | None = False, quantize: str | None = None) -> Plan:
+         aot: bool | None = False, quantize: str | None = None, compute_copy: str = "split") -> Plan:
     """Per-device memory of `task` ("generate" or "train") for `cfg` (a QwenConfig or preset name).
 
     seq: generate: the cache length (prompt + new tokens); train: the row width (prompt +
@@ -361,7 +365,9 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
     param_dtype: generate: the weights' dtype; train: the rollout engine's copy (the dtype of the
     model handed to the trainer). rollout_weights (train, as `GRPOConfig.rollout_weights`): "split"
     (default) and "copy" keep that copy (one array per layer, or stacked: the same bytes), "master"
-    decodes from the float32 master weights (no copy). aot: True compiles for a TPU topology (needs libtpu), None does
+    decodes from the float32 master weights (no copy). compute_copy (train, as
+    `GRPOConfig.compute_copy`): "split" / "step" hold a compute-dtype copy of every weight but the
+    embedding table (train rules) through the update, "micro_batch" none. aot: True compiles for a TPU topology (needs libtpu), None does
     so when libtpu is installed, False never (the analytic count only). quantize (generate only):
     "int8" counts the int8 weight-only model of `qwq_jax.quant` (the rest of it in param_dtype).
     """
@@ -373,7 +379,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
                          compute_dtype=compute_dtype, mu_dtype=mu_dtype, reference=reference,
                          micro_batches=micro_batches, rollout_batch=rollout_batch, rollout_len=rollout_len,
                          prefill_chunk=prefill_chunk, rollout_weights=rollout_weights, attention=attention,
-                         headroom=headroom, quantize=quantize)
+                         headroom=headroom, quantize=quantize, compute_copy=compute_copy)
         mesh = best.mesh
     sizes = parse_mesh_spec(mesh, topo.devices)
     rollout_len = seq if rollout_len is None else rollout_len
@@ -403,15 +409,21 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
         rollout_rows = -(-rollout_batch // shards)
         if rollout_weights not in ("copy", "split", "master"):
             raise ValueError(f"rollout_weights must be 'copy', 'split' or 'master', got {rollout_weights!r}")
+        if compute_copy not in COMPUTE_COPIES:
+            raise ValueError(f"compute_copy must be one of {', '.join(COMPUTE_COPIES)}, got {compute_copy!r}")
         settings.update(remat=remat, mu_dtype=mu_dtype, reference=reference, micro_batches=micro_batches,
                         rollout_batch=rollout_batch, rollout_len=rollout_len, prefill_chunk=chunk,
-                        rollout_weights=rollout_weights, rows_per_device=rows, micro_batch_rows_per_device=mb)
+                        rollout_weights=rollout_weights, compute_copy=compute_copy, rows_per_device=rows,
+                        micro_batch_rows_per_device=mb)
         master = param_bytes(cfg, "train", sizes, "float32")
         persistent = {"params": master,
                       "optimizer": param_bytes(cfg, "train", sizes, mu_dtype) + master,
                       "reference": param_bytes(cfg, "train", sizes, compute_dtype) if reference else 0,
                       "engine_params": param_bytes(cfg, "generate", sizes, param_dtype)
                       if rollout_weights != "master" else 0}  # split: the same copy, one array per layer
+        # The update's (and the log-prob pass's) compute-dtype copy: every weight but the embedding.
+        copy = 0 if compute_copy == "micro_batch" else \
+            sum(n for p, n in param_elements(cfg, "train", sizes).items() if p != "embed") * c
         # One layer's weights split over `tensor` only (as gathered for compute), and the output head.
         gathered = param_elements(cfg, "train", {"data": 1, "fsdp": 1, "tensor": tensor})
         layer = sum(n for p, n in gathered.items() if p.startswith("layers.")) // L
@@ -424,13 +436,14 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
         phases = {
             # Decoding from the master weights casts (and gathers) each layer's weights as it goes.
             "rollout": dict(persistent, **rollout, layer_weights=weights if rollout_weights == "master" else 0),
-            "logprobs": dict(persistent, layer_weights=weights, logits=2 * mb * seq * v * 4 + 2 * rows * seq * 4,
+            "logprobs": dict(persistent, compute_copy=copy, layer_weights=weights, logits=2 * mb * seq * v * 4 + 2 * rows * seq * 4,
                              activations=sum(full.values()) + _per_call(cfg, mb, seq, seq)),
-            "update": dict(persistent, gradients=master * (2 if micro_batches > 1 else 1),
+            "update": dict(persistent, compute_copy=copy, gradients=master * (2 if micro_batches > 1 else 1),
                            layer_weights=weights + layer * 4, logits=3 * mb * seq * v * 4,
                            activations=(L - 1) * saved + 2 * sum(full.values()) + _per_call(cfg, mb, seq, seq)),
         }
-    order = ("params", "optimizer", "gradients", "reference", "engine_params", "layer_weights", "kv_cache",
+    order = ("params", "optimizer", "gradients", "reference", "engine_params", "compute_copy", "layer_weights",
+             "kv_cache",
              "activations", "logits")
     phases = {p: {k: cats.get(k, 0) for k in order} for p, cats in phases.items()}
     peak = max(phases, key=lambda p: sum(phases[p].values()))
@@ -708,6 +721,7 @@ _DESCRIBE = {
     "gradients": "float32 gradients (+ accumulator with micro-batches)",
     "reference": "frozen reference model ({})",
     "engine_params": "rollout engine's weights ({}), generate rules",
+    "compute_copy": "the update's {} copy of the weights but the embedding (compute_copy={})",
     "layer_weights": "current layers' gathered weights + lm_head",
     "kv_cache": "KV cache ({} tokens, {}/device)",
     "activations": "layer intermediates (remat {})",
@@ -727,6 +741,8 @@ def _describe(p: Plan, cat: str) -> str:
         return _DESCRIBE[cat].format(s["compute_dtype"])
     if cat == "engine_params":
         return _DESCRIBE[cat].format(s["param_dtype"])
+    if cat == "compute_copy":
+        return _DESCRIBE[cat].format(s["compute_dtype"], s["compute_copy"])
     if cat == "kv_cache":
         length = s.get("rollout_len", p.seq)
         rows = -(-s.get("rollout_batch", p.batch) // (p.mesh["data"] * p.mesh["fsdp"]))
@@ -817,6 +833,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rollout-weights", choices=("copy", "split", "master"), default="split",
                     help="train: a param-dtype copy for rollouts (split: the same, one array per layer), or "
                          "decode from the fp32 master weights")
+    ap.add_argument("--compute-copy", choices=COMPUTE_COPIES, default="split",
+                    help="train: the update's compute-dtype copy of the fp32 masters, made once per update "
+                         "(split, step) or none (micro_batch: cast where used)")
     ap.add_argument("--prefill-chunk", type=int,
                     help="tokens per prefill call: the engine's prefill_chunk, or the longest prompt if shorter "
                          f"(default: {ENGINE_PREFILL_CHUNK}, the engine's default)")
@@ -842,6 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       mu_dtype=args.mu_dtype, reference=args.reference, micro_batches=args.micro_batches,
                       rollout_batch=args.rollout_batch, rollout_len=args.rollout_len,
                       prefill_chunk=args.prefill_chunk, rollout_weights=args.rollout_weights,
+                      compute_copy=args.compute_copy,
                       attention=args.attention, headroom=args.headroom, quantize=args.quantize)
         best = best_mesh(cfg, args.task, topo, args.seq, args.batch, **kwargs)
         mesh = args.mesh if args.mesh is not None else best.mesh

@@ -57,12 +57,14 @@ def test_logits_match_transformers_gguf_model(ours, tokenizer, demo_hf_model):
         assert err <= 5e-3
 
 
-def test_greedy_equals_transformers_generate(ours, tokenizer, demo_hf_model):
+def test_greedy_equals_transformers_generate(ours, demo_checkpoint, tokenizer, demo_hf_model):
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in CHATS.values()]
     outs = Engine(ours, tokenizer).generate(prompts, SamplingParams(temperature=0.0, max_tokens=64))
-    # The same prompts prefilled 32 tokens at a time (several chunks, rows ending mid-chunk): the
-    # same first 16 greedy tokens.
-    chunked = Engine(ours, tokenizer, prefill_chunk=32).generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))
+    # The same prompts prefilled 32 tokens at a time (several chunks, rows ending mid-chunk) by the
+    # model the CLIs build (attention "auto": here blockwise prefill against the cache, the GQA
+    # decode path per token): the same first 16 greedy tokens.
+    auto = load(demo_checkpoint, attention_backend="auto")
+    chunked = Engine(auto, tokenizer, prefill_chunk=32).generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))
     assert min(len(p) for p in prompts) > 32
     for name, ids, out, out32 in zip(CHATS, prompts, outs, chunked):
         assert out32[0].token_ids == out[0].token_ids[:16], name
@@ -131,6 +133,7 @@ def test_sample_cli_json(demo_checkpoint):
     (["--prefill-chunk", "0"], 2, "--prefill-chunk: must be a positive whole number of tokens, got '0'"),
     (["--quantize", "int4"], 2, "invalid choice: 'int4'"),
     (["--layer-loop", "vmap"], 2, "invalid choice: 'vmap'"),
+    (["--attention", "flash3"], 2, "invalid choice: 'flash3'"),
 ])
 def test_sample_cli_invalid_parameters(demo_checkpoint, args, code, message):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -138,6 +141,21 @@ def test_sample_cli_invalid_parameters(demo_checkpoint, args, code, message):
                         "hi", *args], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == code and message in r.stderr, r.stderr[-2000:]
     assert len([l for l in r.stderr.splitlines() if "error" in l]) == 1
+
+
+def test_sample_cli_attention_errors_before_loading(tmp_path):
+    """A backend this platform cannot run, or a bad $QWQ_ATTENTION behind "auto": one clear error,
+    exit 2, before the checkpoint is even looked for (a missing one would say so, exit 1)."""
+    import jax
+
+    other = "splash" if jax.default_backend() != "tpu" else "cudnn"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"]
+    r = subprocess.run(cmd + ["--attention", other], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and f"--attention: attention backend {other!r} needs a" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, QWQ_ATTENTION="flash3"), timeout=300)
+    assert r.returncode == 2 and "--attention: unknown attention backend 'flash3'" in r.stderr, r.stderr[-2000:]
+    assert "checkpoint not found" not in r.stderr
 
 
 def test_sample_cli_missing_checkpoint(tmp_path):

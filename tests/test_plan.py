@@ -172,6 +172,14 @@ def test_train_categories_by_hand():
     upd = p.phases["update"]
     assert upd["params"] == master and upd["optimizer"] == 2 * master and upd["gradients"] == master
     assert upd["reference"] == master // 2 and upd["engine_params"] == 38272 * 2  # bf16, generate rules
+    # The update's bf16 copy of every weight but the embedding (512 x 64 / 8 devices = 4096 of them).
+    assert upd["compute_copy"] == p.phases["logprobs"]["compute_copy"] == (19168 - 512 * 64 // 8) * 2
+    assert p.phases["rollout"]["compute_copy"] == 0
+    assert plan(TINY, "train", topo, 64, 8, mesh=mesh, compute_copy="micro_batch").phases["update"]["compute_copy"] == 0
+    from qwq_jax.rl import grpo
+    assert planner.COMPUTE_COPIES == grpo.COMPUTE_COPIES and grpo.GRPOConfig().compute_copy == "split"
+    with pytest.raises(ValueError, match="compute_copy must be one of split, step, micro_batch"):
+        plan(TINY, "train", topo, 64, 8, mesh=mesh, compute_copy="once")
     # logits, log_softmax, cotangent: 8 rows / (data x fsdp = 2) = 4 rows, vocab 512 / 4.
     assert upd["logits"] == 3 * 4 * 64 * 128 * 4
     # Rollout: KV cache of 8 rows / 2 shards, 64 tokens, 4 / 4 KV heads of 8, bf16.

@@ -60,10 +60,26 @@ def test_ready_qwq32b_configs_are_consistent(name, devices):
     ("nosection.x=1", "unknown section"),
     ("steps=3", "expected section.key=value"),
     ("rl.group_size=0", "group_size must be >= 1"),
+    ("model.attention=flash3", "model.attention='flash3'; known: xla, "),
 ])
 def test_config_errors_name_the_problem(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, [override])
+
+
+def test_model_attention_reaches_the_model_and_platform_errors_name_it():
+    import jax
+
+    from qwq_jax.train import build_model
+    from sharding import make_mesh
+
+    mesh = make_mesh("fsdp=-1", jax.devices()[:1])
+    model, _ = build_model(load_config(TINY, ["model.attention=blockwise"]), mesh)
+    assert model.attention_backend == "blockwise" and model.layers.attn.backend == "blockwise"
+    other = "splash" if jax.default_backend() != "tpu" else "cudnn"
+    with pytest.raises(ConfigError, match=f"model.attention='{other}': attention backend '{other}' needs a"):
+        build_model(load_config(TINY, [f"model.attention={other}"]), mesh)
+    assert load_config(TINY).model.attention == "auto"
 
 
 def test_cli_bad_config_exits_2(capsys, tmp_path):
@@ -130,8 +146,8 @@ def _digit_reward(prompt_indices, completions):
     return [float(np.mean([t < 64 for t in c.token_ids])) if c.token_ids else 0.0 for c in completions]
 
 
-def _trainer(loss, micro_batches=1, mesh=None, **kw):
-    model = init_model(CFG, seed=0, param_dtype=jnp.float32, dtype=jnp.float32)
+def _trainer(loss, micro_batches=1, mesh=None, dtype=jnp.float32, **kw):
+    model = init_model(CFG, seed=0, param_dtype=jnp.float32, dtype=dtype)
     if mesh is not None:
         import sharding
 
@@ -167,6 +183,34 @@ def test_micro_batches_give_the_full_batch_gradient(loss):
     assert m1["kl"] > 0
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("compute_copy, dtype", [("step", jnp.bfloat16), ("split", jnp.float32)])
+def test_weights_cast_once_per_step_give_the_per_micro_batch_gradient(compute_copy, dtype):
+    """compute_copy "step" (the float32 masters cast to bfloat16 once, shared by the micro-batches)
+    vs "micro_batch" (autodiff through the model's own cast of each weight, in every micro-batch):
+    the same gradients of the float32 masters, the same metrics and the same update. "split" (the
+    copy as one array per layer, straight-line layers, gradients restacked) likewise, in float32:
+    in bfloat16 a differently fused graph rounds differently, which would hide a plumbing error."""
+    runs, batch = {}, None
+    for copy in ("micro_batch", compute_copy):
+        t = _trainer("grpo", 2, dtype=dtype, kl_beta=0.1, compute_copy=copy)
+        batch = _batch(t) if batch is None else batch
+        t.params = jax.tree.map(lambda x: x * 1.01, t.params)  # policy != reference: KL term non-zero
+        grads, metrics = t.gradients(batch)
+        runs[copy] = grads, metrics, t.update(batch), t.params
+    (g_ref, m_ref, u_ref, p_ref), (g, m, u, p) = runs["micro_batch"], runs[compute_copy]
+    assert m_ref["kl"] > 0
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g))
+    for key in ("loss", "kl", "entropy"):
+        np.testing.assert_allclose(m[key], m_ref[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(u["grad_norm"], u_ref["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6 * np.abs(a).max())
+    for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4)
+    with pytest.raises(ValueError, match="compute_copy must be one of split, step, micro_batch"):
+        GRPOConfig(compute_copy="once")
 
 
 def test_sharded_update_equals_single_device():

@@ -42,6 +42,7 @@ RewardFn = Callable[[Sequence[int], Sequence[Completion]], "Mapping[str, Sequenc
 
 
 ROLLOUT_WEIGHTS = ("copy", "split", "master")
+COMPUTE_COPIES = ("split", "step", "micro_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,13 @@ class GRPOConfig:
                                      # by lax.scan: XLA for GPU copies each layer's weight slice out per
                                      # step, benchmarks/gpu_aot.py); master: decode straight from the
                                      # fp32 master weights (no copy; 2x weight reads, stacked)
+    compute_copy: str = "split"      # split: the float32 masters (all but the embedding table) cast to the
+                                     # compute dtype once per update, each layer's weights an array of their
+                                     # own (straight-line layers: no weight slices of the stacks copied per
+                                     # micro-batch, benchmarks/gpu_aot.py), shared by the micro-batches;
+                                     # step: that copy stacked [L, ...] (a lax.scan over layers: compiles
+                                     # faster); micro_batch: every micro-batch casts each weight where it is
+                                     # used (forward, remat recompute, backward: least memory, most traffic)
     seed: int = 0
 
     def __post_init__(self):
@@ -81,6 +89,8 @@ class GRPOConfig:
         if self.rollout_weights not in ROLLOUT_WEIGHTS:
             raise ValueError(f"rollout_weights must be one of {', '.join(ROLLOUT_WEIGHTS)}, "
                              f"got {self.rollout_weights!r}")
+        if self.compute_copy not in COMPUTE_COPIES:
+            raise ValueError(f"compute_copy must be one of {', '.join(COMPUTE_COPIES)}, got {self.compute_copy!r}")
         self.loss_config()  # validates the loss kind and its overrides
 
     def loss_config(self) -> LossConfig:
@@ -102,16 +112,16 @@ class GRPOConfig:
                                        weight_decay=self.weight_decay, mu_dtype=mu_dtype))
 
 
-def completion_logprobs(model: Qwen2, tokens: jax.Array, segments: jax.Array, prompt_len: int
-                        ) -> tuple[jax.Array, jax.Array]:
+def completion_logprobs(model: Qwen2, tokens: jax.Array, segments: jax.Array, prompt_len: int,
+                        layers: Sequence[Any] | None = None) -> tuple[jax.Array, jax.Array]:
     """Log-probs `[B, T]` of tokens[:, prompt_len:] under `model`, and the per-token entropy `[B, T]`.
 
     `tokens [B, prompt_len + T]` hold each prompt right-aligned at `prompt_len` (left padding has
     segment 0) followed by its completion; positions count from each row's first real token, as
-    in generation.
+    in generation. `layers`: per-layer weights in place of the model's stacked ones (`Qwen2.__call__`).
     """
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0).astype(jnp.int32)
-    logits = model(tokens[:, :-1], positions[:, :-1], segments[:, :-1])[:, prompt_len - 1:]  # [B, T, V]
+    logits = model(tokens[:, :-1], positions[:, :-1], segments[:, :-1], layers=layers)[:, prompt_len - 1:]  # [B, T, V]
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     target = tokens[:, prompt_len:]
     logp = jnp.take_along_axis(logp_all, target[..., None], axis=-1)[..., 0]
@@ -192,6 +202,7 @@ class GRPOTrainer:
                                                            zip(jax.tree.leaves(t), self._engine_dtypes)]),
             out_shardings=self._engine_shardings)
         self._num_layers = model.config.num_layers
+        self._compute_dtype = jnp.dtype(model.dtype)
         if config.rollout_weights == "split":
             self._layers_def = jax.tree.structure(state["layers"])
             split_shardings = None
@@ -223,6 +234,35 @@ class GRPOTrainer:
     def _pure(self, state_like) -> dict:
         """A state-shaped tree (nnx.State of anything) as the nested dict the trainer keeps."""
         return jax.tree.unflatten(self._pure_def, jax.tree.leaves(state_like))
+
+    def _compute_params(self, params) -> dict:
+        """What the micro-batches run on (and differentiate). compute_copy "split" / "step": every
+        float32 master but the embedding table cast to the compute dtype, once per update ("split":
+        the layers as a list of per-layer trees). The model casts each weight to that dtype before
+        any use, so the forward is unchanged, and the gradient of the copy, accumulated in float32,
+        is the gradient of the master (the cast's transpose is that same conversion). The embedding
+        stays float32: the model casts only its gathered rows, and its gradient sums repeated tokens.
+        "micro_batch": the masters themselves."""
+        if self.config.compute_copy == "micro_batch":
+            return params
+        dt = self._compute_dtype
+
+        def cast(x):
+            return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
+
+        out = {k: v if k in ("embed", "layers") else jax.tree.map(cast, v) for k, v in params.items()}
+        if self.config.compute_copy == "split":  # a list: one tree of arrays per layer
+            out["layers"] = [jax.tree.map(lambda x, i=i: cast(x[i]), params["layers"]) for i in range(self._num_layers)]
+        else:
+            out["layers"] = jax.tree.map(cast, params["layers"])
+        return out
+
+    def _logprobs(self, compute, masters, tokens, segments, prompt_len: int):
+        """`completion_logprobs` of the model on `compute` (`_compute_params(masters)`)."""
+        if isinstance(compute["layers"], list):  # split: the stacked masters only give the graph its shapes
+            return completion_logprobs(self._model(dict(compute, layers=masters["layers"])), tokens, segments,
+                                       prompt_len, layers=compute["layers"])
+        return completion_logprobs(self._model(compute), tokens, segments, prompt_len)
 
     def _model(self, params) -> Qwen2:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self._state_def, jax.tree.leaves(params)))
@@ -262,10 +302,11 @@ class GRPOTrainer:
         and the mean |training - engine| log-prob gap over real tokens (a numerics health check).
         Runs per micro-batch (strided, as the update), so it never holds more than the update."""
         n = self.config.micro_batches
+        compute = self._compute_params(params)
 
         def one(_, mb):
             tok, seg = mb
-            old, _ = completion_logprobs(self._model(params), tok, seg, prompt_len)
+            old, _ = self._logprobs(compute, params, tok, seg, prompt_len)
             ref = completion_logprobs(self._model(ref_params), tok, seg, prompt_len)[0] if ref_params is not None \
                 else jnp.zeros_like(old)
             return None, (old, ref)
@@ -286,7 +327,7 @@ class GRPOTrainer:
         split["ref_logp"] = _strided(ref_logp, n)
 
         def loss_fn(p, mb):
-            logp, entropy = completion_logprobs(self._model(p), mb["tokens"], mb["segments"], prompt_len)
+            logp, entropy = self._logprobs(p, params, mb["tokens"], mb["segments"], prompt_len)
             loss, metrics = policy_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["mask"], lcfg,
                                         row_weight=mb["row_weight"], normalizers=norms)
             weighted = mb["mask"] * mb["row_weight"][:, None]
@@ -294,16 +335,21 @@ class GRPOTrainer:
             return loss, dict(metrics, entropy=ent)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        compute = self._compute_params(params)
 
         def accumulate(carry, mb):
             grads, metrics = carry
-            (_, m), g = grad_fn(params, mb)
-            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
+            (_, m), g = grad_fn(compute, mb)
+            grads = jax.tree.map(lambda acc, x: acc + x.astype(acc.dtype), grads, g)
+            return (grads, jax.tree.map(jnp.add, metrics, m)), None
 
         first = jax.tree.map(lambda x: x[0], split)
-        m_shape = jax.eval_shape(lambda: grad_fn(params, first)[0][1])
-        zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape))
+        m_shape = jax.eval_shape(lambda: grad_fn(compute, first)[0][1])
+        zeros = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), compute),
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape))
         (grads, metrics), _ = jax.lax.scan(accumulate, zeros, split)
+        if isinstance(grads["layers"], list):  # split: restack the per-layer sums, once per update
+            grads["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *grads["layers"])
         return grads, metrics
 
     def _update_fn(self, params, opt_state, batch, ref_logp):
