@@ -250,6 +250,14 @@ def add_common_args(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--child", choices=tuple(IMPL_NAMES), help=argparse.SUPPRESS)
 
 
+def apply_tiny(p: argparse.ArgumentParser, args: argparse.Namespace, **settings: Any) -> None:
+    """`--tiny`'s settings, except for options the command line changed from their defaults (so a
+    smoke run can be narrowed further, as benchmarks/device_suite.sh --tiny does)."""
+    for name, value in settings.items():
+        if getattr(args, name) == p.get_default(name):
+            setattr(args, name, value)
+
+
 def run_child(script: str, impl: str, argv: Sequence[str] | None = None) -> Any:
     """Run `script` again with `--child impl` (same arguments otherwise); its last stdout line, parsed."""
     argv = list(sys.argv[1:] if argv is None else argv)

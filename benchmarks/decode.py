@@ -40,8 +40,8 @@ import shutil
 import sys
 import time
 
-from _common import (IMPL_NAMES, HelpFormatter, add_common_args, build_hf, build_ours, device_kind, emit,
-                     error_line, peak_bandwidth, preset_config, ratio, run_child)
+from _common import (IMPL_NAMES, HelpFormatter, add_common_args, apply_tiny, build_hf, build_ours, device_kind,
+                     emit, error_line, peak_bandwidth, preset_config, ratio, run_child)
 
 
 LAYER_LOOPS = ("scan", "unrolled", "split")
@@ -233,8 +233,8 @@ def main() -> None:
     args = p.parse_args()
     if args.tiny:
         args.dtype = "float32"
-        args.preset, args.batch, args.prompt_len, args.new_tokens = "tiny", [1, 4], [16, 40], 16
-        args.prefill_chunk = 16  # the 40-token prompts go in 3 prefill calls
+        # the 40-token prompts go in 3 prefill calls
+        apply_tiny(p, args, preset="tiny", batch=[1, 4], prompt_len=[16, 40], new_tokens=16, prefill_chunk=16)
     if args.child:
         print(json.dumps(run_ours(args) if args.child == "ours" else run_hf(args)))
         return

@@ -12,7 +12,7 @@ This script builds, on an abstract model of a preset (no weights exist), the pro
               trainer), per `--layers`; two or more counts also fit peak = fixed + per layer x
               layers and say how many layers fit (what train_step.py's `--layers auto` does)
 
-compiles them for the target described in `sharding/gpu_targets/<name>.txtpb`, with the attention
+compiles them for the target described in `qwq_jax/gpu_targets/<name>.txtpb`, with the attention
 backends chosen for that target (`qwq_jax.attention.compile_for`: "auto" is cuDNN for an H100),
 and reports, per program, from XLA's own output:
 
@@ -50,10 +50,9 @@ from pathlib import Path
 from _common import HelpFormatter, emit, preset_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qwq_jax.generate import LAYER_LOOPS  # noqa: E402
+from qwq_jax.plan import GPU_TARGETS_DIR  # noqa: E402  (the planner's GPU descriptions)
 from qwq_jax.rl.grpo import COMPUTE_COPIES  # noqa: E402
-from sharding.plan import GPU_TARGETS_DIR  # noqa: E402  (the planner's GPU descriptions)
-
-LAYER_LOOPS = ("scan", "unrolled", "split")
 PHASES = ("decode", "prefill", "forward", "train")
 
 

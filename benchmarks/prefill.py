@@ -23,9 +23,9 @@ import argparse
 import json
 import sys
 
-from _common import (IMPL_NAMES, HelpFormatter, add_common_args, build_hf, build_ours, collect_attention_fallbacks,
-                     device_kind, emit, error_line, forward_flops, graphdef_with_attention, peak_flops, preset_config,
-                     ratio, run_child, timed)
+from _common import (IMPL_NAMES, HelpFormatter, add_common_args, apply_tiny, build_hf, build_ours,
+                     collect_attention_fallbacks, device_kind, emit, error_line, forward_flops, graphdef_with_attention,
+                     peak_flops, preset_config, ratio, run_child, timed)
 
 
 def run_ours(args) -> dict:
@@ -134,7 +134,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3, help="timed passes (the median is reported)")
     args = p.parse_args()
     if args.tiny:
-        args.preset, args.seq, args.batch, args.warmup, args.iters = "tiny", [32, 64], 2, 1, 2
+        apply_tiny(p, args, preset="tiny", seq=[32, 64], batch=2, warmup=1, iters=2)
     if args.child:
         print(json.dumps(run_ours(args) if args.child == "ours" else run_hf(args)))
         return

@@ -40,9 +40,9 @@ import argparse
 import json
 import sys
 
-from _common import (IMPL_NAMES, HelpFormatter, add_common_args, build_hf, build_ours, collect_attention_fallbacks,
-                     device_kind, emit, error_line, forward_flops, graphdef_with_attention, layer_matmul_params,
-                     peak_flops, preset_config, ratio, run_child, timed)
+from _common import (IMPL_NAMES, HelpFormatter, add_common_args, apply_tiny, build_hf, build_ours,
+                     collect_attention_fallbacks, device_kind, emit, error_line, forward_flops, graphdef_with_attention,
+                     layer_matmul_params, peak_flops, preset_config, ratio, run_child, timed)
 
 RECOMPUTING = ("full", "nothing_saveable")  # remat policies that recompute each layer's whole forward
 
@@ -233,8 +233,8 @@ def main() -> None:
     p.add_argument("--hf-layers", type=int, help=argparse.SUPPRESS)  # set by the parent: ours' layer count
     args = p.parse_args()
     if args.tiny:
-        args.preset, args.prompts, args.group_size, args.prompt_len, args.completion_len = "tiny", 2, 2, 8, 8
-        args.micro_batches, args.iters = 2, 2
+        apply_tiny(p, args, preset="tiny", prompts=2, group_size=2, prompt_len=8, completion_len=8, micro_batches=2,
+                   iters=2)
     if (args.prompts * args.group_size) % args.micro_batches:
         p.error(f"--prompts x --group-size ({args.prompts * args.group_size}) must divide into "
                 f"--micro-batches ({args.micro_batches})")

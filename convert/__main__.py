@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from convert.source import ConversionError
+from qwq_jax import compile_cache
 
 
 def _parse_size(text: str) -> int:
@@ -28,11 +30,13 @@ def _parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB)") from None
 
 
+
 def build_parser() -> argparse.ArgumentParser:
+    from qwq_jax.cli import OneLineParser
     from sharding import add_distributed_args
 
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m convert", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     for name, src_help in (("hf", "local HF model directory (config.json, *.safetensors, tokenizer files)"),
@@ -46,19 +50,54 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mesh the conversion writes from, e.g. 'fsdp=-1' (default: layers split over "
                             "all devices)")
         p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
         add_distributed_args(p)
+        compile_cache.add_args(p)
     p = sub.add_parser("export-hf", help="qwq-jax checkpoint -> HF safetensors directory", formatter_class=fmt)
     p.add_argument("ckpt", help="qwq-jax checkpoint directory")
     p.add_argument("out", help="output HF model directory")
     p.add_argument("--max-shard-size", type=_parse_size, default="5GB", help="largest safetensors file")
     p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
+    compile_cache.add_args(p)
     return parser
+
+
+def _source_problem(command: str, src: str) -> str | None:
+    """One line when SRC is not what `command` reads (qwq_jax.checkpoint.inspect_path says what it is)."""
+    from qwq_jax.checkpoint import describe_problem, inspect_path
+
+    info = inspect_path(src)
+    if command == "export-hf":
+        return describe_problem(info)
+    if info.kind == command:  # hf / gguf
+        return None
+    if info.kind in ("checkpoint", "training_step"):
+        return (f"{src} is already a qwq-jax checkpoint: sample it with `python -m qwq_jax.sample --checkpoint "
+                f"{src}`, or get HF files with `python -m convert export-hf {src} OUT`")
+    if info.kind in ("hf", "gguf", "training_run") or (command == "gguf" and info.kind == "missing"):
+        return describe_problem(info)
+    if command == "gguf":
+        return f"{src} is not a GGUF file (it does not start with the bytes 'GGUF')"
+    if info.kind == "file":
+        return (f"{src} is a file; `python -m convert hf` reads a Hugging Face model directory "
+                "(config.json, *.safetensors)")
+    return None  # missing, empty or another directory: HFSource names what it lacks
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = _source_problem(args.command, args.ckpt if args.command == "export-hf" else args.src)
+    if problem is None and not args.overwrite and Path(args.out).exists():
+        problem = f"{args.out} already exists (pass --overwrite to replace it, or choose another OUT)"
+    if problem is not None:
+        print(f"python -m convert: error: {problem}", file=sys.stderr)
+        return 1
+    try:
+        compile_cache.enable(args.xla_cache)
+    except ValueError as e:
+        print(f"python -m convert: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.command == "export-hf":
             from convert.hf import export_hf
@@ -73,14 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         from sharding import init_distributed, make_mesh
 
         init_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+        import jax
+
         from convert.hf import HFSource, convert_source
+        from qwq_jax.cli import phase
 
-        if args.command == "hf":
-            source = HFSource(args.src)
-        else:
-            from convert.gguf import GGUFSource
+        with phase(f"reading {args.src} (metadata, config, tokenizer)",
+                   enabled=jax.process_index() == 0 and not args.quiet):
+            if args.command == "hf":
+                source = HFSource(args.src)
+            else:
+                from convert.gguf import GGUFSource
 
-            source = GGUFSource(args.src)
+                source = GGUFSource(args.src)
+            source.extra_files  # noqa: B018  (a GGUF's tokenizer is built here, inside this status line)
         try:
             mesh = make_mesh(args.mesh) if args.mesh else None
         except ValueError as e:
@@ -88,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         summary = convert_source(source, args.out, dtype=args.dtype, mesh=mesh, overwrite=args.overwrite,
                                  progress=not args.quiet)
-        import jax
-
         if jax.process_index() == 0:
             print(f"converted {args.src} -> {summary['out']}: {summary['parameters'] / 1e6:.1f}M parameters "
                   f"({summary['dtype']}, {summary['bytes_written'] / 1e9:.2f} GB) in {summary['seconds']:.1f} s, "
@@ -98,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as e:
         print(f"python -m convert: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"python -m convert: error: {e}", file=sys.stderr)
         return 1
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from convert.source import ConversionError
 from qwq_jax.config import QwenConfig
+from qwq_jax.sampling import RECOMMENDED, recommended_sampling
 
 # GGUF tensor name -> HF name. Per-layer names are `blk.{i}.<leaf>`.
 GLOBAL_NAMES = {
@@ -331,6 +332,10 @@ class GGUFSource:
                 out[hf] = int(self._fields[f"tokenizer.ggml.{field}"])
         if eos:
             out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+        # A GGUF carries no sampling settings: write the family's published recommendation (what the
+        # original checkpoint's generation_config.json holds), picked from the config and template.
+        family = recommended_sampling(self.config, self._fields.get("tokenizer.chat_template"))
+        out.update({"do_sample": True, **RECOMMENDED[family]})
         return out
 
     # ---- helpers ------------------------------------------------------------------------

@@ -28,9 +28,10 @@ from tqdm import tqdm
 from convert.names import Rule, check_names, flatten, hf_names, param_shapes, rules_for, unflatten
 from convert.safetensors_io import SafetensorsFile, write_safetensors
 from convert.source import ConversionError, Source
-from qwq_jax.checkpoint import TOKENIZER_FILES, param_shardings, read_config, restore_params
+from qwq_jax.checkpoint import TOKENIZER_FILES, param_shardings, read_config, restore_params, tokenizer_dir
 from qwq_jax.config import QwenConfig
 from qwq_jax.model import as_dtype
+from qwq_jax.cli import phase
 
 OUT_DTYPES = ("bfloat16", "float32", "float16")
 
@@ -231,18 +232,23 @@ def convert_source(source: Source, out: str | os.PathLike, *, dtype: str | None 
             sharding = targets[rule.ours].sharding if targets is not None else _default_sharding(full)
             array = _build(rule, full, sharding, reader, cfg.num_layers)
             reader._last = None
+            bar.set_postfix_str(f"writing {rule.ours}")
             ocp.partial.save(tmp, unflatten({rule.ours: array}))
+            bar.set_postfix_str("")
             del array
-        ocp.partial.finalize(tmp)
-        if primary:
-            hf = dict(source.hf_config, torch_dtype=dtype)
-            hf.pop("dtype", None)
-            (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-            for name, data in source.extra_files.items():
-                if name != "config.json":
-                    (tmp / name).write_bytes(data)
-            _publish(tmp, out)
-        _sync("convert:done")
+        bar.close()  # the bar ends with its phase; what follows has its own line
+        with phase(f"finalizing {out.name} (Orbax merges the saved pieces; config and tokenizer files)",
+                   enabled=progress and primary):
+            ocp.partial.finalize(tmp)
+            if primary:
+                hf = dict(source.hf_config, torch_dtype=dtype)
+                hf.pop("dtype", None)
+                (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+                for name, data in source.extra_files.items():
+                    if name != "config.json":
+                        (tmp / name).write_bytes(data)
+                _publish(tmp, out)
+            _sync("convert:done")
     except BaseException:
         bar.close()
         if primary:
@@ -260,7 +266,8 @@ def convert_source(source: Source, out: str | os.PathLike, *, dtype: str | None 
 
 def export_hf(ckpt: str | os.PathLike, hfdir: str | os.PathLike, *, overwrite: bool = False,
               max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> dict:
-    """Write the checkpoint at `ckpt` as a HF model directory (safetensors shards + index)."""
+    """Write the checkpoint at `ckpt` (a converted one, or a training step `RUN/checkpoints/STEP`: its
+    float32 master weights) as a HF model directory (safetensors shards + index)."""
     start = time.perf_counter()
     ckpt, hfdir = Path(ckpt).absolute(), Path(hfdir).absolute()
     try:
@@ -317,9 +324,10 @@ def export_hf(ckpt: str | os.PathLike, hfdir: str | os.PathLike, *, overwrite: b
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+        tok_dir = tokenizer_dir(ckpt)  # a training step: the tokenizer its run trained with (None: bytes)
         for name in TOKENIZER_FILES:
-            if (ckpt / name).is_file():
-                shutil.copyfile(ckpt / name, tmp / name)
+            if tok_dir is not None and (tok_dir / name).is_file():
+                shutil.copyfile(tok_dir / name, tmp / name)
         _publish(tmp, hfdir)
     except BaseException:
         _remove(tmp)

@@ -10,8 +10,6 @@ copies (prefill into a cache only: decoding never reaches them).
 
     backend      runs on        what it does
     xla          anywhere       the reference: einsums, float32 softmax, any mask
-    dot_product  anywhere       jax.nn.dot_product_attention(implementation="xla"), fed exactly as
-                                "cudnn" is (causal flag, per-row lengths), so CPU tests cover that plumbing
     cudnn        GPU            jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash
                                 attention, bf16/fp16, head_dim a multiple of 8 up to 128 (256 on Hopper)
     splash       TPU            Pallas splash attention (jax.experimental.pallas.ops.tpu)
@@ -29,7 +27,7 @@ rows that restart at 0). What they cannot express falls back to `xla` with a log
 - cudnn, no cache: `is_causal`; with segment ids each row must hold one sequence with padding
   at either end (plain, right- or left-padded): the row is rolled so its sequence starts at 0
   and cuDNN gets per-row lengths. A packed row (two or more sequences) comes out NaN, so the
-  mistake cannot pass silently: pack with `xla`, `dot_product` or `splash`. An odd length gets one
+  mistake cannot pass silently: pack with `xla`, `blockwise` or `splash`. An odd length gets one
   padding position appended (jax refuses cuDNN's backward for odd lengths while tracing, e.g. a
   GRPO step's 512 + 1536 - 1 = 2047 input tokens).
 - cudnn against a cache with T > 1 (prefill into the cache): the dense mask as a cuDNN bias
@@ -321,7 +319,9 @@ def _against_cache(q: jnp.ndarray, mask: Mask | jnp.ndarray) -> bool:
     return q.shape[1] > 1 and isinstance(mask, Mask) and not mask.self_attention
 
 
-# ---- jax.nn.dot_product_attention: cuDNN on GPU, the same call through XLA anywhere ----------
+# ---- jax.nn.dot_product_attention: cuDNN on GPU ----------------------------------------------
+# `_sdpa(..., implementation="xla")` feeds the same call to XLA on any device: tests/test_attention.py
+# registers that as a test-only `dot_product` backend, so CPU tests cover cuDNN's plumbing.
 def _roll_rows(x: jnp.ndarray, shift: jnp.ndarray) -> jnp.ndarray:
     """`out[b, i] = x[b, (i + shift[b]) % T]` for x `[B, T, ...]`."""
     t = x.shape[1]
@@ -367,12 +367,6 @@ def _sdpa_causal(call, q, k, v, seg: jnp.ndarray | None) -> jnp.ndarray:
     out = jnp.where(real[:, :, None, None], _roll_rows(out, -start), 0)  # padding queries: 0, whatever cuDNN left
     # A packed row cannot be expressed this way: make it loud instead of silently wrong.
     return jnp.where(one_sequence[:, None, None, None], out, jnp.asarray(jnp.nan, out.dtype))
-
-
-def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray, *,
-                          cache_layout: bool = False) -> jnp.ndarray:
-    """`jax.nn.dot_product_attention` through XLA, fed exactly as the cuDNN backend (runs anywhere)."""
-    return _sdpa(q, k, v, mask, "xla", "dot_product", allow_bias=True, cache_layout=cache_layout)
 
 
 def _cudnn_unsupported(q: jnp.ndarray) -> str | None:
@@ -498,7 +492,6 @@ def auto_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | 
 
 BACKENDS: dict[str, Callable[..., jnp.ndarray]] = {
     "xla": xla_attention,
-    "dot_product": dot_product_attention,
     "cudnn": cudnn_attention,
     "splash": splash_attention,
     "blockwise": blockwise_attention,

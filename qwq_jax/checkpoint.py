@@ -3,10 +3,18 @@
 A qwq-jax checkpoint directory is an Orbax checkpoint of the model's parameter tree (the
 nested dict of `nnx.state(model)`, layers stacked) plus `config.json`, tokenizer files and
 `generation_config.json` beside it, so the directory alone is enough to sample.
+
+A training checkpoint (`RUN_DIR/checkpoints/STEP`, written by `python -m qwq_jax.train`) loads the
+same way: its float32 master weights are the `params` of its `state` item, and the model's config
+and tokenizer are found through its `meta` item. `inspect_path` says what any path is (ours, a
+training step or run, a Hugging Face directory, a GGUF file, empty, missing); every entry point
+asks it before loading, so a wrong path is one line naming the command that fixes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -60,35 +68,163 @@ def save_params(path: str | os.PathLike, params: Mapping) -> None:
     _ocp().save(os.fspath(path), dict(params))
 
 
+class CheckpointError(FileNotFoundError):
+    """A path that is not a loadable checkpoint; the message names what it is and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PathKind:
+    """What a path holds. kind: checkpoint (ours), training_step (RUN/checkpoints/STEP),
+    training_run (RUN, or RUN/checkpoints), hf (a Hugging Face model directory), gguf, empty,
+    missing, file (some other file), unknown (some other directory)."""
+
+    kind: str
+    path: Path
+    newest_step: Path | None = None  # training_run: its newest complete checkpoint
+
+
+def _steps(checkpoints: Path) -> list[Path]:
+    """Complete step directories of a CheckpointManager directory, oldest first."""
+    steps = [p for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir()
+             and (p / "_CHECKPOINT_METADATA").is_file()] if checkpoints.is_dir() else []
+    return sorted(steps, key=lambda p: int(p.name))
+
+
+def inspect_path(path: str | os.PathLike) -> PathKind:
+    """What `path` is, from the files it holds (nothing is loaded)."""
+    path = Path(path)
+    if not path.exists():
+        return PathKind("missing", path)
+    if path.is_file():
+        with path.open("rb") as f:
+            magic = f.read(4)
+        return PathKind("gguf" if magic == b"GGUF" or path.suffix == ".gguf" else "file", path)
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return PathKind("empty", path)
+    if "config.json" in names and names & {"_CHECKPOINT_METADATA", "_METADATA", "state", "manifest.ocdbt"}:
+        return PathKind("checkpoint", path)
+    if {"state", "meta"} <= names:
+        return PathKind("training_step", path)
+    if "config.json" in names and any(n.endswith((".safetensors", ".safetensors.index.json")) or
+                                      (n.startswith("pytorch_model") and n.endswith(".bin")) for n in names):
+        return PathKind("hf", path)
+    if (path / "checkpoints").is_dir() or (path.name == "checkpoints" and any(n.isdigit() for n in names)):
+        steps = _steps(path / "checkpoints" if path.name != "checkpoints" else path)
+        return PathKind("training_run", path, steps[-1] if steps else None)
+    return PathKind("unknown", path)
+
+
+def describe_problem(info: PathKind, wanted: str = "a qwq-jax checkpoint") -> str | None:
+    """One line saying why `info.path` is not `wanted` and what to run instead (None: it is loadable)."""
+    p = info.path
+    if info.kind == "missing":
+        return f"{p} does not exist"
+    if info.kind == "hf":
+        return (f"{p} looks like a Hugging Face model directory; convert it with "
+                f"`python -m convert hf {p} OUT` and use OUT")
+    if info.kind == "gguf":
+        return f"{p} is a GGUF file; convert it with `python -m convert gguf {p} OUT` and use OUT"
+    if info.kind == "training_run":
+        if info.newest_step is None:
+            return f"{p} is a training run directory with no complete checkpoint yet"
+        return (f"{p} is a training run directory, not one checkpoint; use a step of it, e.g. the newest: "
+                f"{info.newest_step}")
+    if info.kind == "empty":
+        return f"{p} is an empty directory, not {wanted} (write one with `python -m convert hf SRC {p}`)"
+    if info.kind == "file":
+        return f"{p} is a file, not {wanted} (a directory written by `python -m convert`)"
+    if info.kind == "unknown":
+        return (f"{p} is not {wanted} (no config.json beside Orbax weights); convert a model with "
+                f"`python -m convert hf SRC OUT` (or `gguf FILE OUT`) and use OUT")
+    return None
+
+
+def require_checkpoint(path: str | os.PathLike, wanted: str = "a qwq-jax checkpoint") -> PathKind:
+    """`inspect_path(path)`, or CheckpointError (one line naming the fix) unless it can be loaded."""
+    info = inspect_path(path)
+    problem = describe_problem(info, wanted)
+    if problem is not None:
+        raise CheckpointError(problem)
+    return info
+
+
+def _training_meta(step_dir: Path) -> dict:
+    try:
+        return json.loads((step_dir / "meta" / "metadata").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{step_dir}: unreadable training checkpoint metadata ({e})") from None
+
+
 def restore_params(path: str | os.PathLike, target: Mapping) -> dict:
     """Restore the leaves of `target` (a nested dict of ShapeDtypeStruct, possibly a subset).
 
-    Each device reads only its own shard; arrays are cast to the target dtype.
+    Each device reads only its own shard; arrays are cast to the target dtype. `path` is one of our
+    checkpoints or a training step (whose `state` item holds the params beside the optimizer state).
     """
     ocp = _ocp()
+    path = Path(path)
     with _partial_load_context():
+        if inspect_path(path).kind == "training_step":
+            state = ocp.load_checkpointables(os.fspath(path.absolute()), {"state": {"params": dict(target)}})
+            return state["state"]["params"]  # the optimizer state beside them is not read
         return ocp.load(os.fspath(path), dict(target))
 
 
 def read_config(path: str | os.PathLike) -> QwenConfig:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: not a qwq-jax checkpoint (convert one with "
-                                "`python -m convert hf SRC OUT`)")
-    return QwenConfig.from_hf(path / "config.json")
+    """The model config of a checkpoint or training step (CheckpointError for anything else)."""
+    info = require_checkpoint(path)
+    if info.kind == "checkpoint":
+        return QwenConfig.from_hf(info.path / "config.json")
+    meta = _training_meta(info.path)
+    if "model_config" in meta:  # written by python -m qwq_jax.train
+        cfg = QwenConfig.from_hf(meta["model_config"])
+    else:  # older runs: the model it started from
+        model_path = str(meta.get("config", {}).get("model", {}).get("path", ""))
+        if model_path.startswith("preset:"):
+            cfg = QwenConfig.preset(model_path.split(":", 1)[1])
+        elif (Path(model_path) / "config.json").is_file():
+            cfg = QwenConfig.from_hf(Path(model_path) / "config.json")
+        else:
+            raise CheckpointError(f"{info.path}: the training run's model.path {model_path!r} is not reachable "
+                                  "from here, and the checkpoint carries no model config")
+    return dataclasses.replace(cfg, dtype="float32")  # the float32 master weights
+
+
+def tokenizer_dir(path: str | os.PathLike) -> Path | None:
+    """Where the tokenizer files of a checkpoint are (None: the byte tokenizer of tiny models)."""
+    info = require_checkpoint(path)
+    if info.kind == "checkpoint":
+        return info.path
+    meta = _training_meta(info.path)
+    tok = meta.get("tokenizer")
+    if tok is None:  # older runs: from the run's config
+        model = meta.get("config", {}).get("model", {})
+        tok = model.get("tokenizer") or model.get("path")
+        if tok is None or str(tok).startswith("preset:"):
+            tok = "bytes"
+    return None if tok == "bytes" else Path(tok)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer a checkpoint was converted or trained with."""
+    from qwq_jax.tokenizer import ByteTokenizer, Tokenizer
+
+    where = tokenizer_dir(path)
+    return ByteTokenizer() if where is None else Tokenizer.from_dir(where)
 
 
 def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: Any = None, rules: str | Mapping = "generate",
          compute_dtype: Any = None, **model_kwargs: Any) -> Qwen2:
-    """The model stored at `path` (a `python -m convert` output), optionally sharded on `mesh`.
+    """The model stored at `path` (a `python -m convert` output or a training step), optionally sharded
+    on `mesh`.
 
-    dtype: parameter dtype (default: the dtype stored in the checkpoint); compute_dtype: the
-    activations' dtype (default: the parameter dtype). The config is `model.config`; tokenizer
-    files sit in the same directory. model_kwargs go to `Qwen2` (remat, attention_backend); with
-    `quant="int8"` the restored weights are then quantized (`qwq_jax.quant`, the float matmul
-    weights freed one by one: peak memory is the float model plus one int8 weight).
+    dtype: parameter dtype (default: the dtype stored in the checkpoint; float32 for a training
+    step); compute_dtype: the activations' dtype (default: the parameter dtype). The config is
+    `model.config`; tokenizer files sit in the same directory (`load_tokenizer(path)`). model_kwargs
+    go to `Qwen2` (remat, attention_backend); with `quant="int8"` the restored weights are then
+    quantized (`qwq_jax.quant`, the float matmul weights freed one by one: peak memory is the float
+    model plus one int8 weight). A path that is not a checkpoint raises CheckpointError.
     """
     quant = model_kwargs.pop("quant", None)
     cfg = read_config(path)

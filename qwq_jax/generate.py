@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,11 +47,13 @@ from flax import nnx
 
 from qwq_jax import rope as rope_lib
 from qwq_jax.cache import KVCache
+from qwq_jax.compile_cache import CLOCK
 from qwq_jax.model import Qwen2, split_layers
 from qwq_jax.sampling import SamplingParams, batch_params, sample
 
 ROPE_MODES = ("auto", "static", "off")
 LAYER_LOOPS = ("scan", "unrolled", "split")
+PREFILL_CHUNK = 2048  # tokens per prefill call by default (Engine(prefill_chunk=...))
 _RUNNING, _STOP, _LENGTH = 0, 1, 2
 FINISH_REASONS = {_STOP: "stop", _LENGTH: "length"}
 
@@ -65,6 +67,47 @@ def _bucket(n: int) -> int:
     if n <= 1024:
         return 1 << max(6, math.ceil(math.log2(max(n, 1))))
     return _round_up(n, 1024)
+
+
+# The engine's own programs (jit function names) and what the status lines call them.
+_PROGRAMS = {"_prefill_fn": "prefill", "_logits_fn": "logits", "_decode_fn": "decode"}
+
+
+class _CompileWatch:
+    """Reports each compilation of the engine's programs to `on_compile` while a `stream` runs:
+    `on_compile("start", program, {})` when tracing ends (XLA compilation or a cache load follows),
+    `on_compile("end", program, {"seconds": s, "cache": "hit" | "miss" | "off"})` when it is done."""
+
+    def __init__(self, on_compile: Callable[[str, str, dict], None] | None):
+        self.on_compile = on_compile
+        self.current: tuple[str, float, int, int] | None = None
+        self.compiled: list[dict] = []
+
+    def __enter__(self) -> "_CompileWatch":
+        CLOCK.watchers.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        CLOCK.watchers.remove(self)
+
+    def __call__(self, event: str, fun_name: str, duration: float) -> None:
+        program = next((label for name, label in _PROGRAMS.items() if name in fun_name), None)
+        if program is None:
+            return
+        if event == CLOCK.EVENTS[0]:  # traced: lowering and the backend compile follow
+            self.current = (program, duration, CLOCK.hits, CLOCK.misses)
+            if self.on_compile is not None:
+                self.on_compile("start", program, {})
+        elif self.current is not None and self.current[0] == program:
+            name, seconds, hits, misses = self.current
+            self.current = (name, seconds + duration, hits, misses)
+            if event == CLOCK.EVENTS[2]:
+                cache = "hit" if CLOCK.hits > hits else "miss" if CLOCK.misses > misses else "off"
+                info = {"program": name, "seconds": seconds + duration, "cache": cache}
+                self.compiled.append(info)
+                self.current = None
+                if self.on_compile is not None:
+                    self.on_compile("end", name, info)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -111,7 +154,8 @@ class Engine:
 
     def __init__(self, model: Qwen2, tokenizer: Any = None, *, mesh: Any = None, rules: Any = "generate",
                  cache_dtype: Any = None, chunk: int = 16, rope_scaling: str = "auto",
-                 prefill_chunk: int | None = 2048, layer_loop: str = "scan", donate_weights: bool = False):
+                 prefill_chunk: int | None = PREFILL_CHUNK, layer_loop: str = "scan", donate_weights: bool = False,
+                 on_compile: Callable[[str, str, dict], None] | None = None):
         if rope_scaling not in ROPE_MODES:
             raise ValueError(f"rope_scaling={rope_scaling!r} must be one of {', '.join(ROPE_MODES)}")
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
@@ -141,6 +185,10 @@ class Engine:
         self._last_logits = jax.jit(self._logits_fn)
         self._decode = jax.jit(self._decode_fn, static_argnames=("steps",), donate_argnums=(1,))
         self.eos_token_ids = self._eos_ids()
+        # Called as on_compile("start" | "end", program, info) around each compilation of the
+        # prefill/logits/decode programs (see _CompileWatch); `last_timings` reports them either way.
+        self.on_compile = on_compile
+        CLOCK.register()
 
     # ---- set-up -----------------------------------------------------------------------------
     def _eos_ids(self) -> tuple[int, ...]:
@@ -158,10 +206,19 @@ class Engine:
 
     def _put(self, x: np.ndarray) -> jax.Array:
         if self.mesh is None:
-            return jnp.asarray(x)
+            # Committed to the device, as the decode loop's outputs are: an uncommitted input would
+            # make the second decode call compile the loop again for the committed state it returns.
+            return jax.device_put(x, self._device())
         from sharding import batch_sharding, put_global
 
         return put_global(x, batch_sharding(self.mesh, self.rules, x.ndim))
+
+    def _device(self) -> Any:
+        """The one device of an engine without a mesh: where the weights are (else the default)."""
+        if getattr(self, "_one_device", None) is None:
+            leaf = jax.tree.leaves(self.params)[0]
+            self._one_device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]
+        return self._one_device
 
     def _rope_for(self, needs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-row rotary frequencies `[B, 1, D/2]` and attention factors `[B, 1, 1]`."""
@@ -316,8 +373,18 @@ class Engine:
         """Yields, after each decode chunk, the new tokens of every row that produced some.
 
         When the iterator is exhausted, `self.last_completions` holds the final completions and
-        `self.last_timings` the prefill/decode timings.
+        `self.last_timings` the timings: `prefill_s` and `decode_s` are wall time without
+        compilation, `compile_s` (= `prefill_compile_s` + `decode_compile_s`) the time spent
+        tracing, lowering and compiling programs (or loading them from the persistent cache) in
+        the call, `compiled` one entry per compilation of the prefill/logits/decode programs
+        (`program`, `seconds`, `cache`: hit, miss or off), and `decode_tokens_per_s` the new
+        tokens over `decode_s`.
         """
+        with _CompileWatch(self.on_compile) as watch:
+            yield from self._stream(prompts, params, watch)
+
+    def _stream(self, prompts, params, watch: _CompileWatch) -> Iterator[list[StreamEvent]]:
+        c0 = CLOCK.seconds
         t0 = time.perf_counter()
         prompts = [list(map(int, p)) for p in prompts]
         if not prompts:
@@ -373,7 +440,9 @@ class Engine:
                                         rope, cache, last)
         logits = self._last_logits(self._weights(), last)
         jax.block_until_ready(logits)
-        self.last_timings = {"prefill_s": time.perf_counter() - t0, "prefill_chunks": n_chunks}
+        c1, t_decode = CLOCK.seconds, time.perf_counter()  # decoding (its set-up included) starts here
+        self.last_timings = {"prefill_s": time.perf_counter() - t0 - (c1 - c0), "prefill_compile_s": c1 - c0,
+                             "prefill_chunks": n_chunks}
 
         # Per-row constants.
         seeds = np.zeros(b, np.uint32)
@@ -402,7 +471,6 @@ class Engine:
         emitted = np.zeros(b, np.int64)
         finished = done0.copy()
         stop_reason: dict[int, Any] = {}
-        t_decode = time.perf_counter()
         while not finished.all():
             state = self._decode(self._weights(), state, consts, steps=self.chunk)
             out, count, done, finish = (np.array(_to_host(state[k])) for k in ("out", "count", "done", "finish"))
@@ -439,8 +507,10 @@ class Engine:
         out = _to_host(state["out"])
         logp = _to_host(state["logp"])
         finish = _to_host(state["finish"])
-        decode_s = time.perf_counter() - t_decode
-        self.last_timings.update(decode_s=decode_s, decode_tokens=int(emitted.sum()),
+        c2 = CLOCK.seconds
+        decode_s = time.perf_counter() - t_decode - (c2 - c1)
+        self.last_timings.update(decode_s=decode_s, decode_compile_s=c2 - c1, compile_s=c2 - c0,
+                                 compiled=list(watch.compiled), decode_tokens=int(emitted.sum()),
                                  decode_tokens_per_s=float(emitted[: b_real].sum() / max(decode_s, 1e-9)))
 
         completions: list[list[Completion]] = [[None] * sp.n for sp in plist]  # type: ignore[list-item]

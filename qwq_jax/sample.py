@@ -5,9 +5,13 @@
     python -m qwq_jax.sample --checkpoint OUT --interactive
     python -m qwq_jax.sample --checkpoint OUT --prompt "..." --quantize int8   # int8 weight-only weights
 
-Sampling defaults come from the checkpoint's generation_config.json; every flag overrides them.
-The reply streams to stdout (reasoning, when the model thinks, is shown apart from the answer);
-progress and timings go to stderr.
+Sampling defaults come from the checkpoint's generation_config.json; when it sets none, from the
+model family's published recommendation (Qwen2.5 instruct: temperature 0.7, top_p 0.8, top_k 20,
+repetition_penalty 1.05; QwQ, i.e. a chat template with a <think> block or QwQ-32B's config:
+temperature 0.6, top_p 0.95, top_k 40). Every flag overrides them; --json says which were used
+and where each came from. The reply streams to stdout (reasoning, when the model thinks, is shown
+apart from the answer); status lines (loading, compiling) and timings go to stderr. Compiled
+programs are kept in a persistent cache (--xla-cache), so only the first run of a shape compiles.
 """
 
 from __future__ import annotations
@@ -17,18 +21,22 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from qwq_jax import compile_cache
 
 DEMO_NAME = "qwen2.5-coder-0.5b-instruct-q4km-f32"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from qwq_jax.attention import BACKENDS
+    from qwq_jax.cli import OneLineParser
     from qwq_jax.model import QUANT_MODES
     from sharding import add_distributed_args
 
-    p = argparse.ArgumentParser(prog="python -m qwq_jax.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m qwq_jax.sample", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory written by `python -m convert`")
     src.add_argument("--demo", action="store_true",
@@ -39,18 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="send --prompt as is, without the chat template")
     p.add_argument("--interactive", action="store_true", help="chat in a loop, keeping the history")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    g = p.add_argument_group("sampling (default: the checkpoint's generation_config.json)")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--min-p", type=float)
-    g.add_argument("--presence-penalty", type=float)
-    g.add_argument("--frequency-penalty", type=float)
-    g.add_argument("--repetition-penalty", type=float)
+    g = p.add_argument_group(
+        "sampling", "default: the checkpoint's generation_config.json; when it sets none, the family's published "
+                    "recommendation (Qwen2.5 instruct: temperature 0.7, top_p 0.8, top_k 20, repetition_penalty "
+                    "1.05; QwQ: temperature 0.6, top_p 0.95, top_k 40); other fields: temperature 1, top_p 1, "
+                    "top_k off, min_p 0, penalties off")
+    g.add_argument("--temperature", type=float, help="0 = greedy")
+    g.add_argument("--top-p", type=float, help="nucleus mass in (0, 1]")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p times the most likely one's probability")
+    g.add_argument("--presence-penalty", type=float, help="over output tokens, in [-2, 2]")
+    g.add_argument("--frequency-penalty", type=float, help="over output tokens, in [-2, 2]")
+    g.add_argument("--repetition-penalty", type=float, help="over prompt and output tokens, > 0 (1 = off)")
     g.add_argument("--max-tokens", type=int, default=None, help="new tokens at most (default 512)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--n", type=int, default=None, help="samples per prompt")
+    g.add_argument("--n", type=int, default=None, help="samples per prompt (default 1; text mode prints each)")
     m = p.add_argument_group("model")
     m.add_argument("--mesh", default=None, help="device mesh, e.g. 'tensor=4' (default: one device)")
     m.add_argument("--rope-scaling", choices=("auto", "static", "off"), default="auto",
@@ -72,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache-dir", default=None, help="where --demo keeps its converted checkpoint "
                                                      "(default $QWQ_JAX_CACHE or ~/.cache/qwq-jax)")
     add_distributed_args(p)
+    compile_cache.add_args(p)
     return p
 
 
@@ -85,8 +98,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def demo_checkpoint(cache_dir: str | None = None) -> Path:
-    """The demo GGUF converted to a checkpoint (once; reused afterwards)."""
+def demo_checkpoint(cache_dir: str | None = None, xla_cache: str | None = None) -> Path:
+    """The demo GGUF converted to a checkpoint (once; reused afterwards); `xla_cache` goes to the converter."""
     from qwq_jax.demo import default_cache_dir, demo_gguf_path
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -98,22 +111,61 @@ def demo_checkpoint(cache_dir: str | None = None) -> Path:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                       env.get("PYTHONPATH")]))
+    cache_args = ["--xla-cache", str(xla_cache)] if xla_cache is not None else []
     r = subprocess.run([sys.executable, "-m", "convert", "gguf", str(gguf), str(out), "--dtype", "float32",
-                        "--overwrite"], env=env)
+                        "--overwrite", *cache_args], env=env, stdout=_stderr_fd())  # stdout: the reply only
     if r.returncode != 0:
         raise RuntimeError("converting the demo model failed (see above)")
     return out
 
 
-def _sampling(args, ckpt: Path):
-    from qwq_jax.sampling import SamplingParams
+def _stderr_fd() -> int | None:
+    """Our stderr's file descriptor, for a child's output (None: inherit, e.g. under a capturing test)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
-    return SamplingParams.from_generation_config(
-        ckpt, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+
+def _sampling(args, ckpt: Path):
+    """(SamplingParams, {field: {"value", "source"}}): flags, else the checkpoint's generation_config.json,
+    else the family's recommendation (`qwq_jax.sampling.recommended_sampling`), else the defaults."""
+    from qwq_jax import checkpoint
+    from qwq_jax.sampling import SamplingParams, chat_template_text, recommended_sampling
+
+    files = checkpoint.tokenizer_dir(ckpt) or ckpt
+    gen = ckpt if (ckpt / "generation_config.json").is_file() else files
+    family = recommended_sampling(checkpoint.read_config(ckpt), chat_template_text(files))
+    params, sources = SamplingParams.resolve(
+        gen, family, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
         repetition_penalty=args.repetition_penalty,
         max_tokens=args.max_tokens if args.max_tokens is not None else 512,
         stop=tuple(args.stop) if args.stop else None, seed=args.seed, n=args.n)
+    if args.max_tokens is None:
+        sources["max_tokens"]["source"] = "default"
+    return params, {"family": family, **sources}
+
+
+class _Status:
+    """Status lines on stderr (`qwq_jax.cli`): loading, and each compilation of the engine's programs."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._compiling = None
+
+    def on_compile(self, event: str, program: str, info: dict) -> None:
+        """Engine(on_compile=...): a line for each prefill/decode compilation that takes over a second."""
+        from qwq_jax.cli import Phase
+
+        if program == "logits":  # tiny: counted in the stats line only
+            return
+        if event == "start":
+            self._compiling = Phase(f"compiling the {program} program", self.enabled)
+        elif self._compiling is not None:
+            detail = {"hit": "from cache", "miss": "cached for next time", "off": "compilation cache off"}
+            self._compiling.end(detail[info["cache"]], seconds=info["seconds"])  # tracing included
+            self._compiling = None
 
 
 class _Printer:
@@ -152,11 +204,20 @@ def _reply(engine, tokenizer, messages, args, params, raw_prompt=None) -> dict:
                                                                                    add_generation_prompt=True)
     ids = tokenizer.encode(prompt)
     in_think = tokenizer.prompt_ends_in_think(prompt)
-    printer = None if args.json else _Printer(in_think)
+    text_mode = not args.json
+    printer = _Printer(in_think) if text_mode else None
     decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
+    started = time.perf_counter()
+    first_token_s = None
+    header = params.n > 1 and text_mode
     for events in engine.stream([ids], params):
         for ev in events:
+            if first_token_s is None and ev.token_ids:
+                first_token_s = time.perf_counter() - started
             if printer is not None and ev.sample_index == 0:
+                if header:  # sample 0 streams live; the others print when all are done
+                    print(f"[sample 1/{params.n}]", flush=True)
+                    header = False
                 delta = decoder.push([t for t in ev.token_ids if t not in engine.eos_token_ids])
                 if delta:
                     printer.write(delta)
@@ -170,14 +231,52 @@ def _reply(engine, tokenizer, messages, args, params, raw_prompt=None) -> dict:
         reasoning, content = split_reasoning(c.text or "", prompt_ends_in_think=in_think)
         choices.append({"token_ids": c.token_ids, "text": c.text, "reasoning_content": reasoning,
                         "content": content, "finish_reason": c.finish_reason})
+    if text_mode:
+        for k, c in enumerate(choices[1:], start=2):
+            print(f"[sample {k}/{len(choices)}]", flush=True)
+            rest = _Printer(in_think)
+            if c["text"]:
+                rest.write(c["text"])
+            rest.close()
     t = engine.last_timings
     result = dict(choices[0])
     result["usage"] = {"prompt_tokens": len(ids), "completion_tokens": sum(len(c["token_ids"]) for c in choices)}
-    result["timings"] = {"prefill_s": round(t["prefill_s"], 4),
-                         "decode_tokens_per_s": round(t["decode_tokens_per_s"], 2)}
+    result["timings"] = {
+        "first_token_s": round(first_token_s, 4) if first_token_s is not None else None,
+        "compile_s": round(t["compile_s"], 4),        # tracing + XLA compile (or persistent-cache loads)
+        "prefill_s": round(t["prefill_s"], 4),        # without compilation
+        "decode_s": round(t["decode_s"], 4),          # without compilation
+        "decode_tokens_per_s": round(t["decode_tokens_per_s"], 2),  # new tokens / decode_s
+        "compiled": [{"program": c["program"], "seconds": round(c["seconds"], 3), "cache": c["cache"]}
+                     for c in t["compiled"]],
+    }
     if len(choices) > 1:
         result["choices"] = choices
     return result
+
+
+def _load(ckpt: Path, args, mesh, status: _Status):
+    """qwq_jax.load with its status line."""
+    import qwq_jax
+    from qwq_jax.cli import phase
+
+    with phase(f"loading {ckpt}", status.enabled) as p:
+        model = qwq_jax.load(ckpt, mesh=mesh, dtype=args.dtype, quant=args.quantize,
+                             attention_backend=args.attention)
+        p.end(f"{model.config.num_params() / 1e6:.0f}M parameters")
+    return model
+
+
+def _stats_line(result: dict) -> str:
+    t, usage = result["timings"], result["usage"]
+    finish = ", ".join(c["finish_reason"] for c in result.get("choices", [result]))
+    cached = sum(c["cache"] == "hit" for c in t["compiled"])
+    compiled = f"compile {t['compile_s']:.1f} s" + (f" ({cached} of {len(t['compiled'])} from cache)"
+                                                    if t["compiled"] else "")
+    first = f"first token {t['first_token_s']:.1f} s, " if t["first_token_s"] is not None else ""
+    return (f"[{usage['prompt_tokens']} prompt + {usage['completion_tokens']} new tokens, {first}{compiled}, "
+            f"prefill {t['prefill_s']:.2f} s, {t['decode_tokens_per_s']:.1f} tok/s without compiling, "
+            f"finish: {finish}]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,12 +290,17 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     except ValueError as e:
         parser.error(str(e))
+    try:
+        xla_dir = compile_cache.enable(args.xla_cache)
+    except ValueError as e:
+        print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
+        return 2
     import jax
 
     import qwq_jax
+    from qwq_jax import checkpoint
     from qwq_jax.attention import check_backend
     from qwq_jax.generate import Engine
-    from qwq_jax.tokenizer import Tokenizer
     from sharding import make_mesh
 
     try:
@@ -207,22 +311,21 @@ def main(argv: list[str] | None = None) -> int:
         check_backend(args.attention)
     except ValueError as e:
         parser.error(f"--attention: {e}")
+    status = _Status(enabled=jax.process_index() == 0)
     try:
-        ckpt = demo_checkpoint(args.cache_dir) if args.demo else Path(args.checkpoint)
-        if not ckpt.exists():
-            raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-        params = _sampling(args, ckpt)
-        tokenizer = Tokenizer.from_dir(ckpt)
-        model = qwq_jax.load(ckpt, mesh=mesh, dtype=args.dtype, quant=args.quantize,
-                             attention_backend=args.attention)
+        ckpt = demo_checkpoint(args.cache_dir, args.xla_cache) if args.demo else Path(args.checkpoint)
+        checkpoint.require_checkpoint(ckpt)  # a convert output or a training step; else one line naming the fix
+        params, sampling_info = _sampling(args, ckpt)
+        tokenizer = checkpoint.load_tokenizer(ckpt)
+        model = _load(ckpt, args, mesh, status)
     except ValueError as e:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, RuntimeError) as e:
+    except (OSError, RuntimeError) as e:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 1
     engine = Engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
-                    layer_loop=args.layer_loop, donate_weights=True)
+                    layer_loop=args.layer_loop, donate_weights=True, on_compile=status.on_compile)
     primary = jax.process_index() == 0
     messages = [{"role": "system", "content": args.system}] if args.system else []
     try:
@@ -232,12 +335,11 @@ def main(argv: list[str] | None = None) -> int:
                             raw_prompt=args.prompt if args.raw else None)
             if primary:
                 if args.json:
+                    result["sampling"] = sampling_info
+                    result["compile_cache"] = {"dir": str(xla_dir) if xla_dir else None, **compile_cache.counts()}
                     print(json.dumps(result, ensure_ascii=False))
                 else:
-                    t = result["timings"]
-                    print(f"[{result['usage']['prompt_tokens']} prompt + {result['usage']['completion_tokens']} "
-                          f"new tokens, prefill {t['prefill_s']:.2f} s, {t['decode_tokens_per_s']:.1f} tok/s, "
-                          f"finish: {result['finish_reason']}]", file=sys.stderr)
+                    print(_stats_line(result), file=sys.stderr)
             return 0
         print("interactive chat: empty line or Ctrl-D to quit", file=sys.stderr)
         while True:

@@ -55,12 +55,78 @@ _HF_KEYS = {
 }
 
 
+# The families' published sampling recommendations, used when a checkpoint's generation_config.json
+# sets no sampling field (`recommended_sampling` picks one from the config and chat template).
+RECOMMENDED = {
+    # QwQ-32B's model card: temperature 0.6, top_p 0.95, top_k 20..40 (its generation_config: 40).
+    "qwq": {"temperature": 0.6, "top_p": 0.95, "top_k": 40},
+    # Every Qwen2.5 *-Instruct generation_config.json (Coder included).
+    "qwen2.5-instruct": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05},
+}
+# generation_config.json keys that make a checkpoint's own sampling choice (max_new_tokens does not).
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "do_sample")
+
+
+def recommended_sampling(config: Any, chat_template: str | None) -> str:
+    """Which entry of `RECOMMENDED` fits a model (a `QwenConfig`, or None, and its chat template text).
+
+    "qwq" for a reasoning model: its chat template handles a `<think>` block (QwQ-32B's opens one
+    in the generation prompt; its older template strips `</think>` from the history), or, with no
+    template to tell, the config has QwQ-32B's own fields (its 64x5120 shape with 40,960 positions,
+    where Qwen2.5-32B has 32,768). Everything else of the Qwen2/2.5 architecture: "qwen2.5-instruct".
+    Fields and template, never the checkpoint's name.
+    """
+    if chat_template:
+        return "qwq" if "<think>" in chat_template or "</think>" in chat_template else "qwen2.5-instruct"
+    if config is not None:
+        from qwq_jax.config import QwenConfig
+
+        qwq = QwenConfig.preset("qwq-32b")
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "max_position_embeddings")
+        if all(getattr(config, f) == getattr(qwq, f) for f in fields):
+            return "qwq"
+    return "qwen2.5-instruct"
+
+
+def chat_template_text(directory: str | os.PathLike) -> str | None:
+    """Every chat template a model directory holds (`chat_template.jinja`, `tokenizer_config.json`), as one text."""
+    directory = Path(directory)
+    parts = []
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        parts.append(jinja.read_text(encoding="utf-8"))
+    try:
+        template = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        template = None
+    if isinstance(template, str):
+        parts.append(template)
+    elif isinstance(template, list):
+        parts += [t.get("template", "") for t in template if isinstance(t, dict)]
+    return "\n".join(parts) or None
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _is_real(x: Any) -> bool:
     return (_is_int(x) or isinstance(x, (float, np.floating))) and math.isfinite(float(x))
+
+
+def _read_generation_config(source: str | os.PathLike | dict | None) -> dict[str, Any]:
+    """An HF generation_config as a dict: given as one, or the JSON file, or a directory holding it
+    (missing: {})."""
+    if isinstance(source, dict):
+        return source
+    if source is None:
+        return {}
+    path = Path(source)
+    if path.is_dir():
+        path = path / GENERATION_CONFIG
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 @dataclass(frozen=True)
@@ -145,15 +211,7 @@ class SamplingParams:
         mean greedy, and eos ids are left to the generator. A missing file gives the defaults.
         Overrides whose value is not None win. The result is validated.
         """
-        config: dict[str, Any] = {}
-        if isinstance(source, dict):
-            config = source
-        elif source is not None:
-            path = Path(source)
-            if path.is_dir():
-                path = path / GENERATION_CONFIG
-            if path.is_file():
-                config = json.loads(path.read_text())
+        config = _read_generation_config(source)
         fields: dict[str, Any] = {ours: config[hf] for hf, ours in _HF_KEYS.items() if config.get(hf) is not None}
         if config.get("do_sample") is False:
             fields["temperature"] = 0.0
@@ -162,6 +220,38 @@ class SamplingParams:
             raise TypeError(f"unknown SamplingParams field(s): {', '.join(unknown)}")
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields).validate()
+
+    @classmethod
+    def resolve(cls, generation_config: str | os.PathLike | dict | None, family: str | None = None,
+                **overrides: Any) -> tuple[SamplingParams, dict[str, dict[str, Any]]]:
+        """The settings a request runs with, and where each came from.
+
+        First match wins, field by field: an override that is not None ("flag"), then the
+        checkpoint's generation_config.json ("generation_config.json"); when that file sets no
+        sampling field at all (`SAMPLING_KEYS`), the family's `RECOMMENDED` values ("recommended for
+        <family>"); else the SamplingParams default ("default"). A checkpoint that states its
+        sampling is taken as it is: recommendations never mix into it. Returns the validated
+        params and {field: {"value": v, "source": s}} for the sampling fields and max_tokens.
+        """
+        config = _read_generation_config(generation_config)
+        own = {k for k in SAMPLING_KEYS if config.get(k) is not None}
+        base = cls.from_generation_config(config)
+        sources = {ours: "generation_config.json" for hf, ours in _HF_KEYS.items() if config.get(hf) is not None}
+        if config.get("do_sample") is False:
+            sources["temperature"] = "generation_config.json"
+        if not own and family is not None:
+            if family not in RECOMMENDED:
+                raise ValueError(f"unknown sampling family {family!r} (known: {', '.join(RECOMMENDED)})")
+            base = dataclasses.replace(base, **RECOMMENDED[family])
+            sources.update({k: f"recommended for {family}" for k in RECOMMENDED[family]})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown SamplingParams field(s): {', '.join(unknown)}")
+        params = dataclasses.replace(base, **given).validate()
+        sources.update({k: "flag" for k in given})
+        shown = [ours for ours in _HF_KEYS.values()]
+        return params, {k: {"value": getattr(params, k), "source": sources.get(k, "default")} for k in shown}
 
 
 class SamplingArrays(NamedTuple):

@@ -72,7 +72,8 @@ class Tokenizer:
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {path} (expected {tokenizer_file})")
+            raise FileNotFoundError(f"no tokenizer.json in {path} (expected {tokenizer_file}): point at a model "
+                                    "directory with its tokenizer files (a `python -m convert` output holds them)")
         try:
             tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -416,8 +417,18 @@ class ByteTokenizer:
     task) where no trained tokenizer exists. Needs a vocabulary of at least 257; has no chat template."""
 
     eos_token_ids: tuple[int, ...] = (256,)
+    special_token_ids = frozenset({256})
     chat_template = None
     vocab_size = 257
+    _byte_level = True  # IncrementalDecoder: token_bytes gives each id's bytes
+    prompt_ends_in_think = staticmethod(Tokenizer.prompt_ends_in_think)
+
+    def token_bytes(self, i: int) -> bytes:
+        return bytes([i]) if 0 <= i < 256 else b""
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> str:
+        raise ValueError("the byte tokenizer (tiny models) has no chat template: send the prompt as is "
+                         "(python -m qwq_jax.sample --raw)")
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))

@@ -1,17 +1,23 @@
 """`python -m qwq_jax.train --config FILE [--set section.key=value ...] [--resume]`
 
-GRPO / DAPO / Dr.GRPO fine-tuning with verifiable rewards, the same command on every host:
+GRPO / DAPO / Dr.GRPO fine-tuning with verifiable rewards; the same command runs on every host.
 
     python -m qwq_jax.train --config configs/tiny_arithmetic.toml --set run.steps=50
     # multi-host: add --coordinator HOST:PORT --num-processes N --process-id I (or QWQ_* env,
     # or --distributed on TPU pods / SLURM), identical otherwise on every host.
 
 The config is TOML (or JSON) with sections [model], [data], [rl], [rewards], [run]; every key
-has a default (see the dataclasses below) and `--set` overrides any of them. Outputs under
-`run.output_dir`: `metrics.jsonl` (one line per step), `tensorboard/` event files,
-`checkpoints/` (Orbax: params, optimizer state, step, data position, RNG seed, the config),
+has a default (see the dataclasses below) and `--set` overrides any of them. The whole config is
+checked before anything loads (`validate`). Outputs under `run.output_dir`: `metrics.jsonl` (one
+line per step), `tensorboard/` event files, `checkpoints/STEP` (Orbax: params, optimizer state,
+step, data position, RNG seed, the config, the model's config and tokenizer location),
 `config.json` (the resolved config). Only process 0 writes logs; every process takes part in
-checkpoints. An output dir that already has checkpoints is only continued with `--resume`.
+checkpoints. An output dir that already has checkpoints is only continued with `--resume`; a
+finished run (its newest checkpoint at `run.steps`) says so and exits.
+
+A training checkpoint loads like a converted one: `python -m qwq_jax.sample --checkpoint
+RUN/checkpoints/STEP`, `python -m convert export-hf RUN/checkpoints/STEP OUT`, `qwq_jax.load(...)`
+(the float32 master weights; `qwq_jax.checkpoint.load_tokenizer` gives its tokenizer).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 import typing
 from pathlib import Path
@@ -142,12 +149,100 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
             if key not in hints:
                 raise ConfigError(f"unknown key {section}.{key}; known: {', '.join(hints)}")
             setattr(target, key, _check_type(f"{section}.{key}", value, hints[key]))
-    cfg.grpo()  # validates [rl]
-    from qwq_jax.attention import BACKENDS
-
-    if cfg.model.attention not in BACKENDS:
-        raise ConfigError(f"model.attention={cfg.model.attention!r}; known: {', '.join(BACKENDS)}")
+    _check_values(cfg)
     return cfg
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Everything about `cfg` that needs no file, device or import of the user's: enums, ranges,
+    and that the batch splits into micro-batches."""
+    from qwq_jax.attention import BACKENDS
+    from qwq_jax.model import DTYPES, REMAT_POLICIES
+    from qwq_jax.rl.data import SYNTHETIC
+
+    m, d, r, run = cfg.model, cfg.data, cfg.rewards, cfg.run
+    for key, value, low in (("data.prompts_per_step", d.prompts_per_step, 1), ("data.max_prompt_tokens",
+                            d.max_prompt_tokens, 1), ("data.eval_every", d.eval_every, 0), ("data.eval_size",
+                            d.eval_size, 1), ("rewards.workers", r.workers, 1), ("run.steps", run.steps, 1),
+                            ("run.save_every", run.save_every, 0), ("run.keep", run.keep, 1)):
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+    g = cfg.grpo()  # validates [rl] (run.steps checked above: it is GRPOConfig.total_steps)
+    for key, value, known in (("model.attention", m.attention, BACKENDS), ("model.remat", m.remat, REMAT_POLICIES),
+                              ("model.dtype", m.dtype, DTYPES), ("rl.mu_dtype", g.mu_dtype, (None, *DTYPES))):
+        if value not in known:
+            raise ConfigError(f"{key}={value!r}; known: {', '.join(k for k in known if k)}")
+    for key, value in (("rewards.timeout", r.timeout), ("rewards.code_timeout", r.code_timeout)):
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if not any((r.math, r.format, r.code, r.custom and r.custom_weight)):
+        raise ConfigError("every reward weight is 0: set rewards.math, rewards.format, rewards.code or "
+                          "rewards.custom")
+    for key, source in (("data.source", d.source), ("data.eval_source", d.eval_source)):
+        if source and source.startswith("synthetic:") and source.split(":", 1)[1] not in SYNTHETIC:
+            raise ConfigError(f"{key}={source!r}: unknown synthetic task; known: "
+                              f"{', '.join('synthetic:' + n for n in sorted(SYNTHETIC))}")
+    if d.eval_every and not d.eval_source and not d.source.startswith("synthetic:"):
+        raise ConfigError("data.eval_every is set but there is no data.eval_source (a held-out JSONL)")
+    rows = d.prompts_per_step * g.group_size
+    if rows % g.micro_batches:
+        fits = [n for n in range(1, rows + 1) if rows % n == 0]
+        raise ConfigError(f"rl.micro_batches={g.micro_batches} does not divide the {rows} rows of a step "
+                          f"(data.prompts_per_step={d.prompts_per_step} x rl.group_size={g.group_size}); "
+                          f"use one of {', '.join(map(str, fits))}")
+
+
+def _model_source(cfg: TrainConfig):
+    """(QwenConfig of model.path, the tokenizer dir or None for the byte tokenizer); ConfigError
+    naming the fix when model.path or model.tokenizer cannot be used. Reads only small files."""
+    from qwq_jax import checkpoint
+    from qwq_jax.config import QwenConfig
+
+    m = cfg.model
+    if m.path.startswith("preset:"):
+        try:
+            qcfg = QwenConfig.preset(m.path.split(":", 1)[1])
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"model.path={m.path!r}: {e}") from None
+        tok_dir = None
+    else:
+        try:
+            qcfg = checkpoint.read_config(m.path)
+            tok_dir = checkpoint.tokenizer_dir(m.path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"model.path: {e}") from None
+    if m.tokenizer == "bytes":
+        tok_dir = None
+    elif m.tokenizer is not None:
+        tok_dir = Path(m.tokenizer)
+    if tok_dir is None:
+        if qcfg.vocab_size < 257:
+            raise ConfigError(f"the byte tokenizer needs a vocabulary of >= 257; the model has {qcfg.vocab_size}")
+    elif not (tok_dir / "tokenizer.json").is_file():
+        raise ConfigError(f"no tokenizer.json in {tok_dir}: set model.tokenizer to a directory that has one "
+                          "(or \"bytes\" for a tiny model)")
+    return qcfg, tok_dir
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check what `config_from_dict` cannot: model.path and model.tokenizer usable, data files
+    present, rewards.custom importable. Reads small files only (no weights, no devices)."""
+    from qwq_jax.rl.data import DataError, load_source
+
+    _model_source(cfg)
+    for key, source in (("data.source", cfg.data.source), ("data.eval_source", cfg.data.eval_source)):
+        if source and not source.startswith("synthetic:"):
+            if not Path(source).is_file():
+                raise ConfigError(f"{key}={source!r}: file not found")
+            try:
+                load_source(source, seed=cfg.run.seed)
+            except DataError as e:
+                raise ConfigError(f"{key}: {e}") from None
+    if cfg.rewards.custom and cfg.rewards.custom_weight:
+        _import_function(cfg.rewards.custom)
+    out = Path(cfg.run.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run.output_dir={str(out)!r} is a file")
 
 
 def _parse_value(text: str) -> Any:
@@ -194,41 +289,24 @@ def build_model(cfg: TrainConfig, mesh):
 
     from qwq_jax import checkpoint
     from qwq_jax.attention import check_backend
-    from qwq_jax.config import QwenConfig
-    from qwq_jax.model import REMAT_POLICIES, Qwen2
+    from qwq_jax.model import Qwen2
     from qwq_jax.tokenizer import ByteTokenizer, Tokenizer
     from sharding import init_sharded
 
     m = cfg.model
-    if m.remat not in REMAT_POLICIES:
-        raise ConfigError(f"model.remat={m.remat!r}; known: {', '.join(REMAT_POLICIES)}")
+    qcfg, tok_dir = _model_source(cfg)
     try:
         check_backend(m.attention)
     except ValueError as e:
         raise ConfigError(f"model.attention={m.attention!r}: {e}") from None
     if m.path.startswith("preset:"):
-        try:
-            qcfg = QwenConfig.preset(m.path.split(":", 1)[1])
-        except (KeyError, ValueError) as e:
-            raise ConfigError(f"model.path={m.path!r}: {e}") from None
         model = init_sharded(lambda: Qwen2(qcfg, rngs=nnx.Rngs(cfg.run.seed), param_dtype=jnp.float32,
                                            dtype=m.dtype, remat=m.remat, attention_backend=m.attention),
                              mesh, "train")
-        tok_dir = m.tokenizer if m.tokenizer not in (None, "bytes") else None
     else:
-        if not Path(m.path).is_dir():
-            raise ConfigError(f"model.path={m.path!r} is not a directory (convert one with `python -m convert`)")
         model = checkpoint.load(m.path, mesh=mesh, rules="train", compute_dtype=m.dtype, remat=m.remat,
                                 attention_backend=m.attention)
-        tok_dir = m.tokenizer or m.path
-    if m.tokenizer == "bytes" or tok_dir is None:
-        tokenizer = ByteTokenizer()
-        if model.config.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(f"the byte tokenizer needs a vocabulary of >= 257; the model has {model.config.vocab_size}")
-    else:
-        if not (Path(tok_dir) / "tokenizer.json").is_file():
-            raise ConfigError(f"no tokenizer.json in {tok_dir} (set model.tokenizer)")
-        tokenizer = Tokenizer.from_dir(tok_dir)
+    tokenizer = ByteTokenizer() if tok_dir is None else Tokenizer.from_dir(tok_dir)
     return model, tokenizer
 
 
@@ -406,17 +484,37 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     from sharding import make_mesh
 
     grpo_cfg = cfg.grpo()
+    validate(cfg)
     out = Path(cfg.run.output_dir)
     lead = jax.process_index() == 0
     ckpt = Checkpoints(out / "checkpoints", cfg.run.keep, cfg.run.async_checkpoint)
     latest = ckpt.latest()
     if latest is not None and not resume:
+        ckpt.close()
         raise ConfigError(f"{out / 'checkpoints'} already holds checkpoints (newest: step {latest}); pass --resume to "
                           "continue that run, or choose another run.output_dir")
+    if latest is None and resume and lead:
+        print(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting at step 0", file=sys.stderr)
+    if latest is not None and latest >= cfg.run.steps:
+        ckpt.close()
+        if lead:
+            print(f"{out} is finished: its newest checkpoint is step {latest} of run.steps={cfg.run.steps}; "
+                  f"to train further, raise run.steps (e.g. --set run.steps={cfg.run.steps * 2}); to sample from "
+                  f"it: python -m qwq_jax.sample --checkpoint {out / 'checkpoints' / str(latest)}", flush=True)
+        return []
     try:
         mesh = make_mesh(cfg.run.mesh)
     except ValueError as e:
+        ckpt.close()
         raise ConfigError(f"run.mesh={cfg.run.mesh!r}: {e}") from None
+    from sharding.rules import batch_shards
+
+    rows, shards = cfg.data.prompts_per_step * grpo_cfg.group_size, batch_shards(mesh, "train")
+    if (rows // grpo_cfg.micro_batches) % shards:
+        ckpt.close()
+        raise ConfigError(f"micro-batch of {rows // grpo_cfg.micro_batches} rows does not split over the {shards} "
+                          f"batch shards of run.mesh={cfg.run.mesh!r} (data x fsdp); make data.prompts_per_step x "
+                          f"rl.group_size / rl.micro_batches a multiple of {shards}")
     examples = load_source(cfg.data.source, seed=cfg.run.seed)
     eval_examples = None
     if cfg.data.eval_every:
@@ -425,10 +523,11 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         elif cfg.data.source.startswith("synthetic:"):
             eval_examples = synthetic_examples(cfg.data.source.split(":", 1)[1], cfg.data.eval_size,
                                                seed=cfg.run.seed + 10_007)
-        else:
-            raise ConfigError("data.eval_every is set but there is no data.eval_source")
 
     model, tokenizer = build_model(cfg, mesh)
+    _, tok_dir = _model_source(cfg)
+    model_meta = {"model_config": model.config.to_hf(),
+                  "tokenizer": str(tok_dir.absolute()) if tok_dir is not None else "bytes"}
     rewards = Rewards(cfg.rewards)
     eval_rewards = Rewards(cfg.rewards) if eval_examples else None
     trainer = GRPOTrainer(model, grpo_cfg, rewards, tokenizer=tokenizer, mesh=mesh)
@@ -448,7 +547,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
 
     history: list[dict] = []
     t_start = time.perf_counter()
-    bar = tqdm(total=cfg.run.steps, initial=trainer.step_count, disable=not lead, desc="grpo", unit="step",
+    bar = tqdm(total=cfg.run.steps, initial=trainer.step_count, disable=not lead, desc=grpo_cfg.loss, unit="step",
                dynamic_ncols=True)
     try:
         while trainer.step_count < cfg.run.steps:
@@ -466,7 +565,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             history.append(metrics)
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps:
                 ckpt.save(step, trainer.state(), {"step": step, "data_position": stream.position,
-                                                  "seed": cfg.run.seed, "config": cfg.to_dict()})
+                                                  "seed": cfg.run.seed, "config": cfg.to_dict(), **model_meta})
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
     finally:
@@ -486,33 +585,60 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     return history
 
 
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from qwq_jax import compile_cache
+    from qwq_jax.cli import OneLineParser
     from qwq_jax.rl.data import DataError
     from sharding import add_distributed_args, init_distributed
 
-    parser = argparse.ArgumentParser(prog="python -m qwq_jax.train", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m qwq_jax.train", description="\n\n".join(__doc__.split("\n\n")[1:3]),
+                            epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML or JSON config file (sections model, data, rl, rewards, run)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set rl.loss=dapo --set run.steps=10")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_distributed_args(parser)
+    compile_cache.add_args(parser)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        validate(cfg)  # the whole config, before any device or weight
     except ConfigError as e:
-        parser.exit(2, f"error: {e}\n")
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    try:
+        compile_cache.enable(args.xla_cache)  # before the first jit: later runs reuse the compiled programs
+    except ValueError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     try:
         init_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
         run(cfg, resume=args.resume)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except FileNotFoundError as e:  # e.g. a checkpoint removed while starting
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _help_epilog() -> str:
+    """The config sections and their keys (from the dataclasses), and where the defaults are."""
+    lines = ["config sections and keys (defaults: `--print-config` prints the resolved config; the",
+             "dataclasses ModelConfig, DataConfig, RewardsConfig, RunConfig in qwq_jax/train.py and",
+             "GRPOConfig in qwq_jax/rl/grpo.py document each key):"]
+    keys = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
+    keys["rl"] = list(RL_FIELDS)
+    for name in ("model", "data", "rl", "rewards", "run"):
+        lines += textwrap.wrap(", ".join(keys[name]), 100, initial_indent=f"  [{name}] ".ljust(12),
+                               subsequent_indent=" " * 12)
+    lines += ["", "after training: python -m qwq_jax.sample --checkpoint RUN_DIR/checkpoints/STEP --prompt ...",
+              "               python -m convert export-hf RUN_DIR/checkpoints/STEP HF_OUT"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

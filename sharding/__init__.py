@@ -1,4 +1,5 @@
-"""Meshes, logical-axis rules and multi-host start-up (imports nothing from qwq_jax)."""
+"""Meshes, logical-axis rules and multi-host start-up: generic JAX, independent of the model package
+(the memory planner that reads the model lives with it)."""
 
 from sharding.distributed import add_distributed_args, init_distributed
 from sharding.mesh import MESH_AXES, make_mesh, mesh_spec, parse_mesh_spec

@@ -1,7 +1,7 @@
 """Logical axis -> mesh axis rules, and sharding an NNX model's state by them.
 
 Parameters carry logical axis names (`layers, embed, heads, kv_heads, head_dim, mlp, vocab`)
-from their one declaration in `qwq_jax/model.py`; a rule set maps each name to mesh axes:
+from their one declaration in the model; a rule set maps each name to mesh axes:
 
     generate  tensor parallel over `tensor`, weights replicated over `data`/`fsdp`
               (no weight all-gathers per decode step), batch split over `data` and `fsdp`

@@ -8,11 +8,42 @@ if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# One persistent XLA compilation cache (qwq_jax/compile_cache.py) for this process, the CLIs it starts
+# as subprocesses, the multi-process workers and the notebook kernels: a program compiled once is
+# read back everywhere else, in this run and the next. Apart from the users' cache; every program
+# is cached, however quick its compile. QWQ_JAX_XLA_CACHE=off runs the suite without it.
+from qwq_jax import compile_cache  # noqa: E402  (imports jax: after the flags above)
+
+os.environ.setdefault(compile_cache.ENV, str(compile_cache.default_dir().with_name("xla-tests")))
+_xla_cache = compile_cache.enable()
+if _xla_cache is not None:  # for processes that never call enable() themselves
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_xla_cache)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 # ---- the offline demo model (DESIGN.md): shared by every test that needs the real weights ------
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+@contextlib.contextmanager
+def _machine_lock(name: str):
+    """One test process at a time (pytest-xdist workers, parallel runs) builds a shared cached file."""
+    from qwq_jax.demo import default_cache_dir
+
+    root = default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
@@ -20,26 +51,54 @@ def demo_path() -> Path:
     """The demo GGUF, assembled once per machine into the default cache dir (491 MB)."""
     from qwq_jax import demo
 
-    return demo.demo_gguf_path(progress=False)
+    with _machine_lock("demo-gguf"):
+        return demo.demo_gguf_path(progress=False)
 
 
 @pytest.fixture(scope="session")
 def demo_hf_model(demo_path):
-    """transformers' float32 model of the demo GGUF (dequantized by its own GGUF loader)."""
+    """transformers' float32 model of the demo GGUF (dequantized by its own GGUF loader, ~25 s), kept
+    once per machine as transformers' own `save_pretrained` output so later loads take seconds."""
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(demo_path.parent), gguf_file=demo_path.name,
-                                                 dtype=torch.float32, attn_implementation="eager")
+    from qwq_jax.demo import default_cache_dir
+
+    saved = default_cache_dir() / "demo-hf-f32"
+    with _machine_lock("demo-hf"):
+        if not (saved / "config.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(str(demo_path.parent), gguf_file=demo_path.name,
+                                                         dtype=torch.float32, attn_implementation="eager")
+            tmp = saved.with_name(saved.name + ".tmp")  # (save_pretrained refuses GGUF-loaded models)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)
+            (tmp / "config.json").write_text(json.dumps(config))
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
+            os.replace(tmp, saved)
+    model = AutoModelForCausalLM.from_pretrained(str(saved), dtype=torch.float32, attn_implementation="eager")
     return model.eval()
 
 
 @pytest.fixture(scope="session")
 def demo_hf_tokenizer(demo_path):
-    """transformers' tokenizer of the demo GGUF."""
+    """transformers' tokenizer of the demo GGUF (built by its GGUF reader, ~20 s), kept once per machine
+    as its own `save_pretrained` output."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(demo_path.parent), gguf_file=demo_path.name)
+    from qwq_jax.demo import default_cache_dir
+
+    saved = default_cache_dir() / "demo-hf-tokenizer"
+    with _machine_lock("demo-hf-tokenizer"):
+        if not (saved / "tokenizer_config.json").is_file():
+            tmp = saved.with_name(saved.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            AutoTokenizer.from_pretrained(str(demo_path.parent), gguf_file=demo_path.name).save_pretrained(tmp)
+            os.replace(tmp, saved)
+    return AutoTokenizer.from_pretrained(str(saved))
 
 
 @pytest.fixture(scope="session")
@@ -47,4 +106,5 @@ def demo_checkpoint(demo_path):
     """The demo GGUF converted to a float32 qwq-jax checkpoint, once per machine (like `sample --demo`)."""
     from qwq_jax.sample import demo_checkpoint
 
-    return demo_checkpoint()
+    with _machine_lock("demo-checkpoint"):
+        return demo_checkpoint()

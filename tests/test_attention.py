@@ -1,9 +1,9 @@
 """Attention backends against an independent numpy reference (float64, KV heads repeated as HF's
 `repeat_kv` does), on GQA inputs with padding, packing and a decode step against a ragged cache.
 
-cuDNN and splash need a GPU / TPU: the `dot_product` backend runs cuDNN's exact plumbing (causal
-flag, row rolling, per-row lengths, bias) through XLA here, and splash runs in Pallas interpret
-mode. The kernels themselves are compared on the accelerator by benchmarks/prefill.py.
+cuDNN and splash need a GPU / TPU: a test-only `dot_product` backend (defined here) runs cuDNN's
+exact plumbing (causal flag, row rolling, per-row lengths, bias) through XLA, and splash runs in
+Pallas interpret mode. The kernels themselves are compared on the accelerator by benchmarks/prefill.py.
 """
 
 import logging
@@ -24,6 +24,18 @@ from qwq_jax.sampling import SamplingParams
 B, T, H, K, D = 4, 24, 6, 2, 8  # 3 query heads per KV head
 CPU_BACKENDS = ["xla", "dot_product", "blockwise"]  # "auto" is "xla" on a CPU, but for decoding and
 # chunked prefill (tested below)
+
+
+def dot_product_attention(q, k, v, mask, *, cache_layout=False):
+    """`jax.nn.dot_product_attention` through XLA, fed exactly as the cudnn backend feeds cuDNN
+    (`attention._sdpa`), so its plumbing runs on a CPU."""
+    return attn._sdpa(q, k, v, mask, "xla", "dot_product", allow_bias=True, cache_layout=cache_layout)
+
+
+@pytest.fixture(autouse=True)
+def dot_product_backend(monkeypatch):
+    """Registers `dot_product` beside the package's backends for every test here."""
+    monkeypatch.setitem(attn.BACKENDS, "dot_product", dot_product_attention)
 
 
 def reference(q, k, v, segq, posq, segk, posk):
@@ -415,7 +427,7 @@ def test_auto_for_a_gpu_target_without_cudnn_falls_back_to_the_reference(caplog)
     seg, pos, segmented = LAYOUTS["plain"]
     q, k, v = (x.astype(jnp.bfloat16) for x in qkv(seed=9))
     mask = Mask.causal(jnp.asarray(seg), jnp.asarray(pos), segmented=segmented)
-    from sharding.plan import _cuda_plugin_available
+    from qwq_jax.plan import _cuda_plugin_available
 
     if _cuda_plugin_available():  # this jax has cuDNN: the traced program calls it instead
         with attn.compile_for("gpu"):

@@ -1,6 +1,6 @@
 """The benchmark scripts run end to end on CPU (`--tiny`): every JSON line parses, both
 implementations report positive figures, the ratio and summary lines are there. Prefill and the
-train step run our `dot_product` backend, so their in-run check against the xla reference runs too."""
+train step run our `blockwise` backend, so their in-run check against the xla reference runs too."""
 
 import json
 import subprocess
@@ -29,7 +29,7 @@ def split(lines):
 
 
 def test_prefill_tiny():
-    lines = run_bench("prefill.py", "--attention", "dot_product")
+    lines = run_bench("prefill.py", "--attention", "blockwise")
     rows, ratios = split(lines)
     assert {r["impl"] for r in rows} == {"qwq-jax", "hf-transformers-sdpa"}
     assert len(rows) == 4 and {r["seq"] for r in rows} == {32, 64}
@@ -38,7 +38,7 @@ def test_prefill_tiny():
         assert r["time_s"] > 0 and r["tokens_per_s"] > 0 and r["tflops"] > 0
         assert r["mfu"] is None and r["device"] == "cpu"  # no known peak for a CPU
     ours = [r for r in rows if r["impl"] == "qwq-jax"]
-    assert all(r["attention_resolved"] == "dot_product" and r["attention_fallbacks"] == [] for r in ours)
+    assert all(r["attention_resolved"] == "blockwise" and r["attention_fallbacks"] == [] for r in ours)
     check = ours[0]["check_vs_xla"]  # at the shortest length
     assert check["seq"] == 32 and check["max_abs_logit_diff_vs_xla"] < 1e-4 and check["same_argmax"]
     assert len(ratios) == 2 and all(r["tokens_per_s"] > 0 for r in ratios)
@@ -47,7 +47,7 @@ def test_prefill_tiny():
 
 
 def test_train_step_tiny():
-    lines = run_bench("train_step.py", "--attention", "dot_product")
+    lines = run_bench("train_step.py", "--attention", "blockwise")
     rows, ratios = split(lines)
     assert {r["impl"] for r in rows} == {"qwq-jax", "hf-transformers-sdpa"}
     for r in rows:
@@ -55,7 +55,7 @@ def test_train_step_tiny():
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["model_tflops"] > 0
         assert r["layers"] == 2 and r["rows"] == 4
     ours = next(r for r in rows if r["impl"] == "qwq-jax")
-    assert abs(ours["loss"]) < 1e3 and ours["attention_resolved"] == "dot_product"
+    assert abs(ours["loss"]) < 1e3 and ours["attention_resolved"] == "blockwise"
     assert ours["check_vs_xla"]["max_abs_logprob_diff_vs_xla"] < 1e-4
     assert len(ratios) == 1 and ratios[0]["tokens_per_s"] > 0
     assert lines[-1]["summary"] and lines[-1]["ratio_tokens_per_s"] > 0
@@ -178,7 +178,7 @@ def test_gpu_aot_tiny_compiles_every_setting_for_the_cpu():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_aot.py"), "--target", "h100", "--batch", "1",
                         "--phase", "decode", "--layer-loop", "split"], capture_output=True, text=True, timeout=300,
                        cwd=ROOT)
-    from sharding.plan import _cuda_plugin_available
+    from qwq_jax.plan import _cuda_plugin_available
 
     if not _cuda_plugin_available():
         assert r.returncode != 0 and "needs JAX's CUDA plugin" in r.stderr, r.stderr[-2000:]
@@ -241,3 +241,38 @@ def test_layers_that_fit_by_hand_and_by_compiling():
     capacity = (peak(3) + peak(4)) // 2
     fit = compiled_layer_fit(cfg, device, capacity, counts=(1, 2), **train)
     assert fit["max_layers"] == 3, fit
+
+
+def test_device_suite_tiny_writes_one_json_with_every_part(tmp_path):
+    """benchmarks/device_suite.sh --tiny: the GPU suite's every part as a CPU smoke run, one JSON file."""
+    out = tmp_path / "suite.json"
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh"), "--tiny", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    suite = json.loads(out.read_text())
+    assert suite["mode"] == "tiny" and suite["device"] == "cpu" and suite["date"]
+    parts = suite["parts"]
+    assert list(parts) == ["decode_bf16", "decode_int8", "prefill_8k", "grpo_7b", "cudnn_check", "serving"]
+    serving = (ROOT / "benchmarks" / "serving.py").exists()
+    for name, part in parts.items():
+        if name == "serving" and not serving:
+            assert part["status"] == "skipped" and "does not exist" in part["reason"]
+            continue
+        assert part["status"] == "ok" and part["seconds"] > 0 and part["records"], (name, part)
+        numbers = [v for v in part["figures"].values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        assert numbers and all(v >= 0 for v in numbers), (name, part["figures"])
+    figs = {name: part.get("figures", {}) for name, part in parts.items()}
+    assert figs["decode_bf16"]["b2_p16_tokens_per_s"] > 0 and figs["decode_int8"]["b2_p16_tokens_per_s"] > 0
+    assert figs["prefill_8k"]["seq32_tokens_per_s"] > 0
+    assert figs["grpo_7b"]["step_s"] > 0 and figs["grpo_7b"]["max_abs_logprob_diff_vs_xla"] < 1e-4
+    check = figs["cudnn_check"]  # on a CPU the blockwise backend stands in for cuDNN
+    assert check["max_abs_logit_diff_vs_xla"] < 1e-4 and check["same_argmax"] and check["attention_fallbacks"] == 0
+    assert "| part | status | seconds | figures |" in r.stdout and "| grpo_7b | ok |" in r.stdout
+    for name in parts:
+        assert f"[{name}]" in r.stderr  # progress per part
+
+
+def test_device_suite_bad_usage_is_one_line():
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh"), "--fast"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown option --fast" in r.stderr

@@ -220,7 +220,7 @@ def test_out_exists_without_overwrite_then_with(good_src, tmp_path, capsys):
 
 def test_usage_errors_exit_2(good_src, tmp_path):
     r = run_cli("hf", str(good_src))
-    assert r.returncode == 2 and "usage:" in r.stderr
+    assert r.returncode == 2 and "(see python -m convert hf --help)" in r.stderr
     r = run_cli("hf", str(good_src), str(tmp_path / "o"), "--dtype", "int4")
     assert r.returncode == 2 and "invalid choice: 'int4'" in r.stderr
     r = run_cli("hf", str(good_src), str(tmp_path / "o"), "--mesh", "tensor=3")

@@ -23,6 +23,9 @@ from convert.source import ConversionError
 from qwq_jax import demo
 from qwq_jax.config import QwenConfig
 
+# Beside test_demo.py in one pytest-xdist worker: both read the demo GGUF and its transformers model.
+pytestmark = pytest.mark.xdist_group("demo_hf")
+
 # ---- fixtures ---------------------------------------------------------------------------
 
 
@@ -241,7 +244,10 @@ def test_hf_config_round_trips_through_qwen_config(source):
 
 def test_generation_and_tokenizer_config(source):
     gen = json.loads(source.extra_files["generation_config.json"])
-    assert gen == {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643]}
+    # A GGUF carries no sampling settings: the converter writes what Qwen2.5-Coder-0.5B-Instruct's own
+    # generation_config.json on the Hub holds (the Qwen2.5 instruct recommendation).
+    assert gen == {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
+                   "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
     tc = json.loads(source.extra_files["tokenizer_config.json"])
     assert tc["tokenizer_class"] == "Qwen2Tokenizer" and tc["add_bos_token"] is False
     assert (tc["eos_token"], tc["pad_token"], tc["model_max_length"]) == ("<|im_end|>", "<|endoftext|>", 32768)

@@ -8,9 +8,9 @@ import jax
 import pytest
 
 from qwq_jax import QwenConfig
+from qwq_jax import plan as planner
+from qwq_jax.plan import Topology, best_mesh, get_topology, main, param_bytes, plan
 from sharding import make_mesh
-from sharding import plan as planner
-from sharding.plan import Topology, best_mesh, get_topology, main, param_bytes, plan
 
 GIB = 2**30
 TINY = QwenConfig.preset("tiny")  # V 512, E 64, I 160, L 2, H 8, K 4, D 8, untied
@@ -153,7 +153,7 @@ def test_fits_and_does_not_fit():
     import inspect
 
     from qwq_jax.generate import Engine
-    assert planner.ENGINE_PREFILL_CHUNK == inspect.signature(Engine).parameters["prefill_chunk"].default == 2048
+    assert inspect.signature(Engine).parameters["prefill_chunk"].default == 2048
     assert plan(QWQ, "generate", "h100x8", 131072, 1, mesh="tensor=8").settings["prefill_chunk"] == 2048
     # Even the whole 131k prompt in one call stays bounded (blockwise), though its activations dominate.
     p = plan(QWQ, "generate", "h100x8", 131072, 1, mesh="tensor=8", prefill_chunk=131072)
@@ -177,7 +177,7 @@ def test_train_categories_by_hand():
     assert p.phases["rollout"]["compute_copy"] == 0
     assert plan(TINY, "train", topo, 64, 8, mesh=mesh, compute_copy="micro_batch").phases["update"]["compute_copy"] == 0
     from qwq_jax.rl import grpo
-    assert planner.COMPUTE_COPIES == grpo.COMPUTE_COPIES and grpo.GRPOConfig().compute_copy == "split"
+    assert grpo.GRPOConfig().compute_copy == "split" == p.settings["compute_copy"]
     with pytest.raises(ValueError, match="compute_copy must be one of split, step, micro_batch"):
         plan(TINY, "train", topo, 64, 8, mesh=mesh, compute_copy="once")
     # logits, log_softmax, cotangent: 8 rows / (data x fsdp = 2) = 4 rows, vocab 512 / 4.
@@ -198,9 +198,11 @@ def test_train_categories_by_hand():
     # Rollouts from the float32 master weights: no engine copy, per-layer cast copies instead.
     p = plan(TINY, "train", topo, 64, 8, mesh=mesh, rollout_weights="master")
     assert p.phases["update"]["engine_params"] == 0 and p.phases["rollout"]["layer_weights"] > 0
-    # The split copy (one array per layer) is the same bytes as the stacked one.
+    # The default: the bf16 copy, one array per layer (generate rules, see test_tiny_param_bytes_by_hand).
     split = plan(TINY, "train", topo, 64, 8, mesh=mesh, rollout_weights="split").phases["update"]
     assert split["engine_params"] == 38272 * 2 and split == plan(TINY, "train", topo, 64, 8, mesh=mesh).phases["update"]
+    with pytest.raises(ValueError, match="rollout_weights must be one of split, master"):
+        plan(TINY, "train", topo, 64, 8, mesh=mesh, rollout_weights="copy")
     with pytest.raises(ValueError, match="does not split over the 2 batch shards"):
         plan(TINY, "train", topo, 64, 6, mesh=mesh, micro_batches=2)
 
@@ -260,51 +262,77 @@ def test_aot_without_libtpu_says_so(monkeypatch):
         assert "cuda_compute_capability" in text and f"device_memory_size: {memory}" in text
 
 
-def test_aot_path_compiles_on_cpu_devices(monkeypatch):
-    # The AOT path with CPU devices standing in for the TPU topology's compile-only ones.
-    monkeypatch.setattr(planner, "_libtpu_available", lambda: True)
-    monkeypatch.setattr(planner, "_tpu_mesh", lambda topo, s: make_mesh(s, jax.devices()[:2]))
-    topo = Topology("fake-tpu", "tpu", 2, 16 * GIB, aot_name="v5e:1x2")
-    p = plan(TINY, "generate", topo, 64, 2, mesh="tensor=2", prefill_chunk=16, aot=True)
+@pytest.mark.slow  # two plans compiled by libtpu (about 10-20 s on 2 cores)
+def test_aot_compiles_with_the_real_tpu_compiler():
+    # libtpu compiles for a TPU topology on this CPU host (no TPU): `pip install "jax[tpu]==<jax version>"`.
+    assert planner._libtpu_available(), f'libtpu is missing: pip install "jax[tpu]=={jax.__version__}"'
+    # Head dim 128, hidden 256: TPU tiles (8 x 128) fit the weights and the cache without padding.
+    cfg = TINY.replace(hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2, head_dim=128,
+                       vocab_size=1024)
+    p = plan(cfg, "generate", "v5e-4", 256, 2, mesh="data=2,tensor=2", prefill_chunk=64, aot=True)
     assert p.method == "aot-tpu", p.notes
-    # Arguments per device: bf16 weights under tensor=2, the k and v caches [2, 2, 64, 4/2, 8] bf16,
-    # tokens [2, 16] and lengths [2] int32 -- exactly the analytic params and KV cache.
-    per_layer = 64 * 4 * 8 + 4 * 8 + 2 * (64 * 2 * 8 + 2 * 8) + 4 * 8 * 64 + 3 * 64 * 80 + 2 * 64
-    weights = (2 * per_layer + 2 * 256 * 64 + 64) * 2
-    cache = 2 * (2 * 2 * 64 * 2 * 8 * 2)
-    assert p.aot["argument"] == weights + cache + 2 * 16 * 4 + 2 * 4
-    assert p.phases["generate"]["params"] + p.phases["generate"]["kv_cache"] == weights + cache
-    assert p.aot["temp"] > 0 and p.total == p.aot["peak"] + p.aot["extra"]
-    # The int8 weight-only model: the compiled step's arguments are the analytic int8 count.
-    q = plan(TINY, "generate", topo, 64, 2, mesh="tensor=2", prefill_chunk=16, aot=True, quantize="int8")
-    assert q.method == "aot-tpu", q.notes
-    assert q.aot["argument"] == q.phases["generate"]["params"] + cache + 2 * 16 * 4 + 2 * 4
-    assert q.phases["generate"]["params"] < weights
+    programs = p.aot["programs"]
+    assert set(programs) == {"prefill", "decode"} and p.aot["program"] in programs
+    # Per device: bf16 weights under tensor=2 (q [256, 2, 128] + bias, k and v [256, 1, 128] + biases,
+    # o [2, 128, 256], gate / up / down [256, 256], two norms; embed and lm_head [1024 / 2, 256], final
+    # norm) and one row's k and v caches [2 layers, 1, 1 KV head, 256, 128] bf16.
+    per_layer = 256 * 2 * 128 + 2 * 128 + 2 * (256 * 128 + 128) + 2 * 128 * 256 + 3 * 256 * 256 + 2 * 256
+    weights = (2 * per_layer + 2 * 512 * 256 + 256) * 2
+    cache = 2 * (2 * 1 * 1 * 256 * 128 * 2)
+    assert p.phases["generate"]["params"] == weights and p.phases["generate"]["kv_cache"] == cache
+    # The programs also take the tokens, row lengths, rope tables, last hidden state (and decode its
+    # sampling state): small arrays, each padded to the TPU's tiles (at most 4 KiB each here). The
+    # prefill never reads the final norm and the lm_head [1024 / 2, 256]: they are not its arguments.
+    head = (256 + 512 * 256) * 2
+    assert p.aot["extra"] == (head if p.aot["program"] == "prefill" else 0)
+    for name, unused in (("prefill", head), ("decode", 0)):
+        assert weights + cache < programs[name]["argument"] + unused < weights + cache + 16 * 4096, (name, programs)
+        assert programs[name]["temp"] > 0
+    assert p.total == max(programs["prefill"]["peak"] + head, programs["decode"]["peak"]) and p.fits
+    # Training: the trainer's update and its rollout engine's programs, with what each does not hold.
+    t = plan(TINY, "train", "v5e-4", 64, 4, mesh="fsdp=2,tensor=2", micro_batches=2, aot=True)
+    assert t.method == "aot-tpu", t.notes
+    assert set(t.aot["programs"]) == {"update", "prefill", "decode"}
+    upd = t.phases["update"]
+    assert t.aot["programs"]["update"]["argument"] >= upd["params"] + upd["optimizer"]  # masters + AdamW, donated
+    assert t.aot["programs"]["update"]["alias"] >= upd["params"] + upd["optimizer"]
+    extra = {"update": upd["reference"] + upd["engine_params"],
+             "prefill": upd["params"] + upd["optimizer"] + upd["reference"]}
+    extra["decode"] = extra["prefill"]
+    assert t.total == max(m["peak"] + extra[n] for n, m in t.aot["programs"].items())
+    assert t.aot["extra"] == extra[t.aot["program"]]
 
 
 def test_aot_gpu_path_compiles_on_cpu_devices(monkeypatch):
     # The GPU path (JAX's CUDA plugin's compile-only devices) with CPU devices standing in.
     monkeypatch.setattr(planner, "_cuda_plugin_available", lambda: True)
     monkeypatch.setattr(planner, "_gpu_mesh", lambda topo, s: make_mesh(s, jax.devices()[:2]))
-    topo = Topology("fake-gpu", "gpu", 2, 16 * GIB, devices_per_host=2, gpu_target="h100")
-    p = plan(TINY, "generate", topo, 64, 2, mesh="tensor=2", prefill_chunk=16, aot=True)
-    assert p.method == "aot-gpu", p.notes
-    assert p.aot["argument"] == p.phases["generate"]["params"] + p.phases["generate"]["kv_cache"] + 2 * 16 * 4 + 2 * 4
-    assert any(n.startswith("AOT: fake-gpu (h100) compiler peak") for n in p.notes)
     # --attention flash compiles the model's "auto" backend, chosen for the mesh's devices
     # (qwq_jax.attention.compile_for: cuDNN for an H100's compile-only devices, xla for these CPUs).
-    seen = []
-    lower = planner._lower_task
-    monkeypatch.setattr(planner, "_lower_task", lambda *a, **kw: (seen.append(kw["backend"]), lower(*a, **kw))[1])
-    for attention in ("flash", "xla"):
-        f = plan(TINY, "train", topo, 64, 2, mesh="tensor=2", aot=True, attention=attention)
-        assert f.method == "aot-gpu", f.notes
-    assert seen == ["auto", "xla"]
+    backends = []
+    placed = planner._placed_model
+    monkeypatch.setattr(planner, "_placed_model",
+                        lambda *a, **kw: (backends.append(kw["attention_backend"]), placed(*a, **kw))[1])
+    topo = Topology("fake-gpu", "gpu", 2, 16 * GIB, devices_per_host=2, gpu_target="h100")
+    p = plan(TINY, "generate", topo, 64, 2, mesh="tensor=2", prefill_chunk=16, aot=True, attention="flash",
+             quantize="int8")
+    assert p.method == "aot-gpu", p.notes
+    assert backends == ["auto"] and any(n.startswith("AOT: fake-gpu (h100) compiler peaks") for n in p.notes)
+    # The engine's prefill takes, per device: the int8 weights (the analytic count) but the output
+    # head it never reads (final norm [64] and lm_head [512 / 2, 64], bf16), the k and v caches
+    # [2 layers, 2 rows, 4/2 KV heads, 64, 8] bf16, tokens [2, 16] and row lengths [2] int32, rope
+    # frequencies [2, 1, 4] and factors [2, 1, 1] float32, the cache lengths [2] int32 and the last
+    # hidden state [2, 1, 64] bf16.
+    cache, head = 2 * (2 * 2 * 2 * 64 * 8 * 2), (64 + 256 * 64) * 2
+    small = 2 * 16 * 4 + 2 * 4 + 2 * 4 * 4 + 2 * 1 * 4 + 2 * 4 + 2 * 64 * 2
+    assert p.phases["generate"]["kv_cache"] == cache
+    assert p.aot["programs"]["prefill"]["argument"] == p.phases["generate"]["params"] - head + cache + small
+    assert p.phases["generate"]["params"] < param_bytes(TINY, "generate", sizes(tensor=2), "bfloat16")
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
 def test_cli_json():
-    out = subprocess.run([sys.executable, "-m", "sharding.plan", "--preset", "qwq-32b", "--task", "generate",
+    out = subprocess.run([sys.executable, "-m", "qwq_jax.plan", "--preset", "qwq-32b", "--task", "generate",
                           "--topology", "h100x8", "--seq", "131072", "--batch", "1", "--prefill-chunk", "4096",
                           "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -317,14 +345,14 @@ def test_cli_json():
 
 
 def test_cli_bad_topology_exits_2():
-    out = subprocess.run([sys.executable, "-m", "sharding.plan", "--topology", "v9-8"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "qwq_jax.plan", "--topology", "v9-8"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "unknown topology 'v9-8'" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cli_table_and_bad_input(capsys):
     assert main(["--preset", "qwq-32b", "--task", "train", "--topology", "v5p-64", "--seq", "8192",
-                 "--batch", "8"]) == 0
+                 "--batch", "8", "--no-aot"]) == 0
     text = capsys.readouterr().out
     for want in ("GiB per device", "optimizer", "verdict: FITS", "best mesh: data=1,fsdp=4,tensor=8", "summary:"):
         assert want in text

@@ -354,3 +354,87 @@ def test_two_processes_agree_with_one(tmp_path):
         for key in ("loss", "kl", "grad_norm", "entropy"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert sorted(p.name for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+
+
+# ---- after training: the checkpoint samples, exports, and the README's commands run in sequence -----
+@pytest.mark.slow
+def test_training_checkpoint_samples_and_exports_to_transformers(tmp_path, capsys):
+    """One dr_grpo step (the bar says so) -> RUN/checkpoints/1; --resume on the finished run is one line;
+    `python -m qwq_jax.sample --checkpoint RUN/checkpoints/1` decodes greedily what transformers decodes
+    from `python -m convert export-hf RUN/checkpoints/1 OUT`, and the logits agree in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import qwq_jax
+    from convert.__main__ import main as convert_main
+    from qwq_jax import sample
+
+    out = tmp_path / "run"
+    sets = [*RUN_SETTINGS, "rl.loss=dr_grpo", "rl.kl_beta=0", "run.steps=1", "rl.max_tokens=4",
+            f"run.output_dir={json.dumps(str(out))}"]
+    argv = ["--config", str(TINY)] + [a for s in sets for a in ("--set", s)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "dr_grpo:" in err and "grpo:" not in err.replace("dr_grpo:", "")
+    assert main(argv + ["--resume"]) == 0
+    said = capsys.readouterr()
+    assert said.out.splitlines() == [said.out.strip()] and "is finished: its newest checkpoint is step 1 of " \
+        "run.steps=1" in said.out and "nan" not in said.out
+    step = out / "checkpoints" / "1"
+
+    prompt = "12+7="
+    assert sample.main(["--checkpoint", str(step), "--raw", "--prompt", prompt, "--max-tokens", "6", "--json",
+                        "--temperature", "0", "--repetition-penalty", "1", "--presence-penalty", "0",
+                        "--layer-loop", "scan"]) == 0  # scan: compiles fastest (the loops agree: test_generate)
+    ours_ids = json.loads(capsys.readouterr().out)["token_ids"]
+    assert convert_main(["export-hf", str(step), str(tmp_path / "hf"), "--quiet"]) == 0
+    capsys.readouterr()
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    ids = list(prompt.encode())
+    with torch.no_grad():
+        gen = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=256,
+                          pad_token_id=256)[0, len(ids):].tolist()
+    assert ours_ids == gen[: len(ours_ids)] and len(ours_ids) >= 1, (ours_ids, gen)
+
+    model = qwq_jax.load(step)
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 24))
+    ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    # The trained weights, not the initial ones: one update at lr 1e-2 moved them.
+    init = init_model(CFG, seed=0, param_dtype=jnp.float32)
+    assert not np.allclose(np.asarray(init(jnp.asarray(tokens, jnp.int32))), ours, atol=1e-3)
+
+
+def test_readme_training_commands_run_in_sequence():
+    """The README's training block: every fresh run has its own output dir, every --resume continues
+    an earlier one, and the sample / export-hf lines name a checkpoint those runs write."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Fine-tune with GRPO"):]
+    section = section[: section.index("\n## ", 4)]
+    commands = [shlex.split(c.split("  #")[0]) for c in section.replace("\\\n", " ").splitlines()
+                if c.startswith("python -m ") and "--distributed" not in c and "--coordinator" not in c]
+    runs: dict[str, int] = {}  # output dir -> newest checkpoint step
+    saved: set[str] = set()
+    for cmd in commands:
+        if cmd[2] == "qwq_jax.train":
+            sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+            cfg = load_config(ROOT / cmd[cmd.index("--config") + 1], sets)
+            out = cfg.run.output_dir
+            if "--resume" in cmd:
+                assert out in runs, f"{cmd}: resumes a run the README has not started"
+            else:
+                assert out not in runs, f"{cmd}: the output dir of an earlier command"
+            start = runs.get(out, 0)
+            every = cfg.run.save_every or cfg.run.steps
+            saved |= {f"{out}/checkpoints/{s}" for s in range(start + 1, cfg.run.steps + 1)
+                      if s % every == 0 or s == cfg.run.steps}
+            runs[out] = max(start, cfg.run.steps)
+        else:
+            ckpt = cmd[cmd.index("--checkpoint") + 1] if cmd[2] == "qwq_jax.sample" else cmd[cmd.index("export-hf") + 1]
+            assert ckpt in saved, f"{cmd}: no README command writes {ckpt}"
+    assert len(runs) >= 2 and any("--resume" in c for c in commands)

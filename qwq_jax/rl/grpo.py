@@ -14,7 +14,8 @@ gathered, so a slow reward (code execution) is spread over the hosts.
 
 Sharding: with `mesh`, the fp32 master weights and AdamW state are laid out by the `train`
 rules (FSDP over `fsdp`, tensor parallel over `tensor`); the rollout engine gets a copy in the
-model's dtype laid out by the `generate` rules; batches are split over `data` x `fsdp`.
+model's dtype laid out by the `generate` rules, one array per layer (or, with
+`rollout_weights="master"`, decodes from the masters); batches are split over `data` x `fsdp`.
 Micro-batches are strided (rows i, i+n, i+2n, ...) so each is spread evenly over the batch
 shards, and every loss term is normalised by the whole batch's denominators, so any number of
 micro-batches gives the same update as one (see `losses.batch_normalizers`).
@@ -41,7 +42,7 @@ from qwq_jax.sampling import SamplingParams
 RewardFn = Callable[[Sequence[int], Sequence[Completion]], "Mapping[str, Sequence[float]] | Sequence[float]"]
 
 
-ROLLOUT_WEIGHTS = ("copy", "split", "master")
+ROLLOUT_WEIGHTS = ("split", "master")
 COMPUTE_COPIES = ("split", "step", "micro_batch")
 
 
@@ -66,10 +67,8 @@ class GRPOConfig:
     overlong_buffer: int = 0         # DAPO soft overlong punishment buffer (0: off)
     rollout_weights: str = "split"   # split: a model-dtype copy in the generate layout, one array per
                                      # layer (Engine layer_loop="split": decode reads each weight and its
-                                     # layer's KV cache in place); copy: that copy stacked [L, ...] (run
-                                     # by lax.scan: XLA for GPU copies each layer's weight slice out per
-                                     # step, benchmarks/gpu_aot.py); master: decode straight from the
-                                     # fp32 master weights (no copy; 2x weight reads, stacked)
+                                     # layer's KV cache in place); master: decode straight from the fp32
+                                     # master weights (no copy; 2x weight reads, stacked)
     compute_copy: str = "split"      # split: the float32 masters (all but the embedding table) cast to the
                                      # compute dtype once per update, each layer's weights an array of their
                                      # own (straight-line layers: no weight slices of the stacks copied per
@@ -197,10 +196,6 @@ class GRPOTrainer:
                                           self.param_shardings)
         self.engine = Engine(model, tokenizer, mesh=mesh, rules="generate")
         self.step_count = 0
-        self._to_engine = jax.jit(
-            lambda t: jax.tree.unflatten(self._state_def, [x.astype(d) for x, d in
-                                                           zip(jax.tree.leaves(t), self._engine_dtypes)]),
-            out_shardings=self._engine_shardings)
         self._num_layers = model.config.num_layers
         self._compute_dtype = jnp.dtype(model.dtype)
         if config.rollout_weights == "split":
@@ -362,18 +357,16 @@ class GRPOTrainer:
     # ---- rollouts -----------------------------------------------------------------------------
     def sync_engine(self) -> None:
         """Give the rollout engine the current weights: a copy in the model dtype and `generate`
-        layout (rollout_weights="split": one array per layer), or (rollout_weights="master") the
-        fp32 master arrays themselves."""
+        layout, one array per layer (rollout_weights="split"), or the fp32 master arrays themselves
+        (rollout_weights="master")."""
         self._check_concrete("sync_engine")
         if self.config.rollout_weights == "master":
             self.engine.params = jax.tree.unflatten(self._state_def, jax.tree.leaves(self.params))
-        elif self.config.rollout_weights == "split":
+        else:
             rest, layers = self._to_engine_split(self.params)
             # The engine's graph still has `layers`: it holds layer 0's arrays (the same buffers).
             self.engine.params = jax.tree.unflatten(self._state_def, jax.tree.leaves(dict(rest, layers=layers[0])))
             self.engine.layer_params = [jax.tree.unflatten(self._layers_def, jax.tree.leaves(lp)) for lp in layers]
-        else:
-            self.engine.params = self._to_engine(self.params)
 
     def _split_fn(self, params):
         """The engine's copy of `params` (model dtypes) as (everything but the layers, one tree per layer)."""

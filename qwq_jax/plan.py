@@ -1,18 +1,19 @@
 """Memory planner: per-device bytes of generation or GRPO training on a topology, and a mesh that fits.
 
-    python -m sharding.plan --preset qwq-32b --task train --topology v5p-64 --seq 8192 --batch 8
-    python -m sharding.plan --preset qwq-32b --task generate --topology h100x8 --seq 131072 --batch 1 --json
+    python -m qwq_jax.plan --preset qwq-32b --task train --topology v5p-64 --seq 8192 --batch 8
+    python -m qwq_jax.plan --preset qwq-32b --task generate --topology h100x8 --seq 131072 --batch 1 --json
 
     p = plan("qwq-32b", "generate", "h100x8", seq=131072, batch=1)   # mesh=None: the best mesh
     p.fits, p.total, p.mesh, p.phases["generate"]["kv_cache"]
 
-The planner is the one `sharding` module that reads `qwq_jax` (the model's parameter declarations);
-`import sharding` does not load it. It needs no devices of the target: shard sizes are computed
-from the abstract model's logical axes, the task's rules (`sharding.rules.RULES`) and the mesh axis
-sizes. It can also compile the task's main step for the target ahead of time, without its
-devices, and report the compiler's own numbers (`aot_memory`): TPU topologies with `libtpu`
-installed, H100 / H200 machines with JAX's CUDA plugin (`pip install "jax[cuda12]"`; no GPU or
-driver needed; the targets are described in sharding/gpu_targets).
+It needs no devices of the target: shard sizes are computed from the abstract model's logical
+axes, the task's rules (`sharding.rules.RULES`) and the mesh axis sizes. It can also compile the
+task's own programs for the target ahead of time, without its devices, and report the compiler's
+numbers (`aot_memory`): the engine's prefill and decode (`Engine.lower_prefill`,
+`Engine.lower_decode`) and, for training, the trainer's update (`GRPOTrainer.lower_update` on an
+abstract model) -- TPU topologies with `libtpu` installed (`pip install "jax[tpu]"` at this jax
+version), H100 / H200 machines with JAX's CUDA plugin (`pip install "jax[cuda12]"`; no GPU or
+driver needed; the targets are described in qwq_jax/gpu_targets).
 
 Notation (all per device): r rows of the batch, T tokens per call, S keys attended (the cache
 length, or T without a cache), L layers, E hidden, H / K query / KV heads of dim D, I MLP width,
@@ -50,7 +51,7 @@ Counted from the code's arrays, with named approximations:
                float32 master params and AdamW state (train rules), the frozen reference (compute
                dtype, train rules; `reference=False` for losses without KL) and the rollout
                engine's copy of the weights (`param_dtype`, generate rules: replicated over
-               data and fsdp; none with `rollout_weights="master"`):
+               data and fsdp, one array per layer; none with `rollout_weights="master"`):
     rollout    the generate count for `rollout_batch` rows of `rollout_len` tokens (+ layer_weights
                below when decoding from the master weights).
     logprobs   `_prepare`: forward per micro-batch (as the update), m = batch/(micro_batches x
@@ -89,23 +90,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from sharding.mesh import MESH_AXES, mesh_spec, parse_mesh_spec
-from sharding.rules import _as_tuple, _logical_specs, logical_to_mesh, suggest_mesh
+import jax.numpy as jnp
+
+from qwq_jax.attention import DENSE_SCORES_LIMIT, _kv_block
+from qwq_jax.config import PRESETS, QwenConfig
+from qwq_jax.generate import LAYER_LOOPS, PREFILL_CHUNK, Engine
+from qwq_jax.model import DTYPES, QUANT_MODES, REMAT_POLICIES, abstract_model
+from qwq_jax.rl.grpo import COMPUTE_COPIES, ROLLOUT_WEIGHTS, GRPOConfig, GRPOTrainer
+from qwq_jax.train import ModelConfig
+from sharding.mesh import MESH_AXES, make_mesh, mesh_spec, parse_mesh_spec
+from sharding.rules import _as_tuple, _logical_specs, logical_to_mesh, state_shardings, suggest_mesh
 
 GIB = 1024**3
 MIB = 1024**2
 TASKS = ("generate", "train")
 ATTENTION = ("xla", "flash")
-ENGINE_PREFILL_CHUNK = 2048  # qwq_jax.generate.Engine's default prefill_chunk
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-COMPUTE_COPIES = ("split", "step", "micro_batch")  # qwq_jax.rl.grpo.COMPUTE_COPIES
-QUANT_BYTES = {"int8": 1}  # weight-only quantization (qwq_jax.quant): bytes per matmul weight element
+DTYPE_BYTES = {name: jnp.dtype(t).itemsize for name, t in DTYPES.items()}
+# Weight-only quantization (qwq_jax.quant): bytes per matmul weight element.
+QUANT_BYTES = {mode: jnp.dtype(mode).itemsize for mode in QUANT_MODES}
+LAYER_LOOP = Engine.__init__.__kwdefaults__["layer_loop"]  # the engine's default
 # What each remat policy saves per layer for the backward pass (names of W's terms; see docstring).
 _DOTS = ("x", "q", "k", "v", "scores", "attn_out", "o_out", "gate", "up", "down")
 _PROJECTIONS = ("x", "q", "k", "v", "o_out", "gate", "up", "down")
 REMAT_SAVES: dict[str, tuple[str, ...] | None] = {
     "full": ("x",), "nothing_saveable": ("x",), "none": None, "everything_saveable": None,
     "dots_saveable": _DOTS, "dots_with_no_batch_dims_saveable": _PROJECTIONS}
+assert set(REMAT_SAVES) == set(REMAT_POLICIES), "a remat policy of qwq_jax.model without a planner count"
 
 
 # ---- topologies ----------------------------------------------------------------------------------
@@ -119,7 +129,7 @@ class Topology:
     hbm_bytes: int
     devices_per_host: int | None = None  # GPUs: tensor parallelism stays within a host (NVLink)
     aot_name: str | None = None          # TPU: topology name for `get_topology_desc`
-    gpu_target: str | None = None        # GPU: target description in sharding/gpu_targets
+    gpu_target: str | None = None        # GPU: target description in qwq_jax/gpu_targets
     chip_config: str = "default"          # TPU: "megacore" where one device spans 2 TensorCores
 
 
@@ -179,8 +189,6 @@ def _param_table(cfg: Any, quant: str | None = None
                  ) -> tuple[Any, tuple[tuple[str, tuple[int, ...], tuple[str | None, ...]], ...]]:
     """(abstract state, ((path, shape, logical axes), ...)) of the model `cfg` declares."""
     from flax import nnx
-
-    from qwq_jax.model import abstract_model
 
     state = nnx.state(abstract_model(cfg, quant=quant))
     return state, tuple(_logical_specs(state))
@@ -267,8 +275,6 @@ def _per_call(cfg: Any, rows: int, t: int, s: int) -> int:
 def prefill_key_width(cfg: Any, global_rows: int, chunk: int, seq: int) -> int:
     """Keys one prefill call's scores span: S when the dense float32 scores of the whole call fit in
     `DENSE_SCORES_LIMIT`, else one key block (the xla backend then runs blockwise, as "auto" does)."""
-    from qwq_jax.attention import DENSE_SCORES_LIMIT, _kv_block
-
     if chunk == 1 or global_rows * cfg.num_heads * chunk * seq * 4 <= DENSE_SCORES_LIMIT:
         return seq
     return _kv_block(seq, None)[0]
@@ -308,7 +314,7 @@ class Plan:
     capacity_bytes: int
     fits: bool
     method: str = "analytic"
-    aot: dict[str, int] | None = None
+    aot: dict[str, Any] | None = None  # the compiled programs' memory (see `_try_aot`)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -331,8 +337,6 @@ class Plan:
 
 
 def _config(cfg: Any) -> Any:
-    from qwq_jax.config import QwenConfig
-
     return QwenConfig.preset(cfg) if isinstance(cfg, str) else cfg
 
 
@@ -352,11 +356,12 @@ GPU_TARGETS_DIR = Path(__file__).resolve().parent / "gpu_targets"
 
 
 def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *, mesh: str | dict | None = None,
-         remat: str = "full", param_dtype: str = "bfloat16", compute_dtype: str = "bfloat16",
-         mu_dtype: str = "float32", reference: bool = True, micro_batches: int = 1,
+         remat: str = ModelConfig.remat, param_dtype: str = "bfloat16", compute_dtype: str = ModelConfig.dtype,
+         mu_dtype: str = "float32", reference: bool = True, micro_batches: int = GRPOConfig.micro_batches,
          rollout_batch: int | None = None, rollout_len: int | None = None, prefill_chunk: int | None = None,
-         rollout_weights: str = "split", attention: str = "xla", headroom: float = 0.10,
-         aot: bool | None = False, quantize: str | None = None, compute_copy: str = "split") -> Plan:
+         rollout_weights: str = GRPOConfig.rollout_weights, attention: str = "xla", headroom: float = 0.10,
+         aot: bool | None = False, quantize: str | None = None, compute_copy: str = GRPOConfig.compute_copy,
+         layer_loop: str = LAYER_LOOP) -> Plan:
     """Per-device memory of `task` ("generate" or "train") for `cfg` (a QwenConfig or preset name).
 
     seq: generate: the cache length (prompt + new tokens); train: the row width (prompt +
@@ -364,11 +369,13 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
     mesh: a spec ("data=1,fsdp=4,tensor=8"; -1 allowed) or axis sizes; None: `best_mesh`'s.
     param_dtype: generate: the weights' dtype; train: the rollout engine's copy (the dtype of the
     model handed to the trainer). rollout_weights (train, as `GRPOConfig.rollout_weights`): "split"
-    (default) and "copy" keep that copy (one array per layer, or stacked: the same bytes), "master"
-    decodes from the float32 master weights (no copy). compute_copy (train, as
+    (default) keeps that copy (one array per layer), "master" decodes from the float32 master
+    weights (no copy). layer_loop (generate, as `Engine(layer_loop=...)`): how the compiled
+    programs run over the layers (the same bytes in the analytic count). compute_copy (train, as
     `GRPOConfig.compute_copy`): "split" / "step" hold a compute-dtype copy of every weight but the
-    embedding table (train rules) through the update, "micro_batch" none. aot: True compiles for a TPU topology (needs libtpu), None does
-    so when libtpu is installed, False never (the analytic count only). quantize (generate only):
+    embedding table (train rules) through the update, "micro_batch" none. aot: True compiles the
+    task's programs for the topology (TPUs: needs libtpu; H100/H200: JAX's CUDA plugin), None does
+    so when that is installed, False never (the analytic count only). quantize (generate only):
     "int8" counts the int8 weight-only model of `qwq_jax.quant` (the rest of it in param_dtype).
     """
     cfg = _config(cfg)
@@ -379,11 +386,11 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
                          compute_dtype=compute_dtype, mu_dtype=mu_dtype, reference=reference,
                          micro_batches=micro_batches, rollout_batch=rollout_batch, rollout_len=rollout_len,
                          prefill_chunk=prefill_chunk, rollout_weights=rollout_weights, attention=attention,
-                         headroom=headroom, quantize=quantize, compute_copy=compute_copy)
+                         headroom=headroom, quantize=quantize, compute_copy=compute_copy, layer_loop=layer_loop)
         mesh = best.mesh
     sizes = parse_mesh_spec(mesh, topo.devices)
     rollout_len = seq if rollout_len is None else rollout_len
-    chunk = min(ENGINE_PREFILL_CHUNK, seq if task == "generate" else rollout_len) if prefill_chunk is None \
+    chunk = min(PREFILL_CHUNK, seq if task == "generate" else rollout_len) if prefill_chunk is None \
         else prefill_chunk
     rollout_batch = batch if rollout_batch is None else rollout_batch
     if not 1 <= chunk <= (seq if task == "generate" else rollout_len):
@@ -396,7 +403,9 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
 
     if task == "generate":
         rows = -(-batch // shards)
-        settings.update(prefill_chunk=chunk, rows_per_device=rows, quantize=quantize)
+        if layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, got {layer_loop!r}")
+        settings.update(prefill_chunk=chunk, rows_per_device=rows, quantize=quantize, layer_loop=layer_loop)
         if batch % shards:
             notes.append(f"batch {batch} is padded to {rows * shards} rows (a multiple of data x fsdp = {shards})")
         phases = {"generate": dict(params=param_bytes(cfg, "generate", sizes, param_dtype, quantize),
@@ -407,8 +416,8 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
                              f"shards (data x fsdp) of mesh {mesh_spec(sizes)}")
         rows, mb = batch // shards, batch // micro_batches // shards
         rollout_rows = -(-rollout_batch // shards)
-        if rollout_weights not in ("copy", "split", "master"):
-            raise ValueError(f"rollout_weights must be 'copy', 'split' or 'master', got {rollout_weights!r}")
+        if rollout_weights not in ROLLOUT_WEIGHTS:
+            raise ValueError(f"rollout_weights must be one of {', '.join(ROLLOUT_WEIGHTS)}, got {rollout_weights!r}")
         if compute_copy not in COMPUTE_COPIES:
             raise ValueError(f"compute_copy must be one of {', '.join(COMPUTE_COPIES)}, got {compute_copy!r}")
         settings.update(remat=remat, mu_dtype=mu_dtype, reference=reference, micro_batches=micro_batches,
@@ -420,7 +429,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
                       "optimizer": param_bytes(cfg, "train", sizes, mu_dtype) + master,
                       "reference": param_bytes(cfg, "train", sizes, compute_dtype) if reference else 0,
                       "engine_params": param_bytes(cfg, "generate", sizes, param_dtype)
-                      if rollout_weights != "master" else 0}  # split: the same copy, one array per layer
+                      if rollout_weights != "master" else 0}  # split: one array per layer
         # The update's (and the log-prob pass's) compute-dtype copy: every weight but the embedding.
         copy = 0 if compute_copy == "micro_batch" else \
             sum(n for p, n in param_elements(cfg, "train", sizes).items() if p != "embed") * c
@@ -524,8 +533,8 @@ def best_mesh(cfg: Any, task: str, topology: str | Topology, seq: int, batch: in
     topo = topology if isinstance(topology, Topology) else get_topology(topology)
     aot = kwargs.pop("aot", False)
     kwargs.pop("mesh", None)
-    _check(task, seq, batch, kwargs.get("remat", "full"), kwargs.get("attention", "xla"),
-           kwargs.get("micro_batches", 1), kwargs.get("headroom", 0.10), kwargs.get("quantize"))
+    _check(task, seq, batch, kwargs.get("remat", ModelConfig.remat), kwargs.get("attention", "xla"),
+           kwargs.get("micro_batches", GRPOConfig.micro_batches), kwargs.get("headroom", 0.10), kwargs.get("quantize"))
     plans, errors = [], []
     for sizes in mesh_candidates(topo.devices, topo.devices_per_host):
         try:
@@ -541,106 +550,94 @@ def best_mesh(cfg: Any, task: str, topology: str | Topology, seq: int, batch: in
     return best
 
 
-# ---- ahead-of-time compilation (TPU, needs libtpu) ----------------------------------------------------
-def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: str = "full",
-               param_dtype: str = "bfloat16", compute_dtype: str = "bfloat16", mu_dtype: str = "float32",
-               micro_batches: int = 1, prefill_chunk: int | None = None,
-               quantize: str | None = None, attention: str = "xla") -> dict[str, int]:
-    """Compile the task's main step for `mesh` (any devices: compile-only TPU ones, or CPUs) and
-    return `compiled.memory_analysis()` per device: argument, output, alias, temp and
-    peak = argument + output - alias + temp.
+# ---- ahead-of-time compilation of the engine's and the trainer's own programs ---------------------------
+def _stats(lowered: Any) -> dict[str, int]:
+    """`compiled.memory_analysis()` per device; peak = argument + output - alias + temp."""
+    m = lowered.compile().memory_analysis()
+    out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+           "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes)}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
 
-    generate: one prefill call of `prefill_chunk` tokens into a cache of `seq` (cache donated).
-    train: one micro-batch's next-token loss gradient and an AdamW update (params and optimizer
-    state donated) -- the GRPO loss adds only [B, T] terms; the trainer's other arrays (engine copy,
-    reference, accumulator) are added by the caller from the analytic count.
+
+def _placed_model(cfg: Any, mesh: Any, rules: str, **kwargs: Any) -> Any:
+    """An abstract model (no weights exist) whose leaves are placed on `mesh` by `rules`."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(abstract_model(cfg, **kwargs))
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state,
+                         state_shardings(state, mesh, rules))
+    return nnx.merge(graphdef, state)
+
+
+def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: str = ModelConfig.remat,
+               param_dtype: str = "bfloat16", compute_dtype: str = ModelConfig.dtype, mu_dtype: str = "float32",
+               micro_batches: int = GRPOConfig.micro_batches, prefill_chunk: int | None = None, quantize: str | None = None,
+               attention: str = "xla", layer_loop: str = LAYER_LOOP, reference: bool = True,
+               rollout_weights: str = GRPOConfig.rollout_weights, compute_copy: str = GRPOConfig.compute_copy,
+               rollout_batch: int | None = None, rollout_len: int | None = None) -> dict[str, dict[str, int]]:
+    """Compile the task's own programs for `mesh` (any devices: compile-only TPU / GPU ones, or CPUs)
+    and return, per program, `compiled.memory_analysis()` per device: argument, output, alias, temp
+    and peak = argument + output - alias + temp. Nothing runs and no weights exist.
+
+    generate: the engine's (`qwq_jax.generate.Engine` on an abstract model, `layer_loop`) "prefill"
+    (`lower_prefill`: one call of `prefill_chunk` tokens, default the engine's, into a `seq`-slot
+    cache) and "decode" (`lower_decode`: its decode loop over that cache), `batch` rows padded to
+    the mesh's batch shards.
+    train: the trainer's "update" (`GRPOTrainer.lower_update` on an abstract model: `batch` rows of
+    a one-token prompt and `seq - 1` completion tokens, so logits span the row, as the analytic
+    count assumes) and its rollout engine's "prefill" and "decode" (`rollout_batch` rows, a
+    `rollout_len`-slot cache) on the weights the rollouts use (`rollout_weights`).
     attention: "flash" compiles the model's "auto" backend chosen for the mesh's devices (on a GPU:
     cuDNN flash attention, blockwise against the cache); TPU meshes compile the xla path (splash
     needs a mesh context under which it runs per shard, not tried offline here); "xla" the reference.
     """
     from qwq_jax.attention import compile_for
+    from sharding.rules import batch_shards
 
     device = mesh.devices.flat[0]
     backend = "auto" if attention == "flash" and device.platform != "tpu" else "xla"
+    model_kw = dict(dtype=compute_dtype, attention_backend=backend)
+
+    def engine_programs(model: Any, rows: int, length: int, loop: str) -> dict[str, Any]:
+        rows = -(-rows // batch_shards(mesh, "generate")) * batch_shards(mesh, "generate")
+        chunk = min(prefill_chunk or PREFILL_CHUNK, length)
+        engine = Engine(model, mesh=mesh, rules="generate", layer_loop=loop, prefill_chunk=chunk)
+        return {"prefill": lambda: engine.lower_prefill(rows, chunk, length),
+                "decode": lambda: engine.lower_decode(rows, length)}
+
+    if task == "generate":
+        model = _placed_model(cfg, mesh, "generate", param_dtype=param_dtype, quant=quantize, **model_kw)
+        programs = engine_programs(model, batch, seq, layer_loop)
+    else:
+        model = _placed_model(cfg, mesh, "train", param_dtype=param_dtype, remat=remat, **model_kw)
+        grpo = GRPOConfig(group_size=1, max_tokens=seq - 1, micro_batches=micro_batches, mu_dtype=mu_dtype,
+                          kl_beta=None if reference else 0.0, rollout_weights=rollout_weights,
+                          compute_copy=compute_copy)
+        trainer = GRPOTrainer(model, grpo, reward_fn=lambda idx, completions: [0.0] * len(completions), mesh=mesh)
+        # The rollout engine as `GRPOTrainer.sync_engine` leaves it: a param_dtype copy in the generate
+        # layout, one array per layer ("split"), or the float32 masters themselves ("master").
+        master = rollout_weights == "master"
+        weights = _placed_model(cfg, mesh, "train" if master else "generate",
+                                param_dtype="float32" if master else param_dtype, **model_kw)
+        programs = {"update": lambda: trainer.lower_update(batch, 1, seq - 1),
+                    **engine_programs(weights, rollout_batch or batch, rollout_len or seq,
+                                      LAYER_LOOP if master else "split")}
+    out = {}
     with compile_for(device):
-        lowered = _lower_task(cfg, task, mesh, seq, batch, remat=remat, param_dtype=param_dtype,
-                              compute_dtype=compute_dtype, mu_dtype=mu_dtype, micro_batches=micro_batches,
-                              prefill_chunk=prefill_chunk, quantize=quantize, backend=backend)
-    stats = lowered.compile().memory_analysis()
-    out = {"argument": int(stats.argument_size_in_bytes), "output": int(stats.output_size_in_bytes),
-           "alias": int(stats.alias_size_in_bytes), "temp": int(stats.temp_size_in_bytes)}
-    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+        for name, lower in programs.items():
+            out[name] = _stats(lower())
     return out
 
 
-def _lower_task(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: str, param_dtype: str,
-                compute_dtype: str, mu_dtype: str, micro_batches: int, prefill_chunk: int | None,
-                quantize: str | None, backend: str) -> Any:
-    """aot_memory's program, lowered with abstract arguments placed on `mesh`."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from qwq_jax.cache import KVCache
-    from qwq_jax.model import abstract_model
-    from sharding.rules import batch_sharding, batch_shards, state_shardings
-
-    def placed(tree, shardings):
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
-
-    rules = "generate" if task == "generate" else "train"
-    shards = batch_shards(mesh, rules)
-    if task == "generate":
-        graphdef, state = nnx.split(abstract_model(cfg, param_dtype=param_dtype, dtype=compute_dtype,
-                                                   quant=quantize, attention_backend=backend))
-        params = placed(state, state_shardings(state, mesh, rules))
-        rows = -(-batch // shards) * shards
-        chunk = prefill_chunk or seq
-        k_shape, v_shape = KVCache.shapes(cfg, rows, seq)
-        k_sh, v_sh, _ = KVCache.shardings(mesh, rules)
-        k = jax.ShapeDtypeStruct(k_shape, jnp.dtype(compute_dtype), sharding=k_sh)
-        v = jax.ShapeDtypeStruct(v_shape, jnp.dtype(compute_dtype), sharding=v_sh)
-        tokens = jax.ShapeDtypeStruct((rows, chunk), jnp.int32, sharding=batch_sharding(mesh, rules, 2))
-        lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=batch_sharding(mesh, rules, 1))
-
-        def prefill(params, tokens, k, v, lengths):
-            model = nnx.merge(graphdef, params)
-            x, cache, _ = model.hidden_states(tokens, cache=KVCache(k, v, lengths))
-            return model.logits(x[:, -1:]), cache
-
-        lowered = jax.jit(prefill, donate_argnums=(2, 3)).lower(params, tokens, k, v, lengths)
-    else:
-        graphdef, state = nnx.split(abstract_model(cfg, param_dtype="float32", dtype=compute_dtype, remat=remat,
-                                                   attention_backend=backend))
-        shardings = state_shardings(state, mesh, rules)
-        params = placed(state, shardings)
-        opt = optax.adamw(1e-5, mu_dtype=jnp.dtype(mu_dtype))
-        opt_abstract = jax.eval_shape(opt.init, params)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        opt_shardings = optax.tree_map_params(opt, lambda _, s: s, opt_abstract, shardings,
-                                              transform_non_params=lambda _: replicated)
-        opt_state = placed(opt_abstract, opt_shardings)
-        tokens = jax.ShapeDtypeStruct((batch // micro_batches, seq), jnp.int32,
-                                      sharding=batch_sharding(mesh, rules, 2))
-
-        def step(params, opt_state, tokens):
-            def loss(p):
-                logp = jax.nn.log_softmax(nnx.merge(graphdef, p)(tokens[:, :-1]), axis=-1)
-                return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
-            grads = jax.grad(loss)(params)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
-        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens)
-    return lowered
-
-
 def _tpu_mesh(topo: Topology, sizes: dict[str, int]):
+    import os
+
     from jax.experimental import topologies
 
+    # Compiling only: do not fail because another process on this host holds libtpu's lock file.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     desc = topologies.get_topology_desc(topology_name=topo.aot_name, platform="tpu",
                                         chip_config_name=topo.chip_config)
     if len(desc.devices) != topo.devices:
@@ -653,8 +650,6 @@ def _gpu_mesh(topo: Topology, sizes: dict[str, int]):
     import jax
     from jax.experimental import topologies
 
-    from sharding.mesh import make_mesh
-
     jax.config.update("jax_platforms", "cpu")  # compile for the target; nothing runs on a GPU here
     per_host = topo.devices_per_host or topo.devices
     config = (GPU_TARGETS_DIR / f"{topo.gpu_target}.txtpb").read_text()
@@ -663,6 +658,27 @@ def _gpu_mesh(topo: Topology, sizes: dict[str, int]):
     if len(desc.devices) != topo.devices:
         raise ValueError(f"the CUDA plugin gave {len(desc.devices)} devices for {topo.name}, expected {topo.devices}")
     return make_mesh(sizes, desc.devices)
+
+
+def _aot_extra(p: Plan, cfg: Any, program: str) -> int:
+    """Bytes a compiled program does not hold as arguments or temporaries but its phase does (analytic)."""
+    s = p.settings
+    # The prefill never reads the output head (final norm, untied lm_head): jit leaves them out of
+    # its arguments, but the engine holds them.
+    unused = 0
+    if program == "prefill":
+        master = s.get("rollout_weights") == "master"
+        head = param_elements(cfg, "train" if master else "generate", p.mesh)
+        unused = sum(n for path, n in head.items() if path == "final_norm.scale"
+                     or (path == "lm_head" and not cfg.tie_word_embeddings))
+        unused *= _itemsize("float32" if master else s["param_dtype"])
+    if p.task == "generate":
+        return unused  # prefill and decode take the weights and the cache; the sampling state is decode's
+    upd = p.phases["update"]
+    if program == "update":  # the reference and the rollout engine's copy outlive the update
+        return upd["reference"] + upd["engine_params"]
+    # Rollouts: the float32 masters, AdamW state and reference stay put ("master": the engine's weights).
+    return unused + upd["optimizer"] + upd["reference"] + (upd["params"] if s["rollout_weights"] != "master" else 0)
 
 
 def _try_aot(p: Plan, cfg: Any, topo: Topology, aot: bool | None) -> None:
@@ -690,28 +706,24 @@ def _try_aot(p: Plan, cfg: Any, topo: Topology, aot: bool | None) -> None:
             p.notes.append(f"AOT: {missing}")
         return
     s = p.settings
+    keys = ("remat", "param_dtype", "compute_dtype", "mu_dtype", "micro_batches", "prefill_chunk", "quantize",
+            "attention", "layer_loop", "reference", "rollout_weights", "compute_copy", "rollout_batch",
+            "rollout_len")
     try:
-        stats = aot_memory(cfg, p.task, make(topo, p.mesh), p.seq, p.batch, remat=s.get("remat", "full"),
-                           param_dtype=s["param_dtype"], compute_dtype=s["compute_dtype"],
-                           mu_dtype=s.get("mu_dtype", "float32"), micro_batches=s.get("micro_batches", 1),
-                           prefill_chunk=s.get("prefill_chunk"), quantize=s.get("quantize"),
-                           attention=s.get("attention", "xla"))
+        programs = aot_memory(cfg, p.task, make(topo, p.mesh), p.seq, p.batch, **{k: s[k] for k in keys if k in s})
     except Exception as e:  # the compiler's failure is reported, the analytic plan stands
         p.notes.append(f"AOT: compiling for {where} failed ({type(e).__name__}: {str(e)[:300]}); "
                        "analytic count used")
         return
-    extra = 0
-    if p.task == "generate":
-        extra = p.phases["generate"]["logits"]  # the sampling state lives beside the prefill
-    else:
-        upd = p.phases["update"]
-        extra = upd["reference"] + upd["engine_params"] + (upd["gradients"] // 2 if s["micro_batches"] > 1 else 0)
-    p.aot = dict(stats, extra=extra)
+    totals = {name: stats["peak"] + _aot_extra(p, cfg, name) for name, stats in programs.items()}
+    peak = max(totals, key=totals.get)
+    p.aot = dict(programs[peak], extra=_aot_extra(p, cfg, peak), program=peak, programs=programs)
     p.method = f"aot-{topo.kind}"
-    p.total = stats["peak"] + extra
+    p.total = totals[peak]
     p.fits = p.total <= p.capacity_bytes
-    p.notes.append(f"AOT: {where} compiler peak {stats['peak'] / GIB:.2f} GiB + {extra / GIB:.2f} GiB "
-                   "the compiled step does not hold (analytic) = total")
+    each = ", ".join(f"{name} {programs[name]['peak'] / GIB:.2f}" for name in programs)
+    p.notes.append(f"AOT: {where} compiler peaks (GiB) {each}; the highest with what it does not hold "
+                   f"(analytic): {peak} {programs[peak]['peak'] / GIB:.2f} + {p.aot['extra'] / GIB:.2f} GiB = total")
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------
@@ -776,9 +788,9 @@ def format_plan(p: Plan, best: Plan | None = None) -> str:
     lines.append(f"  {'total':14s}" + "".join(gib(sum(p.phases[n].values())) + " " for n in names)
                  + f"  peak: {p.peak_phase}")
     if p.aot:
-        a = {k: f"{v / GIB:.2f}" for k, v in p.aot.items()}
-        lines.append(f"  compiler ({p.method}): argument {a['argument']}, output {a['output']}, alias {a['alias']}, "
-                     f"temp {a['temp']} GiB")
+        a = {k: f"{v / GIB:.2f}" for k, v in p.aot.items() if isinstance(v, int)}
+        lines.append(f"  compiler ({p.method}, {p.aot['program']}): argument {a['argument']}, output {a['output']}, "
+                     f"alias {a['alias']}, temp {a['temp']} GiB")
     verdict = "FITS" if p.fits else "DOES NOT FIT"
     lines += ["", f"verdict: {verdict}: {p.total / GIB:.2f} GiB of {usable:.2f} GiB usable per device "
                   f"({p.total / p.capacity_bytes:.0%})"]
@@ -802,10 +814,10 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qwq_jax.config import PRESETS
+    from qwq_jax.cli import OneLineParser
 
-    ap = argparse.ArgumentParser(prog="python -m sharding.plan", description=__doc__.split("\n\n")[0],
-                                 formatter_class=_Formatter)
+    ap = OneLineParser(prog="python -m qwq_jax.plan", description=__doc__.split("\n\n")[0],
+                       formatter_class=_Formatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--preset", default="qwq-32b", help=f"model preset ({', '.join(PRESETS)})")
     src.add_argument("--config", help="a HF config.json (file or model directory) instead of a preset")
@@ -816,10 +828,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq", type=int, default=32768, help="generate: cache length; train: prompt + completion")
     ap.add_argument("--batch", type=int, default=1, help="generate: rows; train: completions per update (prompts x group size)")
     ap.add_argument("--mesh", help="mesh spec, e.g. data=1,fsdp=-1,tensor=8 (default: the best mesh found)")
-    ap.add_argument("--remat", choices=list(REMAT_SAVES), default="full", help="train: activation checkpointing")
+    ap.add_argument("--remat", choices=list(REMAT_SAVES), default=ModelConfig.remat,
+                    help="train: activation checkpointing (as the train config's model.remat)")
     ap.add_argument("--param-dtype", choices=list(DTYPE_BYTES), default="bfloat16",
                     help="generate: weights; train: the rollout engine's copy")
-    ap.add_argument("--compute-dtype", choices=list(DTYPE_BYTES), default="bfloat16",
+    ap.add_argument("--compute-dtype", choices=list(DTYPE_BYTES), default=ModelConfig.dtype,
                     help="activations, KV cache, reference model")
     ap.add_argument("--quantize", choices=list(QUANT_BYTES), default=None,
                     help="generate: int8 weight-only matmul weights (qwq_jax.quant; python -m qwq_jax.sample "
@@ -827,18 +840,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mu-dtype", choices=list(DTYPE_BYTES), default="float32", help="train: AdamW first moment")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                     help="train: keep a frozen reference model (KL term)")
-    ap.add_argument("--micro-batches", type=int, default=1, help="train: gradient accumulation steps")
+    ap.add_argument("--micro-batches", type=int, default=GRPOConfig.micro_batches,
+                    help="train: gradient accumulation steps")
     ap.add_argument("--rollout-batch", type=int, help="train: rows generated together (default: --batch)")
     ap.add_argument("--rollout-len", type=int, help="train: rollout cache length (default: --seq)")
-    ap.add_argument("--rollout-weights", choices=("copy", "split", "master"), default="split",
-                    help="train: a param-dtype copy for rollouts (split: the same, one array per layer), or "
-                         "decode from the fp32 master weights")
-    ap.add_argument("--compute-copy", choices=COMPUTE_COPIES, default="split",
+    ap.add_argument("--rollout-weights", choices=ROLLOUT_WEIGHTS, default=GRPOConfig.rollout_weights,
+                    help="train: a param-dtype copy for rollouts, one array per layer (split), or decode from "
+                         "the fp32 master weights (master)")
+    ap.add_argument("--compute-copy", choices=COMPUTE_COPIES, default=GRPOConfig.compute_copy,
                     help="train: the update's compute-dtype copy of the fp32 masters, made once per update "
                          "(split, step) or none (micro_batch: cast where used)")
     ap.add_argument("--prefill-chunk", type=int,
                     help="tokens per prefill call: the engine's prefill_chunk, or the longest prompt if shorter "
-                         f"(default: {ENGINE_PREFILL_CHUNK}, the engine's default)")
+                         f"(default: {PREFILL_CHUNK}, the engine's default)")
+    ap.add_argument("--layer-loop", choices=LAYER_LOOPS, default=LAYER_LOOP,
+                    help="generate: the engine's loop over layers, compiled by --aot (the same bytes analytically)")
     ap.add_argument("--attention", choices=ATTENTION, default="xla",
                     help="xla materialises the scores; flash assumes a blockwise kernel (AOT for a GPU topology "
                          "compiles cuDNN flash attention)")
@@ -853,15 +869,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from qwq_jax.config import QwenConfig
-
         cfg = QwenConfig.from_hf(args.config) if args.config else QwenConfig.preset(args.preset)
         topo = get_topology(args.topology, args.devices, args.hbm_gib)
         kwargs = dict(remat=args.remat, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
                       mu_dtype=args.mu_dtype, reference=args.reference, micro_batches=args.micro_batches,
                       rollout_batch=args.rollout_batch, rollout_len=args.rollout_len,
                       prefill_chunk=args.prefill_chunk, rollout_weights=args.rollout_weights,
-                      compute_copy=args.compute_copy,
+                      compute_copy=args.compute_copy, layer_loop=args.layer_loop,
                       attention=args.attention, headroom=args.headroom, quantize=args.quantize)
         best = best_mesh(cfg, args.task, topo, args.seq, args.batch, **kwargs)
         mesh = args.mesh if args.mesh is not None else best.mesh
