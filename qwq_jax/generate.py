@@ -9,7 +9,9 @@ tokens, each written into the (donated) cache before the next attends to it bloc
 grows with the chunk, not the prompt: a 131,072-token prompt is 64 calls of one compiled shape.
 
 The decode loop runs inside `jax.lax.while_loop` in chunks of `chunk` tokens (no Python per
-token); the host only looks at the output between chunks, for streaming and stop strings.
+token; the first call stops after one token so it streams at once, the step count being a runtime
+bound of one compiled program); the host only looks at the output between chunks, for streaming
+and stop strings.
 Each of the `n` samples of a prompt reuses that prompt's prefill. Row b draws with the key
 `fold_in(key(seed_b), step)`, so a seed gives the same text whatever else is in the batch.
 
@@ -183,7 +185,7 @@ class Engine:
             self.params["layers"] = self.layer_params[0]
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
         self._last_logits = jax.jit(self._logits_fn)
-        self._decode = jax.jit(self._decode_fn, static_argnames=("steps",), donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))  # steps: a runtime bound, one program
         self.eos_token_ids = self._eos_ids()
         # Called as on_compile("start" | "end", program, info) around each compilation of the
         # prefill/logits/decode programs (see _CompileWatch); `last_timings` reports them either way.
@@ -263,7 +265,7 @@ class Engine:
     def _logits_fn(self, weights, last):
         return self._merge(weights)[0].logits(last)[:, 0]
 
-    def _decode_fn(self, weights, state, consts, steps: int):
+    def _decode_fn(self, weights, state, consts, steps: jax.Array):
         model, layers = self._merge(weights)
         arrays, seeds, max_tokens, stop_ids, prompt_mask, rope = consts
         max_new = state["out"].shape[1]
@@ -338,14 +340,12 @@ class Engine:
                                    rope, self._abstract_cache(b, max_len),
                                    self._spec((b, 1, c.hidden_size), self.compute_dtype))
 
-    def lower_decode(self, batch: int, max_len: int, max_new: int | None = None,
-                     steps: int | None = None) -> jax.stages.Lowered:
-        """The decode loop (`steps` tokens per call, default the engine's `chunk`) for `batch` rows
-        with a `max_len`-slot cache and room for `max_new` new tokens, lowered with abstract
-        arguments (see `lower_prefill`)."""
+    def lower_decode(self, batch: int, max_len: int, max_new: int | None = None) -> jax.stages.Lowered:
+        """The decode loop (up to a runtime number of steps per call) for `batch` rows with a
+        `max_len`-slot cache and room for `max_new` new tokens, lowered with abstract arguments
+        (see `lower_prefill`)."""
         self._check_rows(batch, max_len)
         b, c = batch, self.config
-        steps = self.chunk if steps is None else steps
         max_new = max_len if max_new is None else max_new
         logits = jax.eval_shape(self._logits_fn, self._weights(),
                                 self._spec((b, 1, c.hidden_size), self.compute_dtype))
@@ -358,7 +358,7 @@ class Engine:
                  "out": self._spec((b, max_new), jnp.int32), "logp": self._spec((b, max_new), jnp.float32),
                  "count": self._spec((b,), jnp.int32), "done": self._spec((b,), bool),
                  "finish": self._spec((b,), jnp.int32), "counts": self._spec((b, c.vocab_size), jnp.int32)}
-        return self._decode.lower(self._weights(), state, consts, steps=steps)
+        return self._decode.lower(self._weights(), state, consts, steps=np.int32(self.chunk))
 
     # ---- public API -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = None,
@@ -471,8 +471,10 @@ class Engine:
         emitted = np.zeros(b, np.int64)
         finished = done0.copy()
         stop_reason: dict[int, Any] = {}
+        steps = 1  # the first call stops after one token, so it streams at once; then `chunk` per call
         while not finished.all():
-            state = self._decode(self._weights(), state, consts, steps=self.chunk)
+            state = self._decode(self._weights(), state, consts, steps=np.int32(steps))
+            steps = self.chunk
             out, count, done, finish = (np.array(_to_host(state[k])) for k in ("out", "count", "done", "finish"))
             events, host_stopped = [], []
             for r in range(b):

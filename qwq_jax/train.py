@@ -479,6 +479,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     import jax
     from tqdm import tqdm
 
+    from qwq_jax.cli import phase
     from qwq_jax.rl.data import PromptStream, load_source, synthetic_examples
     from qwq_jax.rl.grpo import GRPOTrainer
     from sharding import make_mesh
@@ -524,7 +525,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             eval_examples = synthetic_examples(cfg.data.source.split(":", 1)[1], cfg.data.eval_size,
                                                seed=cfg.run.seed + 10_007)
 
-    model, tokenizer = build_model(cfg, mesh)
+    with phase(f"loading {cfg.model.path}", lead):
+        model, tokenizer = build_model(cfg, mesh)
     _, tok_dir = _model_source(cfg)
     model_meta = {"model_config": model.config.to_hf(),
                   "tokenizer": str(tok_dir.absolute()) if tok_dir is not None else "bytes"}
@@ -537,7 +539,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if latest is not None:
-        state, meta = ckpt.restore(latest, trainer.abstract_state())
+        with phase(f"restoring {out / 'checkpoints' / str(latest)}", lead):
+            state, meta = ckpt.restore(latest, trainer.abstract_state())
         if meta.get("seed") != cfg.run.seed:
             raise ConfigError(f"the checkpoint was written with run.seed={meta.get('seed')}, the config says "
                               f"{cfg.run.seed}: resuming would not continue the same run")
@@ -549,6 +552,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     t_start = time.perf_counter()
     bar = tqdm(total=cfg.run.steps, initial=trainer.step_count, disable=not lead, desc=grpo_cfg.loss, unit="step",
                dynamic_ncols=True)
+    bar.set_postfix_str("compiling the first step")
     try:
         while trainer.step_count < cfg.run.steps:
             batch = stream.next_batch()
