@@ -29,9 +29,9 @@ from convert.names import Rule, check_names, flatten, hf_names, param_shapes, ru
 from convert.safetensors_io import SafetensorsFile, write_safetensors
 from convert.source import ConversionError, Source
 from qwq_jax.checkpoint import TOKENIZER_FILES, param_shardings, read_config, restore_params, tokenizer_dir
+from qwq_jax.cli import phase
 from qwq_jax.config import QwenConfig
 from qwq_jax.model import as_dtype
-from qwq_jax.cli import phase
 
 OUT_DTYPES = ("bfloat16", "float32", "float16")
 

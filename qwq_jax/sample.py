@@ -297,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import jax
 
-    import qwq_jax
     from qwq_jax import checkpoint
     from qwq_jax.attention import check_backend
     from qwq_jax.generate import Engine

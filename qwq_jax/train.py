@@ -589,7 +589,6 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     return history
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     from qwq_jax import compile_cache
     from qwq_jax.cli import OneLineParser
