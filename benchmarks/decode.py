@@ -57,6 +57,9 @@ def _dump_decode_hlo(keep_in: str | None) -> str:
     import tempfile
 
     out = os.path.abspath(keep_in) if keep_in else tempfile.mkdtemp(prefix="qwq_decode_hlo_")
+    # A program read from the persistent compilation cache is never compiled, so never dumped.
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), f"--xla_dump_to={out}",
                                                      "--xla_dump_hlo_as_text",
                                                      "--xla_dump_hlo_module_re=.*_decode_fn.*"]))

@@ -114,6 +114,13 @@ def test_math_verify_dead_worker_is_replaced(verifier):
     assert verifier.restarts == before + 1
 
 
+def test_math_verify_worker_killed_while_starting_is_replaced():
+    with MathVerifier(num_workers=1, timeout=5.0) as v:
+        v._workers[0].proc.kill()  # long before it has imported math-verify
+        assert v.verify(["1/2"], ["0.5"]) == [1.0]
+        assert v.restarts == 1
+
+
 def test_math_verifier_close():
     v = MathVerifier(num_workers=1, timeout=5.0)
     procs = [w.proc for w in v._workers]

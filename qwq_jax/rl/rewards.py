@@ -102,6 +102,7 @@ def _clean_plain(ans: str) -> str | None:
 
 _TEST_HOOKS_ENV = "QWQ_REWARD_TEST_HOOKS"
 _STARTUP_TIMEOUT = 120.0  # seconds for a fresh worker to import math-verify
+_START_DEATHS = 3  # workers in one slot dying before they are ready, in a row, that mean none ever will
 
 
 class MathVerifier:
@@ -161,6 +162,13 @@ class MathVerifier:
                     self._replace(w)
                 elif message == "ready":
                     w.ready = True
+                elif message is None:  # died while starting (killed, out of memory): start another
+                    if w.start_deaths + 1 >= _START_DEATHS:
+                        code = w.proc.wait()
+                        self.close()
+                        raise RuntimeError(f"math-verify worker died while starting {_START_DEATHS} times in a row "
+                                           f"(last exit code {code})")
+                    self._replace(w, start_deaths=w.start_deaths + 1)
                 else:  # a fresh worker failed to import math-verify: nothing will work
                     self.close()
                     raise RuntimeError(f"math-verify worker failed to start: {message!r}")
@@ -176,9 +184,11 @@ class MathVerifier:
                     raise RuntimeError(f"math-verify worker not ready after {_STARTUP_TIMEOUT:.0f} s")
         return scores
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker, start_deaths: int = 0) -> None:
         worker.stop()
-        self._workers[self._workers.index(worker)] = _Worker.start(self.timeout, self.memory_bytes)
+        fresh = _Worker.start(self.timeout, self.memory_bytes)
+        fresh.start_deaths = start_deaths
+        self._workers[self._workers.index(worker)] = fresh
         self.restarts += 1
 
     def close(self) -> None:
@@ -197,6 +207,7 @@ class _Worker:
     conn: multiprocessing.connection.Connection
     startup_deadline: float
     ready: bool = False
+    start_deaths: int = 0  # predecessors in this slot that died before they were ready
 
     @classmethod
     def start(cls, timeout: float, memory_bytes: int | None) -> _Worker:
