@@ -21,9 +21,14 @@ keeps it from the roofline.
 every row says so, its roofline counts the bytes it reads, and `fraction_of_unquantized_roofline`
 compares it with the bf16 weights' ceiling.
 
-Our engine runs once per `--layer-loop` (`Engine(layer_loop=...)`): `scan` over the stacked
-weights, the decode step `unrolled` over static slices of them, and `split` (each layer's weights
-in arrays of their own, nothing to slice); `same_tokens_as_scan` checks they agree.
+Our engine (continuous batching over a paged KV cache, qwq_jax/generate.py) runs once per
+`--layer-loop` (`Engine(layer_loop=...)`): `scan` over the stacked weights and `split` (each
+layer's weights in arrays of their own, nothing to slice); `same_tokens_as_scan` checks they
+agree. A batch of B is B requests on an engine of `max_num_seqs=B` decode slots (its decode
+program runs exactly B slots), its page pool sized for B sequences of the longest prompt +
+`--new-tokens`, prefix caching off (the timed run prefills its prompts again). Timings are the
+engine's `last_timings`: `prefill_s` / `decode_s` (device calls, compilation excluded),
+`prefill_chunks` (one call per `--prefill-chunk` tokens of each prompt), `decode_tokens_per_s`.
 
     python benchmarks/decode.py --preset qwq-32b --batch 1 16 64 --prompt-len 128 4096   # one H100
     python benchmarks/decode.py --tiny                                                      # CPU smoke run (CI)
@@ -44,7 +49,7 @@ from _common import (IMPL_NAMES, HelpFormatter, add_common_args, apply_tiny, bui
                      emit, error_line, peak_bandwidth, preset_config, ratio, run_child)
 
 
-LAYER_LOOPS = ("scan", "unrolled", "split")
+LAYER_LOOPS = ("scan", "split")  # qwq_jax.generate.LAYER_LOOPS (not imported: jax starts later)
 
 
 def settings(args) -> list[tuple[int, int]]:
@@ -84,17 +89,18 @@ def weight_copies(files: set[str], cfg) -> dict:
 
 
 def _watch_decode_calls(engine) -> dict:
-    """Record the shapes of the engine's last decode call (`["shapes"]`): settings that reuse a
-    compiled decode program are matched to the program compiled for the first of them."""
+    """Record the shapes of the engine's last call of its jitted decode program
+    (`engine.programs.decode`) in `["shapes"]`: settings that reuse a compiled decode program are
+    matched to the program compiled for the first of them."""
     import jax
 
-    last, inner = {}, engine._decode
+    last, inner = {}, engine.programs.decode
 
     def watched(*a, **k):
         last["shapes"] = str(jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") else x, (a, k)))
         return inner(*a, **k)
 
-    engine._decode = watched
+    engine.programs.decode = watched
     return last
 
 
@@ -125,34 +131,41 @@ def run_ours(args) -> dict:
     for loop in sorted(args.layer_loop, key=lambda name: name == "split"):
         try:
             engine = Engine(model, chunk=args.chunk, prefill_chunk=args.prefill_chunk, layer_loop=loop,
-                            donate_weights=loop == "split")
+                            donate_weights=loop == "split", max_model_len=max(args.prompt_len) + args.new_tokens,
+                            prefix_caching=False)
         except Exception as e:  # e.g. out of memory while splitting
             rows.update({row_key(loop, p, b): {"error": error_line(e)} for p, b, _ in cases})
             continue
         last_call = _watch_decode_calls(engine)
-        for prompt_len, batch, prompts in cases:
-            try:
-                before = _decode_programs(dump)
-                engine.generate(prompts, sp)  # compile
-                programs = _decode_programs(dump) - before
-                t0 = time.perf_counter()
-                outs = engine.generate(prompts, sp)
-                total = time.perf_counter() - t0
-                assert all(len(o[0].token_ids) == args.new_tokens for o in outs)
-                tokens = [o[0].token_ids for o in outs]
-                ref_loop, ref_tokens = first.setdefault((prompt_len, batch), (loop, tokens))
-                t = engine.last_timings
-                row = rows[row_key(loop, prompt_len, batch)] = {
-                    "prefill_s": t["prefill_s"], "prefill_chunks": t["prefill_chunks"], "decode_s": t["decode_s"],
-                    "total_s": total, "decode_tokens_per_s": batch * args.new_tokens / t["decode_s"],
-                    "same_tokens_as_" + ref_loop: tokens == ref_tokens}
-                if programs:
-                    copies[loop, last_call["shapes"]] = weight_copies(programs, cfg)
-                if (loop, last_call.get("shapes")) in copies:
-                    row["weight_copies"] = copies[loop, last_call["shapes"]]
-            except Exception as e:  # out of memory at one setting should not lose the others
-                rows[row_key(loop, prompt_len, batch)] = {"error": error_line(e)}
-                gc.collect()
+        for batch in args.batch:
+            mine = [(p, prompts) for p, b, prompts in cases if b == batch]
+            # `batch` decode slots and a pool for `batch` whole sequences (a new decode shape)
+            engine.resize(max_num_seqs=batch, num_pages=batch * engine.max_pages)
+            for prompt_len, prompts in mine:
+                try:
+                    before = _decode_programs(dump)
+                    engine.generate(prompts, sp)  # compile
+                    programs = _decode_programs(dump) - before
+                    t0 = time.perf_counter()
+                    outs = engine.generate(prompts, sp)
+                    total = time.perf_counter() - t0
+                    assert all(len(o[0].token_ids) == args.new_tokens for o in outs)
+                    tokens = [o[0].token_ids for o in outs]
+                    ref_loop, ref_tokens = first.setdefault((prompt_len, batch), (loop, tokens))
+                    t = engine.last_timings
+                    row = rows[row_key(loop, prompt_len, batch)] = {
+                        "prefill_s": t["prefill_s"], "prefill_chunks": t["prefill_chunks"], "decode_s": t["decode_s"],
+                        "total_s": total, "decode_tokens_per_s": t["decode_tokens_per_s"],
+                        "decode_slots": engine.max_num_seqs, "same_tokens_as_" + ref_loop: tokens == ref_tokens}
+                    if programs:
+                        copies[loop, last_call["shapes"]] = weight_copies(programs, cfg)
+                    if (loop, last_call.get("shapes")) in copies:
+                        row["weight_copies"] = copies[loop, last_call["shapes"]]
+                except Exception as e:  # out of memory at one setting should not lose the others
+                    rows[row_key(loop, prompt_len, batch)] = {"error": error_line(e)}
+                    gc.collect()
+            engine.free_cache()
+            gc.collect()
         del engine
         gc.collect()
     if dump and not args.hlo_dir:
@@ -214,11 +227,13 @@ def roofline(cfg, weight_bytes: int, prompt_len: int, batch: int, new_tokens: in
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(p, preset="qwq-32b")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="rows decoded together")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64],
+                   help="requests decoded together (our engine: that many decode slots, max_num_seqs)")
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128, 4096], help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--chunk", type=int, default=32, help="decode steps per jitted chunk")
-    p.add_argument("--prefill-chunk", type=int, default=2048, help="our engine's prompt tokens per prefill call")
+    p.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="our engine's prompt tokens per prefill call (one prompt per call)")
     p.add_argument("--attention", default="auto", help="our attention backend (qwq_jax.attention)")
     p.add_argument("--layer-loop", nargs="+", choices=LAYER_LOOPS, default=list(LAYER_LOOPS),
                    help="our engine's layer loop (Engine(layer_loop=...)): each is measured, split last (it "
@@ -236,7 +251,7 @@ def main() -> None:
     args = p.parse_args()
     if args.tiny:
         args.dtype = "float32"
-        # the 40-token prompts go in 3 prefill calls
+        # the 40-token prompts go in 3 prefill calls each
         apply_tiny(p, args, preset="tiny", batch=[1, 4], prompt_len=[16, 40], new_tokens=16, prefill_chunk=16)
     if args.child:
         print(json.dumps(run_ours(args) if args.child == "ours" else run_hf(args)))

@@ -6,7 +6,8 @@
 #   bash benchmarks/device_suite.sh --tiny           # CPU smoke run: each benchmark's --tiny
 #
 # Parts, each under its own `timeout` so that one slow part cannot eat the others' time:
-#   decode_bf16   benchmarks/decode.py, QwQ-32B shape, bf16, batch 1 / 16 / 64 (split layer loop)
+#   decode_bf16   benchmarks/decode.py, QwQ-32B shape, bf16, batch 1 / 16 / 64 (split layer loop; an
+#                 engine of that many decode slots per batch over its paged KV cache)
 #   decode_int8   the same with int8 weight-only weights (--quantize int8)
 #   prefill_8k    benchmarks/prefill.py, QwQ-32B shape, one 8,192-token prompt: tokens/s and MFU
 #   grpo_7b       benchmarks/train_step.py, the GRPO update on the Qwen2.5-7B shape (as many layers
@@ -14,8 +15,13 @@
 #   cudnn_check   benchmarks/prefill.py --attention cudnn on the 7B shape at 2,048 tokens (scanned
 #                 layers: one layer body to compile): its check_vs_xla, the max |logit difference|
 #                 and argmax against the xla reference
-#   serving       benchmarks/serving.py, only when that script exists
-# Ours only (--impl ours): the HF peers double the time; run the scripts alone for the ratios.
+#   serving       benchmarks/serving.py on the Qwen2.5-1.5B shape (random weights): our engine's
+#                 continuous and static policies and HF generate, 32 skewed requests (prompts median
+#                 128 / max 1024 tokens, outputs 32 / 256) and 2 groups of 16 samples, all arriving
+#                 at once, 32 decode slots: tokens/s, TTFT, inter-token latency, continuous/static
+#                 and continuous/hf; skipped when the script does not exist
+# Ours only (--impl ours) but for serving: the HF peers double the time; run the scripts alone for
+# the ratios.
 # Progress per part goes to stderr, a markdown table of the figures to stdout. Run from anywhere;
 # needs nothing installed beyond the GPU image (PYTHONPATH is set to the repository).
 set -u -o pipefail
@@ -49,18 +55,19 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 # name|seconds allowed (full run)|arguments (full)|arguments (--tiny: each script's --tiny, narrowed)
-# The limits add up to 450 s (7 min 30 s), compilation included; each part starts its own process.
+# The limits add up to 470 s (7 min 50 s), compilation included; each part starts its own process.
 # They are estimates (no GPU was at hand when this was written): a part that overruns is recorded
 # as "timeout" and the others still run; a second run reuses the compiled programs (the cache above).
 DECODE="--impl ours --batch 1 16 64 --prompt-len 128 --new-tokens 64 --layer-loop split --no-inspect-hlo"
 DECODE_TINY="--tiny --impl ours --batch 2 --prompt-len 16 --new-tokens 8 --layer-loop split --no-inspect-hlo"
+SERVING="--preset qwen2.5-1.5b --impl ours hf --arrival all --n 1 16 --requests 32 --groups 2 --prompt-len 128 1024 --output-len 32 256 --max-num-seqs 32 --occupancy-tokens 64"
 PARTS=(
-  "decode_bf16|110|decode.py --preset qwq-32b $DECODE|decode.py $DECODE_TINY"
-  "decode_int8|90|decode.py --preset qwq-32b $DECODE --quantize int8|decode.py $DECODE_TINY --quantize int8"
-  "prefill_8k|75|prefill.py --preset qwq-32b --impl ours --seq 8192 --check-max-seq 0 --iters 3|prefill.py --tiny --impl ours --seq 32 --check-max-seq 0 --iters 1"
-  "grpo_7b|110|train_step.py --preset qwen2.5-7b --impl ours --iters 2|train_step.py --tiny --impl ours --attention blockwise --warmup 1 --iters 1"
-  "cudnn_check|40|prefill.py --preset qwen2.5-7b --impl ours --seq 2048 --attention cudnn --layer-loop scan --iters 1|prefill.py --tiny --impl ours --seq 32 --attention blockwise --iters 1"
-  "serving|25|serving.py|serving.py --tiny"
+  "decode_bf16|100|decode.py --preset qwq-32b $DECODE|decode.py $DECODE_TINY"
+  "decode_int8|80|decode.py --preset qwq-32b $DECODE --quantize int8|decode.py $DECODE_TINY --quantize int8"
+  "prefill_8k|65|prefill.py --preset qwq-32b --impl ours --seq 8192 --check-max-seq 0 --iters 3|prefill.py --tiny --impl ours --seq 32 --check-max-seq 0 --iters 1"
+  "grpo_7b|100|train_step.py --preset qwen2.5-7b --impl ours --iters 2|train_step.py --tiny --impl ours --attention blockwise --warmup 1 --iters 1"
+  "cudnn_check|35|prefill.py --preset qwen2.5-7b --impl ours --seq 2048 --attention cudnn --layer-loop scan --iters 1|prefill.py --tiny --impl ours --seq 32 --attention blockwise --iters 1"
+  "serving|90|serving.py $SERVING|serving.py --tiny --arrival all"
 )
 # A CPU has no cuDNN: --tiny checks the blockwise backend against xla through the same code
 # (grpo_7b's own check runs with the default backend, cuDNN, on the GPU). --tiny allows each part

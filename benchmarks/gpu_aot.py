@@ -5,8 +5,13 @@ JAX compiles for an NVIDIA GPU with no GPU present ("deviceless" ahead-of-time c
 PJRT plugin installed, `pip install "jax[cuda12]"` at this jax version, which needs no driver).
 This script builds, on an abstract model of a preset (no weights exist), the programs of
 
-    decode    the engine's decode loop call (`Engine.lower_decode`), per layer loop, batch, context
-    prefill   the engine's prefill chunk into the KV cache (`Engine.lower_prefill`)
+    decode    the engine's decode call (`Engine.lower_decode`: up to `--chunk` steps of `batch`
+              decode slots, `max_num_seqs=batch`), per layer loop, batch, context
+    prefill   the engine's prefill call (`Engine.lower_prefill`: one prompt's chunk of
+              `--prefill-chunk` tokens into its pages)
+              both over a page pool sized for `batch` sequences of `context` tokens (batch x
+              ceil(context / 16) pages of 16 tokens, `[L, K, P, 16, D]` keys and values; one
+              `[K, P, 16, D]` array per layer with `--layer-loop split`)
     forward   benchmarks/prefill.py's pass (no cache), per layer loop, batch and `--seq`
     train     benchmarks/train_step.py's GRPO update (`GRPOTrainer.lower_update` on an abstract
               trainer), per `--layers`; two or more counts also fit peak = fixed + per layer x
@@ -18,8 +23,9 @@ and reports, per program, from XLA's own output:
 
     weight_copies   bytes written per decode step into weight-sized buffers (benchmarks/hlo_buffers.py):
                     a layer's weight slice copied out of the stacked arrays, a re-layout, a conversion
-    cache_copies    the same for KV-cache-sized buffers (a whole cache or one layer of it); in-place
-                    writes of the new token (scatter / dynamic-update-slice) are counted apart
+    cache_copies    the same for page-pool-sized buffers (the whole pool or one layer of it): a copy
+                    of the pool per step would cost as much as reading it; in-place writes of the
+                    new tokens (scatter / dynamic-update-slice) are counted apart
     memory          compiled memory analysis per device (argument, output, alias, temp; peak =
                     argument + output - alias + temp) and whether the peak fits the share of the
                     target's memory JAX may use (`--mem-fraction`, 0.95 as the benchmarks run)
@@ -119,13 +125,14 @@ def placed_model(cfg, device, *, dtype: str, attention: str, quantize: str | Non
 
 
 def abstract_engine(cfg, device, *, dtype: str, quantize: str | None, layer_loop: str, attention: str,
-                    chunk: int, prefill_chunk: int):
-    """An Engine over an abstract model placed on `device` (a one-device mesh): no weights exist."""
+                    chunk: int, prefill_chunk: int, batch: int = 1):
+    """An Engine of `batch` decode slots over an abstract model placed on `device` (a one-device
+    mesh): no weights exist."""
     from qwq_jax.generate import Engine
 
     model, weight_bytes = placed_model(cfg, device, dtype=dtype, attention=attention, quantize=quantize)
     engine = Engine(model, mesh=one_device_mesh(device), layer_loop=layer_loop, chunk=chunk,
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, max_num_seqs=batch)
     return engine, weight_bytes
 
 
@@ -149,7 +156,7 @@ def lower_forward(cfg, device, *, dtype: str, attention: str, batch: int, seq: i
     @jax.jit
     def forward(params, layers, tokens):
         model = nnx.merge(graphdef, params)
-        x, _, _ = model.hidden_states(tokens, layers=layers, unroll_layers=layer_loop == "unrolled")
+        x, _, _ = model.hidden_states(tokens, layers=layers)
         return model.logits(x[:, -1:])[:, 0]
 
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=SingleDeviceSharding(device))
@@ -207,21 +214,27 @@ def _copies(found: dict, per: str) -> dict:
             "copied_bytes_per_call": found["copied_bytes_outside"]}
 
 
+def pool_shape(cfg, batch: int, context: int) -> tuple[int, ...]:
+    """The engine's page pool keys (and values) `[L, K, P, page, D]` for `batch` sequences of `context`
+    tokens (`Engine.lower_*`'s pool: batch x ceil(context / page) pages)."""
+    from qwq_jax.generate import PAGE_SIZE
+
+    return (cfg.num_layers, cfg.num_kv_heads, batch * -(-context // PAGE_SIZE), PAGE_SIZE, cfg.head_dim)
+
+
 def analyse(compiled, cfg, batch: int, context: int | None, per: str) -> dict:
     """Weight (and KV-cache) copies, cuDNN attention calls and the memory analysis of one compiled
     program; `per` names the unit of its outermost loop ("step": a decode step, "micro_batch": a
     train micro-batch) or "call" (no loop counted apart)."""
     from hlo_buffers import model_weight_shapes, weight_sized_buffers
 
-    from qwq_jax.cache import KVCache
-
     hlo = compiled.as_text()
     looped = per != "call"
     weights = weight_sized_buffers(hlo, model_weight_shapes(cfg), outer_loop_is_unit=looped)
     out = {"weight_copies": dict(_copies(weights, per), largest=_largest(weights))}
     if context is not None:
-        k_shape, v_shape = KVCache.shapes(cfg, batch, context)
-        cache = weight_sized_buffers(hlo, {"keys": k_shape, "values": v_shape}, outer_loop_is_unit=looped)
+        shape = pool_shape(cfg, batch, context)  # stacked: one layer's [K, P, page, D] (split's arrays) counts too
+        cache = weight_sized_buffers(hlo, {"keys": shape, "values": shape}, outer_loop_is_unit=looped)
         out["cache_copies"] = dict(_copies(cache, per), updated_in_place_bytes=cache["updated_in_place_bytes"],
                                    largest=_largest(cache))
     out["cudnn_attention_calls"] = cudnn_attention_calls(hlo)
@@ -243,19 +256,21 @@ def _fits(args, row: dict) -> dict:
 
 
 def run_one(args, cfg, device, phase: str, loop: str, batch: int, context: int) -> dict:
-    """Engine programs: a decode loop call (`decode`) or a prefill chunk into the cache (`prefill`)."""
+    """Engine programs: a decode call (`decode`) or a prefill chunk into the page pool (`prefill`)."""
+    import math
+
     import jax.numpy as jnp
 
-    from qwq_jax.cache import KVCache
+    from qwq_jax.paged_attention import PagePool
 
     row = dict(_base_row(args, device, phase), layer_loop=loop, batch=batch, context=context)
     t0 = time.perf_counter()
     try:
         engine, weight_bytes = abstract_engine(cfg, device, dtype=args.dtype, quantize=args.quantize,
                                                layer_loop=loop, attention=args.attention, chunk=args.chunk,
-                                               prefill_chunk=args.prefill_chunk)
+                                               prefill_chunk=args.prefill_chunk, batch=batch)
         if phase == "decode":
-            lowered = engine.lower_decode(batch, context, max_new=min(context, 128))
+            lowered = engine.lower_decode(batch, context)
         else:
             lowered = engine.lower_prefill(batch, min(args.prefill_chunk, context), context)
         compiled = lowered.compile()
@@ -263,7 +278,8 @@ def run_one(args, cfg, device, phase: str, loop: str, batch: int, context: int) 
         return dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     row["compile_s"] = time.perf_counter() - t0
     row.update(analyse(compiled, cfg, batch, context, "step" if phase == "decode" else "call"))
-    cache_bytes = batch * context * KVCache.bytes_per_token(cfg, jnp.dtype(args.dtype))
+    shape = pool_shape(cfg, batch, context)  # the pool's tokens: whole pages
+    cache_bytes = math.prod(shape[2:4]) * PagePool.bytes_per_token(cfg, jnp.dtype(args.dtype))
     row.update(weight_bytes=weight_bytes, cache_bytes=cache_bytes)
     if phase == "decode":
         ideal = weight_bytes + cache_bytes
@@ -340,9 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "train_step.py's GRPO update")
     p.add_argument("--layer-loop", nargs="+", choices=LAYER_LOOPS, default=list(LAYER_LOOPS),
                    help="Engine(layer_loop=...) settings (decode, prefill; forward: prefill.py's --layer-loop)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="rows (decode, prefill, forward)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16],
+                   help="decode slots (decode: Engine(max_num_seqs=...); prefill: sequences the pool holds, one "
+                        "prompt per call) and forward rows")
     p.add_argument("--context", type=int, nargs="+", default=[4352],
-                   help="KV cache slots (prompt + new tokens; the engine rounds up to 1024s past 1024)")
+                   help="tokens per sequence (prompt + new tokens): the page pool holds batch x ceil(context / 16) "
+                        "pages of 16 tokens")
     p.add_argument("--seq", type=int, nargs="+", default=[2048, 8192, 32768], help="forward: tokens per row")
     p.add_argument("--dtype", default="bfloat16", help="weights, activations and KV cache (train: compute)")
     p.add_argument("--quantize", choices=("int8",), default=None, help="int8 weight-only matmul weights")
@@ -353,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the device's memory JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION; the benchmarks "
                         "run with 0.95): what 'fits' compares the compiled peak with")
     p.add_argument("--chunk", type=int, default=16, help="decode steps per call (Engine chunk)")
-    p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill call")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill call (one prompt)")
     t = p.add_argument_group("train (as benchmarks/train_step.py)")
     t.add_argument("--layers", type=int, nargs="+", help="decoder layers (default: the preset's); two or more "
                                                          "counts also give the most layers that fit")

@@ -6,6 +6,9 @@ shape (`--random-weights` is the only mode for now). Ours is jitted with the att
 `--attention` ("auto": cuDNN flash attention on a GPU, splash on a TPU); HF runs
 `attn_implementation="sdpa"` under `torch.inference_mode`. Each implementation runs in its own
 child process. Prints one JSON line per (impl, seq), a ratio line per seq and a summary line.
+This is the model's dense forward (no pages); the engine's own prefill (one prompt per call,
+`--prefill-chunk` tokens at a time, into its paged KV cache through the blockwise reference
+paged attention) is timed by benchmarks/decode.py (`prefill_s`) and benchmarks/serving.py.
 A backend other than xla is also checked against the xla reference in the same run: the row of
 the shortest length carries `check_vs_xla` (max |logit difference|, same argmax).
 
@@ -51,7 +54,7 @@ def run_ours(args) -> dict:
         @jax.jit
         def prefill(params, tokens):
             model = nnx.merge(graphdef, params)
-            x, _, _ = model.hidden_states(tokens, layers=layers, unroll_layers=args.layer_loop == "unrolled")
+            x, _, _ = model.hidden_states(tokens, layers=layers)
             return model.logits(x[:, -1:])[:, 0]  # [B, V]
 
         return prefill
@@ -122,8 +125,8 @@ def main() -> None:
     add_common_args(p, preset="qwq-32b")
     p.add_argument("--seq", type=int, nargs="+", default=[2048, 8192, 32768], help="prompt lengths")
     p.add_argument("--batch", type=int, default=1, help="prompts per pass")
-    p.add_argument("--layer-loop", choices=("scan", "unrolled", "split"), default="split",
-                   help="our decoder layers: lax.scan over the stacked weights, unrolled over static slices, or "
+    p.add_argument("--layer-loop", choices=("scan", "split"), default="split",
+                   help="our decoder layers (qwq_jax.generate.LAYER_LOOPS): lax.scan over the stacked weights, or "
                         "one array per layer (split_layers; what Engine(layer_loop='split') and the sample CLI "
                         "prefill with). XLA for an H100 copies every layer's weight slice out of the stacks "
                         "per forward with scan: 62 GB for the QwQ-32B shape (benchmarks/gpu_aot.py --phase forward)")

@@ -3,10 +3,9 @@
 `attention(q, k, v, mask, backend=...)` takes queries `[B, T, H, D]`, keys/values `[B, S, K, D]`
 with `H = K * G` (GQA: query head h reads KV head h // G, as HF's `repeat_kv`) and a `Mask`
 (segment ids and positions; a dense boolean `[B, T, S]` array, True = may attend, also works).
-KV heads are never repeated in memory. `cache_layout=True` takes one layer of the KV cache as it
-is stored (qwq_jax.cache): keys `[B, K, S, D]`, values `[B, K, D, S]`, read where they lie by the
-decode path, `xla` and `blockwise`; cuDNN and splash, which want `[B, S, K, D]`, get transposed
-copies (prefill into a cache only: decoding never reaches them).
+KV heads are never repeated in memory. This is attention over one call's own tokens (training,
+scoring, a forward without a cache); generation attends over the paged KV cache with
+qwq_jax/paged_attention.py instead.
 
     backend      runs on        what it does
     xla          anywhere       the reference: einsums, float32 softmax, any mask
@@ -14,37 +13,31 @@ copies (prefill into a cache only: decoding never reaches them).
                                 attention, bf16/fp16, head_dim a multiple of 8 up to 128 (256 on Hopper)
     splash       TPU            Pallas splash attention (jax.experimental.pallas.ops.tpu)
     blockwise    anywhere       flash-style in plain XLA: keys/values in blocks with an online float32
-                                softmax, so no [T, S] score matrix exists; against a cache it stops
-                                at the last filled block. For long prompts prefilled in chunks
-    auto         anywhere       gpu -> cudnn, tpu -> splash, else xla; blockwise for several tokens
-                                against a cache (chunked prefill); `QWQ_ATTENTION=<name>` overrides
+                                softmax, so no [T, S] score matrix exists
+    auto         anywhere       gpu -> cudnn, tpu -> splash, else xla; `QWQ_ATTENTION=<name>` overrides
 
-Every backend but `xla` sends one new token against a cache (T == 1, decoding) to `decode_attention`.
 The fast kernels index causality by position in the row, so they assume positions increase with
 the index inside each segment (true of every caller here: 0..T-1, GRPO's left-padded rows, packed
 rows that restart at 0). What they cannot express falls back to `xla` with a logged reason:
 
-- cudnn, no cache: `is_causal`; with segment ids each row must hold one sequence with padding
+- cudnn: `is_causal`; with segment ids each row must hold one sequence with padding
   at either end (plain, right- or left-padded): the row is rolled so its sequence starts at 0
   and cuDNN gets per-row lengths. A packed row (two or more sequences) comes out NaN, so the
   mistake cannot pass silently: pack with `xla`, `blockwise` or `splash`. An odd length gets one
   padding position appended (jax refuses cuDNN's backward for odd lengths while tracing, e.g. a
   GRPO step's 512 + 1536 - 1 = 2047 input tokens).
-- cudnn against a cache with T > 1 (prefill into the cache): the dense mask as a cuDNN bias
-  (forward only: cuDNN's bias gradient needs batch 1); "auto" uses blockwise there.
-- splash: self-attention only (causal mask + segment ids, packing included), sequence padded to
-  a multiple of 128; against a cache with T > 1 it uses blockwise. Under `jax.set_mesh(mesh)`
-  the kernel runs in `shard_map` (batch over data/fsdp, heads over tensor).
-- xla against a cache with T > 1 whose float32 scores would pass `DENSE_SCORES_LIMIT` bytes
-  (1 GiB; a long prompt's chunk against a 131K-slot cache is tens of GiB) computes the same
-  thing blockwise, so long-context prefill works with the default backend.
+- cudnn with a dense mask: the mask as a cuDNN bias (forward only: cuDNN's bias gradient needs
+  batch 1); "auto" uses blockwise there.
+- splash: causal mask + segment ids (packing included), sequence padded to a multiple of 128.
+  Under `jax.set_mesh(mesh)` the kernel runs in `shard_map` (batch over data/fsdp, heads over
+  tensor).
 
 blockwise memory: per block, scores and probabilities `[B, H, T, block]` in float32 plus the
 float32 running output `[B, H, T, D]`; `block` is the largest of 1024, 512, ..., 64 dividing S
-(S is padded to a multiple of 64 otherwise). Against a cache the loop's trip count is the
-filled part of the cache (a `while` loop: forward only); for self-attention it is a `scan` over
-all blocks (differentiable, but the backward keeps every block's probabilities, so train long
-sequences with cudnn or splash).
+(S is padded to a multiple of 64 otherwise). With a `Mask` the loop is a `scan` over all blocks
+(differentiable, but the backward keeps every block's probabilities, so train long sequences
+with cudnn or splash); with a dense mask it stops after the last block any row may attend to
+(a `while` loop: forward only).
 
 Queries that may attend to nothing (padding) get finite but unspecified outputs in every backend.
 
@@ -126,32 +119,25 @@ def attention_mask(q_segments: jnp.ndarray, q_positions: jnp.ndarray,
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=("q_segments", "q_positions", "kv_segments", "kv_positions"),
-                   meta_fields=("self_attention", "segmented"))
+                   meta_fields=("segmented",))
 @dataclasses.dataclass(frozen=True)
 class Mask:
-    """The mask as segment ids and positions; `dense()` gives the `[B, T, S]` array of `attention_mask`.
+    """Causal self-attention over one call's tokens as segment ids and positions (S == T);
+    `dense()` gives the `[B, T, S]` array of `attention_mask`.
 
-    self_attention: keys/values are this call's own tokens (no cache), so S == T.
-    segmented:      False when every segment id is 1 (no padding, no packing): plain causal.
+    segmented: False when every segment id is 1 (no padding, no packing): plain causal.
     """
 
     q_segments: jnp.ndarray    # [B, T]
     q_positions: jnp.ndarray   # [B, T]
     kv_segments: jnp.ndarray   # [B, S]
     kv_positions: jnp.ndarray  # [B, S]
-    self_attention: bool = True
     segmented: bool = True
 
     @classmethod
     def causal(cls, segments: jnp.ndarray, positions: jnp.ndarray, *, segmented: bool = True) -> "Mask":
         """Self-attention over one call's tokens `[B, T]`."""
-        return cls(segments, positions, segments, positions, self_attention=True, segmented=segmented)
-
-    @classmethod
-    def against_cache(cls, q_segments: jnp.ndarray, q_positions: jnp.ndarray, slot_segments: jnp.ndarray,
-                      slot_positions: jnp.ndarray) -> "Mask":
-        """This call's tokens `[B, T]` against the cache slots `[B, S]` (see `KVCache.slot_segments`)."""
-        return cls(q_segments, q_positions, slot_segments, slot_positions, self_attention=False)
+        return cls(segments, positions, segments, positions, segmented=segmented)
 
     def dense(self) -> jnp.ndarray:
         return attention_mask(self.q_segments, self.q_positions, self.kv_segments, self.kv_positions)
@@ -172,61 +158,22 @@ def _fallback(backend: str, reason: str) -> None:
         log.warning(msg)
 
 
-# ---- key/value layouts ----------------------------------------------------------------------
-def _kv_dims(k: jnp.ndarray, cache_layout: bool) -> tuple[int, int, str, str]:
-    """(S, K, einsum letters of k, of v): keys/values `[B, S, K, D]`, or in the cache's layout
-    keys `[B, K, S, D]` and values `[B, K, D, S]`."""
-    return (k.shape[2], k.shape[1], "bksd", "bkds") if cache_layout else (k.shape[1], k.shape[2], "bskd", "bskd")
-
-
-def _seq_major(k: jnp.ndarray, v: jnp.ndarray, cache_layout: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Keys/values as `[B, S, K, D]` (transposed copies when they come in the cache's layout)."""
-    return (k.swapaxes(1, 2), v.transpose(0, 3, 1, 2)) if cache_layout else (k, v)
-
-
-# ---- the reference and the decode path ------------------------------------------------------
-def xla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray, *,
-                  cache_layout: bool = False) -> jnp.ndarray:
+# ---- the reference ----------------------------------------------------------------------------
+def xla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray) -> jnp.ndarray:
     """Reference attention in plain XLA ops: scores and softmax in float32."""
     b, t, h, d = q.shape
-    s, kv_heads, ks, vs = _kv_dims(k, cache_layout)
-    if _against_cache(q, mask) and b * h * t * s * 4 > DENSE_SCORES_LIMIT:
-        return blockwise_attention(q, k, v, mask, cache_layout=cache_layout)
+    kv_heads = k.shape[2]
     mask = _dense(mask)  # [B, T, S]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, K, G, D]
-    scores = jnp.einsum(f"btkgd,{ks}->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S]
-    out = jnp.einsum(f"bkgts,{vs}->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def decode_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, valid: jnp.ndarray, *,
-                     cache_layout: bool = False) -> jnp.ndarray:
-    """One query token per row against a long cache: q `[B, 1, H, D]`, k/v `[B, S, K, D]` (with
-    `cache_layout`, the cache's own: k `[B, K, S, D]`, v `[B, K, D, S]`), valid `[B, S]`.
-
-    The G query heads of a KV head form the rows of one matrix-vector product per KV head, so
-    each cached key and value is read once and never repeated; no `[B, T, S]` mask exists.
-    Same numerics as `xla_attention` (float32 scores and softmax).
-    """
-    b, _, h, d = q.shape
-    _, kv_heads, ks, vs = _kv_dims(k, cache_layout)
-    q = q.reshape(b, kv_heads, h // kv_heads, d)  # [B, K, G, D]
-    scores = jnp.einsum(f"bkgd,{ks}->bkgs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(valid[:, None, None, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, S]
-    out = jnp.einsum(f"bkgs,{vs}->bkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, 1, h, d).astype(q.dtype)
-
-
-def _decode(q, k, v, mask, cache_layout: bool = False) -> jnp.ndarray:
-    return decode_attention(q, k, v, _dense(mask)[:, 0, :], cache_layout=cache_layout)
-
-
 # ---- blockwise (flash-style) attention in plain XLA ------------------------------------------
-DENSE_SCORES_LIMIT = 1 << 30  # bytes of float32 scores above which xla against a cache goes blockwise
 _BLOCKS = (1024, 512, 256, 128, 64)
 
 
@@ -245,18 +192,14 @@ def _kv_block(s: int, block: int | None) -> tuple[int, int]:
 
 
 def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray,
-                        *, block: int | None = None, cache_layout: bool = False) -> jnp.ndarray:
+                        *, block: int | None = None) -> jnp.ndarray:
     """Attention over key/value blocks with an online (running max and sum) float32 softmax.
 
-    Same result as `xla_attention` up to float rounding; memory per step is one block's scores.
-    Blocks past the last valid key of every row are not computed against a cache (see the
-    module docstring for the trip count and gradients).
+    Same result as `xla_attention` up to float rounding; memory per step is one block's scores
+    (see the module docstring for the trip count and gradients).
     """
-    if q.shape[1] == 1:
-        return _decode(q, k, v, mask, cache_layout)
     b, t, h, d = q.shape
-    s, kv_heads, ks, vs = _kv_dims(k, cache_layout)
-    k_seq, v_seq = (2, 3) if cache_layout else (1, 1)
+    s, kv_heads = k.shape[1], k.shape[2]
     g = h // kv_heads
     blk, s_pad = _kv_block(s, block)
     if isinstance(mask, Mask):
@@ -270,8 +213,7 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Ma
             pos = jax.lax.dynamic_slice_in_dim(kv_pos, start, blk, axis=1)
             return attention_mask(mask.q_segments, mask.q_positions, seg, pos)
 
-        valid = kv_seg != 0
-        dynamic = not mask.self_attention
+        dynamic = False
     else:
         dense = jnp.pad(mask, ((0, 0), (0, 0), (0, s_pad - s))) if s_pad != s else mask
 
@@ -284,7 +226,7 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Ma
         def pad_seq(x, axis):
             return jnp.pad(x, [(0, s_pad - s) if i == axis else (0, 0) for i in range(4)])
 
-        k, v = pad_seq(k, k_seq), pad_seq(v, v_seq)
+        k, v = pad_seq(k, 1), pad_seq(v, 1)
 
     qg = q.reshape(b, t, kv_heads, g, d)
     scale = d ** -0.5
@@ -292,31 +234,26 @@ def blockwise_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Ma
     def step(j, carry):
         m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, D]
         start = j * blk
-        kb = jax.lax.dynamic_slice_in_dim(k, start, blk, axis=k_seq)
-        vb = jax.lax.dynamic_slice_in_dim(v, start, blk, axis=v_seq)
-        scores = jnp.einsum(f"btkgd,{ks}->bkgts", qg, kb, preferred_element_type=jnp.float32) * scale
+        kb = jax.lax.dynamic_slice_in_dim(k, start, blk, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, blk, axis=1)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32) * scale
         scores = jnp.where(block_mask(start)[:, None, None, :, :], scores, _MASKED)
         m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
         p = jnp.exp(scores - m_new[..., None])
         correction = jnp.exp(m - m_new)
         l = l * correction + jnp.sum(p, axis=-1)
-        pv = jnp.einsum(f"bkgts,{vs}->bkgtd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
         return m_new, l, acc * correction[..., None] + pv
 
     init = (jnp.full((b, kv_heads, g, t), _MASKED, jnp.float32), jnp.zeros((b, kv_heads, g, t), jnp.float32),
             jnp.zeros((b, kv_heads, g, t, d), jnp.float32))
     n_blocks = s_pad // blk
-    if dynamic:  # stop after the last block holding a valid key of any row
+    if dynamic:  # a dense mask: stop after the last block any row may attend to
         extent = jnp.max(jnp.where(valid, jnp.arange(s_pad, dtype=jnp.int32)[None, :] + 1, 0))
         n_blocks = jnp.clip((extent + blk - 1) // blk, 1, n_blocks)
     _, l, acc = jax.lax.fori_loop(0, n_blocks, step, init)
     out = acc / l[..., None]  # l >= 1: the running max's own term is exp(0)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
-
-
-def _against_cache(q: jnp.ndarray, mask: Mask | jnp.ndarray) -> bool:
-    """Several query tokens against a cache (chunked prefill), as opposed to self-attention or decoding."""
-    return q.shape[1] > 1 and isinstance(mask, Mask) and not mask.self_attention
 
 
 # ---- jax.nn.dot_product_attention: cuDNN on GPU ----------------------------------------------
@@ -329,17 +266,13 @@ def _roll_rows(x: jnp.ndarray, shift: jnp.ndarray) -> jnp.ndarray:
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _sdpa(q, k, v, mask, implementation: str, name: str, allow_bias: bool, cache_layout: bool = False) -> jnp.ndarray:
+def _sdpa(q, k, v, mask, implementation: str, name: str, allow_bias: bool) -> jnp.ndarray:
     """Attention through `jax.nn.dot_product_attention`, the mask given as a causal flag and per-row lengths."""
-    if q.shape[1] == 1:
-        return _decode(q, k, v, mask, cache_layout)
     call = functools.partial(jax.nn.dot_product_attention, implementation=implementation)
-    if not isinstance(mask, Mask) or not mask.self_attention:
-        # Against a cache (or an arbitrary mask): the mask becomes an additive bias [B, 1, T, S].
+    if not isinstance(mask, Mask):  # an arbitrary mask: an additive bias [B, 1, T, S]
         if not allow_bias:
-            return blockwise_attention(q, k, v, mask, cache_layout=cache_layout)
-        return call(q, *_seq_major(k, v, cache_layout), mask=_dense(mask)[:, None])
-    k, v = _seq_major(k, v, cache_layout)
+            return blockwise_attention(q, k, v, mask)
+        return call(q, k, v, mask=_dense(mask)[:, None])
     t = q.shape[1]
     seg = mask.q_segments if mask.segmented else None
     if t % 2:  # cuDNN trains on even lengths only (jax refuses an odd one while tracing the gradient):
@@ -382,15 +315,15 @@ def _cudnn_unsupported(q: jnp.ndarray) -> str | None:
 
 
 def cudnn_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray,
-                    *, allow_bias: bool = True, name: str = "cudnn", cache_layout: bool = False) -> jnp.ndarray:
+                    *, allow_bias: bool = True, name: str = "cudnn") -> jnp.ndarray:
     """cuDNN flash attention (GPU) through `jax.nn.dot_product_attention(implementation="cudnn")`.
 
-    allow_bias: against a cache with T > 1, pass the mask as a dense bias (else use blockwise).
+    allow_bias: a dense mask goes to cuDNN as a bias (else the call runs blockwise).
     """
-    if q.shape[1] > 1 and (reason := _cudnn_unsupported(q)):
+    if reason := _cudnn_unsupported(q):
         _fallback(name, reason)
-        return xla_attention(q, k, v, mask, cache_layout=cache_layout)
-    return _sdpa(q, k, v, mask, "cudnn", name, allow_bias=allow_bias, cache_layout=cache_layout)
+        return xla_attention(q, k, v, mask)
+    return _sdpa(q, k, v, mask, "cudnn", name, allow_bias=allow_bias)
 
 
 # ---- splash attention (TPU) -------------------------------------------------------------------
@@ -411,16 +344,11 @@ def _splash_kernel(t: int, heads: int, interpret: bool):
 
 
 def splash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray,
-                     *, interpret: bool = False, cache_layout: bool = False) -> jnp.ndarray:
+                     *, interpret: bool = False) -> jnp.ndarray:
     """Pallas splash attention (TPU; `interpret=True` runs it anywhere, slowly, for tests)."""
-    if q.shape[1] == 1:
-        return _decode(q, k, v, mask, cache_layout)
-    if _against_cache(q, mask):
-        return blockwise_attention(q, k, v, mask, cache_layout=cache_layout)
     if not isinstance(mask, Mask):
         _fallback("splash", "splash attention takes a Mask (segment ids), not a dense mask")
-        return xla_attention(q, k, v, mask, cache_layout=cache_layout)
-    k, v = _seq_major(k, v, cache_layout)
+        return xla_attention(q, k, v, mask)
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     b, t, h, d = q.shape
@@ -472,22 +400,16 @@ def resolve_auto(q: jnp.ndarray | None = None) -> str:
     return "xla"
 
 
-def auto_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray, *,
-                   cache_layout: bool = False) -> jnp.ndarray:
-    """The platform's fast backend where it applies, the decode path for T == 1, else the reference."""
-    hm = cache_layout
-    if _against_cache(q, mask):  # chunked prefill: bounded memory on every platform
-        return blockwise_attention(q, k, v, mask, cache_layout=hm)
+def auto_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray) -> jnp.ndarray:
+    """The platform's fast backend where it applies, else the reference."""
     name = resolve_auto(q)
     if name == "cudnn":
         try:  # jax checks cuDNN's presence and limits while tracing
-            return cudnn_attention(q, k, v, mask, allow_bias=False, name="auto", cache_layout=hm)
+            return cudnn_attention(q, k, v, mask, allow_bias=False, name="auto")
         except (NotImplementedError, RuntimeError) as e:
             _fallback("auto", f"cuDNN unavailable ({e})")
-            return xla_attention(q, k, v, mask, cache_layout=hm)
-    if name == "xla" and q.shape[1] == 1:
-        return _decode(q, k, v, mask, hm)
-    return BACKENDS[name](q, k, v, mask, cache_layout=hm)
+            return xla_attention(q, k, v, mask)
+    return BACKENDS[name](q, k, v, mask)
 
 
 BACKENDS: dict[str, Callable[..., jnp.ndarray]] = {
@@ -521,7 +443,7 @@ def check_backend(name: str) -> str:
 
 
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: Mask | jnp.ndarray,
-              backend: str = "xla", *, cache_layout: bool = False) -> jnp.ndarray:
+              backend: str = "xla") -> jnp.ndarray:
     """Attention output `[B, T, H, D]` by the named backend (see the module docstring); keys and
-    values `[B, S, K, D]`, or with `cache_layout` keys `[B, K, S, D]` and values `[B, K, D, S]`."""
-    return get_backend(backend)(q, k, v, mask, cache_layout=cache_layout)
+    values `[B, S, K, D]`."""
+    return get_backend(backend)(q, k, v, mask)

@@ -1,34 +1,39 @@
-"""Batched generation: one prefill for a batch of ragged prompts, then a jitted decode loop.
+"""The generation engine: continuous batching over a paged KV cache.
 
     engine = Engine(model, tokenizer)
-    outs = engine.generate([prompt_ids, ...], SamplingParams(temperature=0.6, max_tokens=256, n=4))
-    for event in engine.stream(...):  # chunks of new tokens per row, as they are produced
+    rid = engine.add_request(prompt_ids, SamplingParams(temperature=0.6, max_tokens=256, n=4))
+    while engine.has_unfinished():
+        for event in engine.step():       # new tokens of every sequence that produced some
+            ...
+    outs = engine.generate([prompt_ids, ...], params)   # or all at once: n completions per prompt
+    for events in engine.stream(prompts, params): ...   # the same, streamed
 
-Prompts longer than `prefill_chunk` tokens (default 2048) are prefilled in chunks of that many
-tokens, each written into the (donated) cache before the next attends to it blockwise, so memory
-grows with the chunk, not the prompt: a 131,072-token prompt is 64 calls of one compiled shape.
+Each `step()`: admit waiting requests while slots and pages allow -> prefill prompt chunks within
+the step's token budget -> decode every running sequence for a chunk of steps on the device (no
+host round trip per token; one step only while a sequence still has its first token to stream)
+-> emit the new tokens, end what finished (EOS, stop ids, max_tokens, stop strings on the host)
+and give its pages back. The scheduler (qwq_jax/scheduler.py) and the page allocator with its
+prefix cache (qwq_jax/pages.py) are plain host Python; the device programs are in
+qwq_jax/programs.py, the paged attention in qwq_jax/paged_attention.py.
 
-The decode loop runs inside `jax.lax.while_loop` in chunks of `chunk` tokens (no Python per
-token; the first call stops after one token so it streams at once, the step count being a runtime
-bound of one compiled program); the host only looks at the output between chunks, for streaming
-and stop strings.
-Each of the `n` samples of a prompt reuses that prompt's prefill. Row b draws with the key
-`fold_in(key(seed_b), step)`, so a seed gives the same text whatever else is in the batch.
+The KV cache is a pool of `num_pages` pages of `page_size` tokens per layer; a sequence holds the
+pages its tokens need. The `n` samples of a request share its prompt's pages (prefilled once);
+whole prompt pages stay in a prefix cache (LRU) for later prompts with the same prefix (a system
+prompt, a GRPO prompt in the next epoch). When pages run out a sequence is preempted and later
+recomputed (scheduler.py); `add_request` refuses what could never fit.
 
-Layer loop (`layer_loop`; same tokens every way):
-    scan      the decoder layers' stacked `[L, ...]` weights, run by `lax.scan` (compiles once
-              per layer shape, whatever the depth)
-    unrolled  the decode step as straight-line code over static slices of the stacks
-    split     each layer's weights copied into arrays of their own at construction (one layer at a
-              time; `donate_weights=True` frees the stacks as it goes, leaving `model` unusable),
-              prefill and decode run straight through them: no slice of a stack exists, so none
-              can be copied before its matmul, and a decode step reads every weight where it lies
-A compiler may copy each layer's slice of a stack out before its matmul: XLA for an H100 does for
-`scan` (one to three extra writes and reads of every weight per decode step for the QwQ-32B
-shape, `benchmarks/gpu_aot.py`), XLA on CPU for `scan` and `unrolled` alike. With `split` the KV
-cache is one buffer per layer as well (`KVCache.init(per_layer=True)`), so attention reads its
-layer's cache in place too. `benchmarks/decode.py --layer-loop scan unrolled split` times all
-three and reports the copies it finds in each compiled decode step.
+Exact: with a seed, a request's tokens do not depend on what else runs or when it was admitted.
+Sample k of a seeded request draws with seed + k; row keys `fold_in(key(seed), count)`; the
+decode program always runs all `max_num_seqs` slots (one shape) and nothing in it mixes rows; a
+prompt's chunk boundaries depend on the prompt alone.
+
+Layer loop (`layer_loop`; same tokens either way):
+    scan   the decoder layers' stacked `[L, ...]` weights and pages, run by `lax.scan` (compiles
+           once per layer shape, whatever the depth)
+    split  each layer's weights copied into arrays of their own at construction (one layer at a
+           time; `donate_weights=True` frees the stacks as it goes, leaving `model` unusable), and
+           one page pool per layer: no slice of a stack exists for a compiler to copy before its
+           matmul (XLA for an H100 copies `scan`'s, `benchmarks/gpu_aot.py`)
 
 Long context: with a YaRN config, `rope_scaling="auto"` (default) uses plain RoPE for a
 request whose prompt + max_tokens fits the original context and YaRN only for longer ones
@@ -38,6 +43,7 @@ request whose prompt + max_tokens fits the original context and YaRN only for lo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -48,31 +54,39 @@ import numpy as np
 from flax import nnx
 
 from qwq_jax import rope as rope_lib
-from qwq_jax.cache import KVCache
 from qwq_jax.compile_cache import CLOCK
 from qwq_jax.model import Qwen2, split_layers
-from qwq_jax.sampling import SamplingParams, batch_params, sample
+from qwq_jax.pages import PageAllocator
+from qwq_jax.paged_attention import PagePool
+from qwq_jax.programs import LENGTH, STOP, Programs, SlotInputs, SlotState, unpack
+from qwq_jax.sampling import SamplingParams, batch_params
+from qwq_jax.scheduler import POLICIES, Request, Scheduler, Sequence as Seq
 
 ROPE_MODES = ("auto", "static", "off")
-LAYER_LOOPS = ("scan", "unrolled", "split")
+LAYER_LOOPS = ("scan", "split")
 PREFILL_CHUNK = 2048  # tokens per prefill call by default (Engine(prefill_chunk=...))
-_RUNNING, _STOP, _LENGTH = 0, 1, 2
-FINISH_REASONS = {_STOP: "stop", _LENGTH: "length"}
+PAGE_SIZE = 16        # tokens per page by default (Engine(page_size=...))
+CPU_KV_BYTES = 256 << 20  # the page pool's default size on CPU (Engine(kv_cache_bytes=...))
+KV_MEMORY_FRACTION = 0.9  # of the accelerator memory left free after the weights, by default
+FINISH_REASONS = {STOP: "stop", LENGTH: "length"}
+_IDLE = SamplingParams(temperature=0.0)  # an empty slot's: greedy, so an all-greedy batch skips the sort
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, math.ceil(n / multiple) * multiple)
+def _bucket(n: int, most: int) -> int:
+    """Prefill chunk shapes: 64, 128, 256, ... (at most `most`, the chunk size) so prompts of
+    similar lengths share a compilation."""
+    return min(1 << max(6, math.ceil(math.log2(max(n, 1)))), most)
 
 
-def _bucket(n: int) -> int:
-    """Shape buckets so requests of similar lengths share compilations: 64, 128, 256, ... then steps of 1024."""
-    if n <= 1024:
-        return 1 << max(6, math.ceil(math.log2(max(n, 1))))
-    return _round_up(n, 1024)
+def _positive_int(name: str, value: Any, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int" + (" (or None)" if none_ok else ""))
 
 
 # The engine's own programs (jit function names) and what the status lines call them.
-_PROGRAMS = {"_prefill_fn": "prefill", "_logits_fn": "logits", "_decode_fn": "decode"}
+_PROGRAMS = {"_prefill_fn": "prefill", "_decode_fn": "decode", "_insert_fn": "insert", "_copy_fn": "copy"}
 
 
 class _CompileWatch:
@@ -114,6 +128,8 @@ class _CompileWatch:
 
 def _to_host(x: jax.Array) -> np.ndarray:
     if jax.process_count() > 1 and not x.is_fully_addressable:
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -125,7 +141,7 @@ class Completion:
     """One generated sequence."""
 
     token_ids: list[int]
-    finish_reason: str                # "stop" (EOS, stop token or stop string) or "length"
+    finish_reason: str                # "stop" (EOS, stop token or stop string), "length" or "abort"
     prompt_tokens: int
     text: str | None = None           # decoded, when the engine has a tokenizer
     stop_reason: str | int | None = None  # the stop string or token id that ended it
@@ -134,63 +150,126 @@ class Completion:
 
 @dataclasses.dataclass
 class StreamEvent:
-    """New tokens of one row since the last event."""
+    """New tokens of one sequence (sample `sample_index` of request `request_id`) since its last event."""
 
-    prompt_index: int
+    request_id: str
     sample_index: int
     token_ids: list[int]
     finished: bool
     finish_reason: str | None
-
-
-@dataclasses.dataclass
-class _Rows:
-    prompt_of: np.ndarray      # [B] prompt index of each row (-1 = padding row)
-    sample_of: np.ndarray      # [B] sample index within its prompt
-    params: list[SamplingParams]
-    prompt_lens: np.ndarray    # [B]
+    prompt_index: int | None = None        # the prompt's index in `stream()`'s list; None from add_request
+    completion: Completion | None = None   # on the finishing event
 
 
 class Engine:
-    """Generation over a model (optionally sharded on `mesh` by the `generate` rules)."""
+    """Continuous batching over a paged KV cache (see the module docstring); on `mesh`, weights by
+    the `generate` rules and pages over `tensor` by KV head."""
 
     def __init__(self, model: Qwen2, tokenizer: Any = None, *, mesh: Any = None, rules: Any = "generate",
-                 cache_dtype: Any = None, chunk: int = 16, rope_scaling: str = "auto",
-                 prefill_chunk: int | None = PREFILL_CHUNK, layer_loop: str = "scan", donate_weights: bool = False,
-                 on_compile: Callable[[str, str, dict], None] | None = None):
+                 max_num_seqs: int = 8, page_size: int = PAGE_SIZE, num_pages: int | None = None,
+                 kv_cache_bytes: int | None = None, max_model_len: int | None = None, kv_cache_dtype: Any = None,
+                 chunk: int = 16, prefill_chunk: int | None = PREFILL_CHUNK, max_prefill_tokens: int | None = None,
+                 prefix_caching: bool = True, policy: str = "continuous", rope_scaling: str = "auto",
+                 layer_loop: str = "scan", donate_weights: bool = False,
+                 on_compile: Callable[[str, str, dict], None] | None = None, seed: int | None = None):
         if rope_scaling not in ROPE_MODES:
             raise ValueError(f"rope_scaling={rope_scaling!r} must be one of {', '.join(ROPE_MODES)}")
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                          or prefill_chunk < 1):
-            raise ValueError(f"prefill_chunk={prefill_chunk!r} must be a positive number of tokens (or None: "
-                             "every prompt in one call)")
         if layer_loop not in LAYER_LOOPS:
             raise ValueError(f"layer_loop={layer_loop!r} must be one of {', '.join(LAYER_LOOPS)}")
-        if not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk={chunk!r} must be a positive number of decode steps")
-        self.prefill_chunk = prefill_chunk
+        if policy not in POLICIES:
+            raise ValueError(f"policy={policy!r} must be one of {', '.join(POLICIES)}")
+        for name, value in (("max_num_seqs", max_num_seqs), ("page_size", page_size), ("chunk", chunk)):
+            _positive_int(name, value)
+        for name, value in (("num_pages", num_pages), ("kv_cache_bytes", kv_cache_bytes), ("max_model_len", max_model_len),
+                            ("prefill_chunk", prefill_chunk), ("max_prefill_tokens", max_prefill_tokens)):
+            _positive_int(name, value, none_ok=True)
+        if page_size & (page_size - 1):
+            raise ValueError(f"page_size={page_size} must be a power of two")
         self.config = model.config  # the weights live in self.params only (the caller may free `model`)
-        self.tokenizer = tokenizer
-        self.mesh, self.rules = mesh, rules
-        self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else model.dtype
+        self.tokenizer, self.mesh, self.rules = tokenizer, mesh, rules
+        self.rope_scaling, self.layer_loop, self.chunk = rope_scaling, layer_loop, chunk
+        self.prefill_chunk, self.page_size, self.max_num_seqs = prefill_chunk, page_size, max_num_seqs
         self.compute_dtype = jnp.dtype(model.dtype)
-        self.chunk = chunk
-        self.layer_loop = layer_loop
-        self.rope_scaling = rope_scaling
+        self.kv_int8 = isinstance(kv_cache_dtype, str) and kv_cache_dtype == "int8"
+        self.cache_dtype = self.compute_dtype if kv_cache_dtype is None or self.kv_int8 else jnp.dtype(kv_cache_dtype)
+        context = self.max_context()
+        if max_model_len is not None and max_model_len > context:
+            raise ValueError(f"max_model_len={max_model_len} is longer than the model's context of {context}")
+        self.max_model_len = max_model_len or context
+        self.max_pages = -(-self.max_model_len // page_size)  # page-table width
+        if prefill_chunk is None:  # every prompt in one call
+            self.prefill_chunk = prefill_chunk = self.max_model_len
+
         self.graphdef, self.params = nnx.split(model)
         self.layer_params = None
         if layer_loop == "split":
             self.layer_params = split_layers(self.params["layers"], donate=donate_weights)
             # The graph still has `layers`; give it layer 0's arrays (the same buffers, no copy).
             self.params["layers"] = self.layer_params[0]
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
-        self._last_logits = jax.jit(self._logits_fn)
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))  # steps: a runtime bound, one program
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params))
+        if num_pages is None and self.abstract:  # only lowers its programs, each with its own pool
+            num_pages = max_num_seqs * self.max_pages
+        if num_pages is None:
+            per_page = PagePool.bytes_per_token(self.config, self.cache_dtype, int8=self.kv_int8) * page_size
+            budget = kv_cache_bytes if kv_cache_bytes is not None else self._default_kv_bytes()
+            num_pages = max(1, min(max_num_seqs * self.max_pages, budget // per_page))
+        replicated = None
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            replicated = NamedSharding(mesh, PartitionSpec())
+        self.programs = Programs(self.graphdef, chunk, page_size, replicated)
+        self.prefix_caching, self.policy = prefix_caching, policy
+        self.max_prefill_tokens = max_prefill_tokens or self.prefill_chunk
         self.eos_token_ids = self._eos_ids()
-        # Called as on_compile("start" | "end", program, info) around each compilation of the
-        # prefill/logits/decode programs (see _CompileWatch); `last_timings` reports them either way.
+        self._seeds = np.random.default_rng(self._engine_seed(seed))
+        self._ids = itertools.count()
+        self._undelivered: list[StreamEvent] = []
+        self._counters = dict(generated_tokens=0, steps=0, prefill_s=0.0, decode_s=0.0, prefill_chunks=0)
+        self.resize(max_num_seqs=max_num_seqs, num_pages=num_pages)
+        # Called as on_compile("start" | "end", program, info) around each compilation of the engine's
+        # programs (see _CompileWatch); `last_timings` reports them either way.
         self.on_compile = on_compile
         CLOCK.register()
+
+    # ---- the cache ---------------------------------------------------------------------------
+    def resize(self, *, max_num_seqs: int | None = None, num_pages: int | None = None) -> None:
+        """New slot and page counts (an idle engine only); the cache is emptied (`free_cache`).
+        A new slot count is a new decode shape (compiled once)."""
+        if getattr(self, "scheduler", None) is not None and self.has_unfinished():
+            raise RuntimeError("resize: the engine still has unfinished requests")
+        self.max_num_seqs = max_num_seqs or self.max_num_seqs
+        self.num_pages = num_pages or self.num_pages
+        self.free_cache()
+
+    def free_cache(self) -> None:
+        """Give the page pool's device memory back and forget the prefix cache (an idle engine
+        only; the next `step()` allocates a fresh pool). For when the weights change (cached
+        keys/values belong to the old ones) or another phase needs the memory (a GRPO update)."""
+        if getattr(self, "scheduler", None) is not None and self.has_unfinished():
+            raise RuntimeError("free_cache: the engine still has unfinished requests")
+        hits = self.pages.hit_tokens if getattr(self, "pages", None) is not None else 0
+        self.pages = PageAllocator(self.num_pages, self.page_size, self.prefix_caching)
+        self.pages.hit_tokens = hits
+        old = getattr(self, "scheduler", None)
+        self.scheduler = Scheduler(self.pages, self.max_num_seqs, self.prefill_chunk, self.max_prefill_tokens,
+                                   self.policy)
+        if old is not None:  # the counters run on
+            self.scheduler.preemptions, self.scheduler.prefill_tokens = old.preemptions, old.prefill_tokens
+            self.scheduler.prompt_tokens = old.prompt_tokens
+        self.pool = self.slot_state = None
+        self._slots = self._empty_slots()
+
+    def _allocate(self) -> None:
+        """The page pool and the slots' device state (zeros)."""
+        self.pool = PagePool.init(self.config, self.num_pages, self.page_size, self.cache_dtype, int8=self.kv_int8,
+                                  per_layer=self.layer_loop == "split", mesh=self.mesh, rules=self.rules)
+        if self.mesh is None:  # committed, as the programs return it: their second call compiles nothing new
+            self.pool = jax.device_put(self.pool, self._device())
+        b, v = self.max_num_seqs, self.config.vocab_size
+        self.slot_state = SlotState(self._put(np.zeros((b, v), np.float32)), self._put(np.zeros((b, v), np.int32)),
+                                    self._put(np.zeros((b, v), bool)), self._put(np.zeros(b, np.int32)),
+                                    self._put(np.zeros(b, np.int32)))
 
     # ---- set-up -----------------------------------------------------------------------------
     def _eos_ids(self) -> tuple[int, ...]:
@@ -199,21 +278,41 @@ class Engine:
         ids += list(eos) if isinstance(eos, tuple) else ([eos] if eos is not None else [])
         return tuple(dict.fromkeys(int(i) for i in ids))
 
-    def _batch_multiple(self) -> int:
-        if self.mesh is None:
-            return 1
-        from sharding.rules import batch_shards
+    @staticmethod
+    def _engine_seed(seed: int | None) -> int:
+        """Where unseeded requests' seeds come from: the same on every process of a multi-host run."""
+        if seed is not None:
+            return int(seed)
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-        return batch_shards(self.mesh, self.rules)
+            seed = int(multihost_utils.broadcast_one_to_all(np.uint32(seed)))
+        return seed
+
+    def _default_kv_bytes(self) -> int:
+        """CPU: CPU_KV_BYTES. An accelerator: KV_MEMORY_FRACTION of what its memory has left."""
+        device = jax.local_devices()[0] if self.mesh is None else self.mesh.devices.flat[0]
+        try:
+            stats = device.memory_stats() if device.platform != "cpu" else None
+        except Exception:  # noqa: BLE001 - a compile-only device has no memory to ask about
+            stats = None
+        if not stats or "bytes_limit" not in stats:
+            return CPU_KV_BYTES
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        shards = 1 if self.mesh is None else self.mesh.shape.get("tensor", 1)
+        return int(free * KV_MEMORY_FRACTION) * shards
 
     def _put(self, x: np.ndarray) -> jax.Array:
+        """A host array onto the engine's device(s), replicated (committed: a second call of a
+        program sees the same placement and does not compile again)."""
         if self.mesh is None:
-            # Committed to the device, as the decode loop's outputs are: an uncommitted input would
-            # make the second decode call compile the loop again for the committed state it returns.
             return jax.device_put(x, self._device())
-        from sharding import batch_sharding, put_global
+        from jax.sharding import NamedSharding, PartitionSpec
 
-        return put_global(x, batch_sharding(self.mesh, self.rules, x.ndim))
+        from sharding import put_global
+
+        return put_global(np.asarray(x), NamedSharding(self.mesh, PartitionSpec()))
 
     def _device(self) -> Any:
         """The one device of an engine without a mesh: where the weights are (else the default)."""
@@ -222,17 +321,19 @@ class Engine:
             self._one_device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]
         return self._one_device
 
+    def _scaled(self, needs: np.ndarray) -> np.ndarray:
+        """Which rows (by prompt + max_tokens) run the config's scaled rotary tables (YaRN)."""
+        if self.config.rope_scaling is None or self.rope_scaling == "off":
+            return np.zeros(needs.shape, bool)
+        if self.rope_scaling == "static":
+            return np.ones(needs.shape, bool)
+        return needs > self.config.original_max_position_embeddings
+
     def _rope_for(self, needs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-row rotary frequencies `[B, 1, D/2]` and attention factors `[B, 1, 1]`."""
         plain, _ = rope_lib.inv_frequencies(self.config, scaled=False)
         scaled, factor = rope_lib.inv_frequencies(self.config)
-        has_scaling = self.config.rope_scaling is not None
-        if self.rope_scaling == "static" or (self.rope_scaling == "auto" and has_scaling):
-            use = np.full(needs.shape, True) if self.rope_scaling == "static" else \
-                needs > self.config.original_max_position_embeddings
-            use &= has_scaling
-        else:
-            use = np.zeros(needs.shape, bool)
+        use = self._scaled(needs)
         inv = np.where(use[:, None, None], scaled[None, None], plain[None, None]).astype(np.float32)
         att = np.where(use, factor, 1.0).astype(np.float32)[:, None, None]
         return inv, att
@@ -240,127 +341,209 @@ class Engine:
     def max_context(self) -> int:
         return self.config.max_position_embeddings if self.rope_scaling == "off" else self.config.max_context
 
-    # ---- jitted pieces ----------------------------------------------------------------------
-    def _prefill_fn(self, params, tokens, remaining, rope, cache, last):
-        """One prefill chunk `tokens [B, T]`: row b has `remaining[b]` prompt tokens from this chunk's
-        start on (<= 0: none left; > T: more chunks follow). Writes them into the cache and keeps, in
-        `last [B, 1, E]`, the hidden state of each row's final prompt token once it has been seen."""
-        model, layers = self._merge(params)
-        t = tokens.shape[1]
-        here = jnp.clip(remaining, 0, t)
-        segments = (jnp.arange(t)[None, :] < here[:, None]).astype(jnp.int32)
-        x, cache, _ = model.hidden_states(tokens, segment_ids=segments, cache=cache, rope=rope, layers=layers)
-        final = jnp.take_along_axis(x, jnp.maximum(here - 1, 0)[:, None, None], axis=1)  # [B, 1, E]
-        ends_here = (remaining >= 1) & (remaining <= t)
-        return cache, jnp.where(ends_here[:, None, None], final.astype(last.dtype), last)
-
     def _weights(self):
-        """What the jitted pieces take as weights: the model's state and the split layers (or None)."""
+        """What the programs take as weights: the model's state and the split layers (or None)."""
         return self.params, self.layer_params
 
-    def _merge(self, weights):
-        params, layers = weights
-        return nnx.merge(self.graphdef, params), layers
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, token_ids: Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, *, _tag: Any = None) -> str:
+        """Queue a request (`params.n` samples of one prompt); returns its id. Raises ValueError,
+        naming the limit, for what could never run."""
+        self._check_request(token_ids, params, request_id)
+        params = params or SamplingParams()
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        while request_id is None and rid in self.scheduler.requests:
+            rid = f"req-{next(self._ids)}"
+        seeds = [(params.seed + k) % 2**32 if params.seed is not None else int(self._seeds.integers(2**32))
+                 for k in range(params.n)]
+        # Keys/values under YaRN differ from plain RoPE's: the prefix cache keeps them apart.
+        yarn = int(self._scaled(np.array([len(token_ids) + params.max_tokens]))[0])
+        self.scheduler.add(Request(rid, [int(t) for t in token_ids], params, tag=_tag, salt=yarn), seeds)
+        return rid
 
-    def _logits_fn(self, weights, last):
-        return self._merge(weights)[0].logits(last)[:, 0]
+    def _check_request(self, token_ids: Sequence[int], params: SamplingParams | None, request_id: str | None,
+                       what: str = "the prompt") -> None:
+        ids = list(token_ids)
+        if not ids:
+            raise ValueError(f"{what} is empty")
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise ValueError(f"{what} has token ids outside 0..{self.config.vocab_size - 1}")
+        params = params or SamplingParams()
+        params.validate(prompt_tokens=len(ids), max_context=self.max_model_len)
+        need = self.pages.pages_for(len(ids) + params.max_tokens - 1) + (1 if params.n > 1 else 0)
+        if need > self.num_pages:
+            raise ValueError(f"{what} ({len(ids)} tokens) with max_tokens={params.max_tokens} needs {need} pages "
+                             f"of {self.page_size} tokens, more than the page pool's {self.num_pages} "
+                             "(raise num_pages or kv_cache_bytes)")
+        if request_id is not None and request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
 
-    def _decode_fn(self, weights, state, consts, steps: jax.Array):
-        model, layers = self._merge(weights)
-        arrays, seeds, max_tokens, stop_ids, prompt_mask, rope = consts
-        max_new = state["out"].shape[1]
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its pages go back to the pool, its unfinished samples end with a
+        finished event (reason "abort") from the next `step()`. False if it is not known."""
+        return self.scheduler.abort(request_id, on_finish=lambda seq: self._undelivered.append(
+            self._event(seq, [], finished=True)))
 
-        def cond(carry):
-            i, s = carry
-            return (i < steps) & ~jnp.all(s["done"])
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._undelivered)
 
-        def body(carry):
-            i, s = carry
-            done, count = s["done"], s["count"]
-            # Row b's key at its own step: fold_in(key(seed_b), count_b) (= sampling.row_keys per row).
-            keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.key(seed), c))(seeds, count.astype(jnp.uint32))
-            tok = sample(s["logits"], arrays, keys, s["counts"], prompt_mask).astype(jnp.int32)
-            tok = jnp.where(done, 0, tok)
-            rows = jnp.arange(tok.shape[0])
-            out = s["out"].at[rows, jnp.where(done, max_new, count)].set(tok, mode="drop")
-            lp = jnp.take_along_axis(jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1), tok[:, None],
-                                     axis=1)[:, 0]
-            logp = s["logp"].at[rows, jnp.where(done, max_new, count)].set(lp, mode="drop")
-            counts = s["counts"].at[rows, tok].add(jnp.where(done, 0, 1))
-            new_count = count + jnp.where(done, 0, 1)
-            hit = jnp.any(tok[:, None] == stop_ids, axis=1) & ~done
-            full = (new_count >= max_tokens) & ~done & ~hit
-            finish = jnp.where(hit, _STOP, jnp.where(full, _LENGTH, s["finish"]))
-            x, cache, _ = model.hidden_states(tok[:, None], cache=s["cache"], rope=rope, layers=layers,
-                                              unroll_layers=self.layer_loop == "unrolled")
-            logits = model.logits(x)[:, 0]
-            s = dict(s, out=out, logp=logp, counts=counts, count=new_count, done=done | hit | full, finish=finish,
-                     cache=cache, logits=logits)
-            return i + 1, s
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"prefill_tokens_computed": s.prefill_tokens, "prompt_tokens": s.prompt_tokens,
+                "prefix_cache_hit_tokens": self.pages.hit_tokens, "pages_used": self.pages.used,
+                "pages_cached": self.pages.cached, "pages_total": self.num_pages, "page_size": self.page_size,
+                "running": len(s.running), "waiting": len(s.waiting), "preemptions": s.preemptions,
+                "compilations": self.programs.compilations(), "generated_tokens": self._counters["generated_tokens"],
+                "steps": self._counters["steps"]}
 
-        _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
-        return state
+    # ---- one engine step ---------------------------------------------------------------------
+    def step(self) -> list[StreamEvent]:
+        """admit -> prefill -> decode -> emit; returns the events of this step."""
+        if self.abstract:
+            raise RuntimeError("this engine has abstract weights: it can only lower its programs")
+        if self.pool is None:
+            self._allocate()
+        events, self._undelivered = self._undelivered, []
+        self._counters["steps"] += 1
+        self._run_prefills()
+        for adm in self.scheduler.admit():
+            self._load_slot(adm)
+        running = self.scheduler.running
+        if running:
+            steps = 1 if any(not s.tokens for s in running) else self.chunk  # a first token streams at once
+            self.scheduler.grow(steps)  # preempted sequences leave their slots (inactive below)
+            events += self._decode(steps)
+        return events
 
-    # ---- ahead-of-time lowering --------------------------------------------------------------
-    def _spec(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
-        """An abstract `[batch, ...]` argument, placed as `_put` would place it."""
-        sharding = None
-        if self.mesh is not None:
-            from sharding import batch_sharding
+    def _run_prefills(self) -> None:
+        t0, c0 = time.perf_counter(), CLOCK.seconds
+        for chunk in self.scheduler.prefill_work():
+            job = chunk.job
+            n = chunk.end - chunk.start
+            width = _bucket(n, self.prefill_chunk)
+            tokens = np.zeros((1, width), np.int32)
+            tokens[0, :n] = job.tokens[chunk.start:chunk.end]
+            table = np.zeros((1, self.max_pages), np.int32)
+            table[0, :len(job.pages)] = job.pages
+            seq = job.seq or job.request.samples[0]
+            inv, att = self._rope_for(np.array([self._needs(seq)]))
+            self.pool, logits = self.programs.prefill(
+                self._weights(), self.pool, self._put(tokens), self._put(np.array([chunk.start], np.int32)),
+                self._put(np.array([n], np.int32)), self._put(table), (self._put(inv), self._put(att)))
+            self._counters["prefill_chunks"] += 1
+            if chunk.last:
+                self.scheduler.prefilled(job, logits)
+        self._counters["prefill_s"] += time.perf_counter() - t0 - (CLOCK.seconds - c0)
 
-            sharding = batch_sharding(self.mesh, self.rules, len(shape))
-        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+    @staticmethod
+    def _needs(seq: Seq) -> int:
+        return len(seq.prompt) + seq.request.params.max_tokens
 
-    def _abstract_cache(self, batch: int, max_len: int) -> KVCache:
-        per_layer = self.layer_loop == "split"
-        shapes = KVCache.shapes(self.config, batch, max_len, per_layer)
-        shardings = KVCache.shardings(self.mesh, self.rules, per_layer)[:2] if self.mesh is not None else (None, None)
-        k, v = (jax.ShapeDtypeStruct(shape, self.cache_dtype, sharding=sh) for shape, sh in zip(shapes, shardings))
-        if per_layer:
-            k, v = (k,) * self.config.num_layers, (v,) * self.config.num_layers
-        return KVCache(k, v, self._spec((batch,), jnp.int32))
+    # ---- slots -------------------------------------------------------------------------------
+    def _empty_slots(self) -> dict[str, np.ndarray]:
+        b, half = self.max_num_seqs, self.config.head_dim // 2
+        self._inputs, self._inputs_key = None, None  # the SlotInputs on the device, and whose they are
+        return {"active": np.zeros(b, bool), "max_tokens": np.ones(b, np.int32), "seeds": np.zeros(b, np.uint32),
+                "stop_ids": np.full((b, self._stop_width()), -1, np.int32),
+                "params": [_IDLE] * b, "inv": np.zeros((b, 1, half), np.float32),
+                "att": np.ones((b, 1, 1), np.float32), "page_tables": np.zeros((b, self.max_pages), np.int32)}
 
-    def _check_rows(self, batch: int, max_len: int) -> None:
-        if batch < 1 or batch % self._batch_multiple():
-            raise ValueError(f"batch={batch} must be a positive multiple of {self._batch_multiple()} (the mesh's "
-                             "batch shards)")
-        if max_len < 1:
-            raise ValueError(f"max_len={max_len} must be a positive number of cache slots")
+    def _stop_width(self, extra: int = 0) -> int:
+        return 1 << max(3, math.ceil(math.log2(len(self.eos_token_ids) + extra + 1)))
 
-    def lower_prefill(self, batch: int, tokens: int, max_len: int) -> jax.stages.Lowered:
-        """The prefill call for `batch` rows of a `tokens`-token chunk into a `max_len`-slot cache,
-        lowered with abstract arguments: `.compile()` it for the mesh's devices (compile-only ones
-        from `jax.experimental.topologies` included) to read its memory and cost analyses or its
-        optimised HLO without running it. Works on an abstract model (`abstract_model` with
-        sharded `jax.ShapeDtypeStruct` leaves)."""
-        self._check_rows(batch, max_len)
-        b, c = batch, self.config
-        rope = (self._spec((b, 1, c.head_dim // 2), jnp.float32), self._spec((b, 1, 1), jnp.float32))
-        return self._prefill.lower(self._weights(), self._spec((b, tokens), jnp.int32), self._spec((b,), jnp.int32),
-                                   rope, self._abstract_cache(b, max_len),
-                                   self._spec((b, 1, c.hidden_size), self.compute_dtype))
+    def _load_slot(self, adm) -> None:
+        seq, b, sl = adm.seq, adm.slot, self._slots
+        params = seq.request.params
+        stops = tuple(self.eos_token_ids) + tuple(params.stop_token_ids)
+        if len(stops) > sl["stop_ids"].shape[1]:  # a wider stop list (one new decode shape)
+            wider = np.full((self.max_num_seqs, self._stop_width(len(params.stop_token_ids))), -1, np.int32)
+            wider[:, :sl["stop_ids"].shape[1]] = sl["stop_ids"]
+            sl["stop_ids"] = wider
+        sl["stop_ids"][b] = -1
+        sl["stop_ids"][b, :len(stops)] = stops
+        sl["max_tokens"][b], sl["seeds"][b], sl["params"][b] = params.max_tokens, seq.seed, params
+        inv, att = self._rope_for(np.array([self._needs(seq)]))
+        sl["inv"][b], sl["att"][b] = inv[0], att[0]
+        v = self.config.vocab_size
+        counts = np.bincount(np.asarray(seq.tokens, np.int64), minlength=v).astype(np.int32)[:v]
+        mask = np.zeros(v, bool)
+        mask[np.asarray(seq.prompt)] = True
+        if adm.copy is not None:
+            self.pool = self.programs.copy(self.pool, np.int32(adm.copy[0]), np.int32(adm.copy[1]))
+        self.slot_state = self.programs.insert(self.slot_state, np.int32(b), adm.logits, self._put(counts),
+                                               self._put(mask), np.int32(len(seq.tokens)), np.int32(seq.length))
+        self._inputs_key = None  # the slot's settings changed
 
-    def lower_decode(self, batch: int, max_len: int, max_new: int | None = None) -> jax.stages.Lowered:
-        """The decode loop (up to a runtime number of steps per call) for `batch` rows with a
-        `max_len`-slot cache and room for `max_new` new tokens, lowered with abstract arguments
-        (see `lower_prefill`)."""
-        self._check_rows(batch, max_len)
-        b, c = batch, self.config
-        max_new = max_len if max_new is None else max_new
-        logits = jax.eval_shape(self._logits_fn, self._weights(),
-                                self._spec((b, 1, c.hidden_size), self.compute_dtype))
-        arrays = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), batch_params([SamplingParams()] * b))
-        rope = (self._spec((b, 1, c.head_dim // 2), jnp.float32), self._spec((b, 1, 1), jnp.float32))
-        stop_width = max(1, len(self.eos_token_ids))
-        consts = (arrays, self._spec((b,), jnp.uint32), self._spec((b,), jnp.int32),
-                  self._spec((b, stop_width), jnp.int32), self._spec((b, c.vocab_size), bool), rope)
-        state = {"cache": self._abstract_cache(b, max_len), "logits": self._spec(logits.shape, logits.dtype),
-                 "out": self._spec((b, max_new), jnp.int32), "logp": self._spec((b, max_new), jnp.float32),
-                 "count": self._spec((b,), jnp.int32), "done": self._spec((b,), bool),
-                 "finish": self._spec((b,), jnp.int32), "counts": self._spec((b, c.vocab_size), jnp.int32)}
-        return self._decode.lower(self._weights(), state, consts, steps=np.int32(self.chunk))
+    def _slot_inputs(self) -> SlotInputs:
+        """The slots' inputs for a decode call: a slot is active only while a running sequence holds
+        it (finished, aborted and preempted ones write nowhere); page tables as now held. Sent to
+        the device again only when who holds which slot, with how many pages, has changed."""
+        running = self.scheduler.running
+        who = tuple((id(seq), seq.slot) for seq in running)
+        pages = tuple(len(seq.pages) for seq in running)
+        if self._inputs_key == (who, pages):
+            return self._inputs
+        sl, put = self._slots, self._put
+        sl["page_tables"][:] = 0
+        for seq in running:
+            sl["page_tables"][seq.slot, :len(seq.pages)] = seq.pages
+        if self._inputs_key is not None and self._inputs_key[0] == who:  # only pages were added
+            self._inputs = self._inputs._replace(page_tables=put(sl["page_tables"]))
+        else:
+            sl["active"][:] = False
+            sl["active"][[seq.slot for seq in running]] = True
+            self._inputs = SlotInputs(put(sl["active"]), put(sl["max_tokens"]), put(sl["seeds"]), put(sl["stop_ids"]),
+                                      jax.tree.map(put, batch_params([p if on else _IDLE for p, on in
+                                                                      zip(sl["params"], sl["active"])])),
+                                      (put(sl["inv"]), put(sl["att"])),
+                                      put(sl["page_tables"]))
+        self._inputs_key = (who, pages)
+        return self._inputs
 
-    # ---- public API -------------------------------------------------------------------------
+    # ---- decoding ----------------------------------------------------------------------------
+    def _decode(self, steps: int) -> list[StreamEvent]:
+        t0, c0 = time.perf_counter(), CLOCK.seconds
+        self.pool, self.slot_state, packed = self.programs.decode(self._weights(), self.pool, self.slot_state,
+                                                                  self._slot_inputs(), np.int32(steps))
+        out, logp, new, length, finish = unpack(_to_host(packed), self.chunk)
+        self._counters["decode_s"] += time.perf_counter() - t0 - (CLOCK.seconds - c0)
+        events = []
+        for seq in self.scheduler.running:
+            b = seq.slot
+            k = int(new[b])
+            if k == 0:
+                continue
+            self.scheduler.advance(seq, out[b, :k].tolist(), logp[b, :k].tolist(), int(length[b]))
+            self._counters["generated_tokens"] += k
+            reason = FINISH_REASONS.get(int(finish[b]))
+            stop_reason = seq.tokens[-1] if reason == "stop" else None
+            if seq.request.params.stop and self.tokenizer is not None:
+                cut = self._find_stop(seq.tokens, seq.emitted, seq.request.params.stop)
+                if cut is not None:
+                    keep, stop_reason = cut
+                    del seq.tokens[keep:], seq.logprobs[keep:]
+                    reason = "stop"
+            if reason is not None:
+                self.scheduler.finish(seq, reason, stop_reason)
+            events.append(self._event(seq, seq.tokens[seq.emitted:], finished=reason is not None))
+            seq.emitted = len(seq.tokens)
+        return events
+
+    def _event(self, seq: Seq, new: list[int], finished: bool) -> StreamEvent:
+        return StreamEvent(seq.request.id, seq.index, list(new), finished, seq.finish_reason if finished else None,
+                           seq.request.tag, self._completion(seq) if finished else None)
+
+    def _completion(self, seq: Seq) -> Completion:
+        ids = list(seq.tokens)
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode([t for t in ids if t not in self.eos_token_ids], skip_special_tokens=True)
+            if isinstance(seq.stop_reason, str) and seq.stop_reason in text:
+                text = text[: text.index(seq.stop_reason)]
+        return Completion(ids, seq.finish_reason, len(seq.prompt), text, seq.stop_reason, list(seq.logprobs))
+
+    # ---- all at once -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = None,
                  ) -> list[list[Completion]]:
         """Completions for each prompt (a list of `n` per prompt)."""
@@ -370,166 +553,113 @@ class Engine:
 
     def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = None,
                ) -> Iterator[list[StreamEvent]]:
-        """Yields, after each decode chunk, the new tokens of every row that produced some.
+        """Adds every prompt as a request and yields, after each engine step, the events of those
+        that produced tokens (`prompt_index` tells whose); other requests in the engine run along,
+        their events kept for the next `step()`.
 
-        When the iterator is exhausted, `self.last_completions` holds the final completions and
-        `self.last_timings` the timings: `prefill_s` and `decode_s` are wall time without
-        compilation, `compile_s` (= `prefill_compile_s` + `decode_compile_s`) the time spent
-        tracing, lowering and compiling programs (or loading them from the persistent cache) in
-        the call, `compiled` one entry per compilation of the prefill/logits/decode programs
-        (`program`, `seconds`, `cache`: hit, miss or off), and `decode_tokens_per_s` the new
-        tokens over `decode_s`.
+        When the iterator is exhausted, `self.last_completions` holds the completions (`n` per
+        prompt) and `self.last_timings` the timings: `prefill_s` and `decode_s` are wall time in
+        prefill and decode calls without compilation, `compile_s` the time spent tracing,
+        lowering and compiling programs (or loading them from the persistent cache) in the call,
+        `compiled` one entry per compilation (`program`, `seconds`, `cache`: hit, miss or off),
+        `first_token_s` the time to the first token, `decode_tokens_per_s` new tokens over
+        `decode_s`.
         """
-        with _CompileWatch(self.on_compile) as watch:
-            yield from self._stream(prompts, params, watch)
-
-    def _stream(self, prompts, params, watch: _CompileWatch) -> Iterator[list[StreamEvent]]:
-        c0 = CLOCK.seconds
-        t0 = time.perf_counter()
         prompts = [list(map(int, p)) for p in prompts]
         if not prompts:
             raise ValueError("prompts is empty")
-        if params is None:
-            params = SamplingParams()
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
         for i, (p, sp) in enumerate(zip(prompts, plist)):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if max(p) >= self.config.vocab_size or min(p) < 0:
-                raise ValueError(f"prompt {i} has token ids outside 0..{self.config.vocab_size - 1}")
-            sp.validate(prompt_tokens=len(p), max_context=self.max_context())
+            self._check_request(p, sp, None, what=f"prompt {i}")
+        with _CompileWatch(self.on_compile) as watch:
+            yield from self._stream(prompts, plist, watch)
 
-        # Rows: n samples per prompt, padded to the batch sharding.
-        prompt_of, sample_of = [], []
-        for i, sp in enumerate(plist):
-            prompt_of += [i] * sp.n
-            sample_of += list(range(sp.n))
-        b_real = len(prompt_of)
-        b = _round_up(b_real, self._batch_multiple())
-        prompt_of += [-1] * (b - b_real)
-        sample_of += [0] * (b - b_real)
-        rows = _Rows(np.array(prompt_of), np.array(sample_of),
-                     [plist[i] if i >= 0 else SamplingParams(max_tokens=1) for i in prompt_of],
-                     np.array([len(prompts[i]) if i >= 0 else 1 for i in prompt_of]))
-        max_new = max(sp.max_tokens for sp in rows.params)
-        longest = max(len(p) for p in prompts)
-        step = _bucket(longest)
-        if self.prefill_chunk is not None and longest > self.prefill_chunk:
-            step = self.prefill_chunk
-        n_chunks = math.ceil(longest / step)
-        # Every chunk writes `step` slots from each row's length on: the cache holds them all.
-        max_len = max(_bucket(max(len(p) + sp.max_tokens for p, sp in zip(prompts, plist))), n_chunks * step)
-
-        # Prefill every row (rows of one prompt are identical; XLA work is per row either way, and
-        # batched calls keep shapes static). Padding rows get a one-token prompt.
-        tokens = np.zeros((b, n_chunks * step), np.int32)
-        for r, i in enumerate(rows.prompt_of):
-            if i >= 0:
-                tokens[r, : len(prompts[i])] = prompts[i]
-        needs = np.array([len(prompts[i]) + plist[i].max_tokens if i >= 0 else 1 for i in rows.prompt_of])
-        inv, att = self._rope_for(needs)
-        rope = (self._put(inv), self._put(att))
-        cache = KVCache.init(self.config, b, max_len, self.cache_dtype, self.mesh, self.rules,
-                             per_layer=self.layer_loop == "split")
-        last = self._put(np.zeros((b, 1, self.config.hidden_size), self.compute_dtype))
-        for c in range(n_chunks):
-            remaining = self._put((rows.prompt_lens - c * step).astype(np.int32))
-            cache, last = self._prefill(self._weights(), self._put(tokens[:, c * step:(c + 1) * step]), remaining,
-                                        rope, cache, last)
-        logits = self._last_logits(self._weights(), last)
-        jax.block_until_ready(logits)
-        c1, t_decode = CLOCK.seconds, time.perf_counter()  # decoding (its set-up included) starts here
-        self.last_timings = {"prefill_s": time.perf_counter() - t0 - (c1 - c0), "prefill_compile_s": c1 - c0,
-                             "prefill_chunks": n_chunks}
-
-        # Per-row constants.
-        seeds = np.zeros(b, np.uint32)
-        entropy = np.random.SeedSequence().generate_state(b)
-        for r, sp in enumerate(rows.params):
-            seeds[r] = (sp.seed + int(rows.sample_of[r])) % 2**32 if sp.seed is not None else entropy[r]
-        stops = [tuple(self.eos_token_ids) + tuple(sp.stop_token_ids) for sp in rows.params]
-        stop_ids = np.full((b, max(1, max(len(s) for s in stops))), -1, np.int32)
-        for r, s in enumerate(stops):
-            stop_ids[r, : len(s)] = s
-        prompt_mask = np.zeros((b, self.config.vocab_size), bool)
-        for r in range(b):
-            prompt_mask[r, tokens[r, : rows.prompt_lens[r]]] = True
-        max_tokens = np.array([sp.max_tokens for sp in rows.params], np.int32)
-        arrays = jax.tree.map(lambda x: self._put(np.asarray(x)), batch_params(rows.params))
-        consts = (arrays, self._put(seeds), self._put(max_tokens), self._put(stop_ids),
-                  self._put(prompt_mask), rope)
-        done0 = rows.prompt_of < 0
-        state = {"cache": cache, "logits": logits, "out": self._put(np.zeros((b, max_new), np.int32)),
-                 "logp": self._put(np.zeros((b, max_new), np.float32)),
-                 "count": self._put(np.zeros(b, np.int32)), "done": self._put(done0),
-                 "finish": self._put(np.where(done0, _LENGTH, _RUNNING).astype(np.int32)),
-                 "counts": self._put(np.zeros((b, self.config.vocab_size), np.int32))}
-
-        # Decode in chunks; stream what each chunk produced; apply stop strings on the host.
-        emitted = np.zeros(b, np.int64)
-        finished = done0.copy()
-        stop_reason: dict[int, Any] = {}
-        steps = 1  # the first call stops after one token, so it streams at once; then `chunk` per call
-        while not finished.all():
-            state = self._decode(self._weights(), state, consts, steps=np.int32(steps))
-            steps = self.chunk
-            out, count, done, finish = (np.array(_to_host(state[k])) for k in ("out", "count", "done", "finish"))
-            events, host_stopped = [], []
-            for r in range(b):
-                if finished[r]:
-                    continue
-                new = out[r, emitted[r]:count[r]].tolist()
-                reason = FINISH_REASONS.get(int(finish[r])) if done[r] else None
-                if done[r] and finish[r] == _STOP and new and new[-1] in stop_ids[r]:
-                    stop_reason[r] = new[-1]
-                stop_strs = rows.params[r].stop
-                if stop_strs and self.tokenizer is not None and new:
-                    cut = self._find_stop(out[r, : count[r]].tolist(), int(emitted[r]), stop_strs)
-                    if cut is not None:
-                        n_keep, which = cut
-                        new = out[r, emitted[r]:n_keep].tolist()
-                        count[r] = n_keep
-                        reason, stop_reason[r] = "stop", which
-                        host_stopped.append(r)
-                emitted[r] += len(new)
-                if reason is not None:
-                    finished[r] = True
-                if rows.prompt_of[r] >= 0 and (new or reason):
-                    events.append(StreamEvent(int(rows.prompt_of[r]), int(rows.sample_of[r]), new,
-                                              reason is not None, reason))
-            if host_stopped:
-                mask = np.zeros(b, bool)
-                mask[host_stopped] = True
-                state["done"] = state["done"] | self._put(mask)
-                state["count"] = self._put(count.astype(np.int32))
-            if events:
-                yield events
-        out = _to_host(state["out"])
-        logp = _to_host(state["logp"])
-        finish = _to_host(state["finish"])
-        c2 = CLOCK.seconds
-        decode_s = time.perf_counter() - t_decode - (c2 - c1)
-        self.last_timings.update(decode_s=decode_s, decode_compile_s=c2 - c1, compile_s=c2 - c0,
-                                 compiled=list(watch.compiled), decode_tokens=int(emitted.sum()),
-                                 decode_tokens_per_s=float(emitted[: b_real].sum() / max(decode_s, 1e-9)))
-
-        completions: list[list[Completion]] = [[None] * sp.n for sp in plist]  # type: ignore[list-item]
-        for r in range(b_real):
-            i, j = int(rows.prompt_of[r]), int(rows.sample_of[r])
-            ids = out[r, : emitted[r]].tolist()
-            reason = "stop" if r in stop_reason else FINISH_REASONS.get(int(finish[r]), "length")
-            text = None
-            if self.tokenizer is not None:
-                text = self.tokenizer.decode([t for t in ids if t not in self.eos_token_ids],
-                                             skip_special_tokens=True)
-                stop = stop_reason.get(r)
-                if isinstance(stop, str) and stop in text:
-                    text = text[: text.index(stop)]
-            completions[i][j] = Completion(ids, reason, len(prompts[i]), text, stop_reason.get(r),
-                                           logp[r, : emitted[r]].tolist())
+    def _stream(self, prompts, plist, watch: _CompileWatch) -> Iterator[list[StreamEvent]]:
+        before = dict(self._counters)
+        c0, t0 = CLOCK.seconds, time.perf_counter()
+        ids = [self.add_request(p, sp, _tag=i) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        mine = set(ids)
+        completions: list[list[Completion | None]] = [[None] * sp.n for sp in plist]
+        first_token = None
+        try:
+            while any(c is None for row in completions for c in row):
+                ours = []
+                for event in self.step():
+                    if event.request_id not in mine:
+                        self._undelivered.append(event)
+                        continue
+                    ours.append(event)
+                    if event.completion is not None:
+                        completions[event.prompt_index][event.sample_index] = event.completion
+                if ours:
+                    if first_token is None and any(e.token_ids for e in ours):
+                        first_token = time.perf_counter() - t0
+                    yield ours
+        finally:
+            for rid in ids:  # a caller that stops early leaves nothing running
+                if rid in self.scheduler.requests:
+                    self.abort(rid)
+                    self._undelivered = [e for e in self._undelivered if e.request_id != rid]
+        spent = {k: self._counters[k] - before[k] for k in before}
+        compile_s = CLOCK.seconds - c0
+        compiled = list(watch.compiled)
         self.last_completions = completions
+        self.last_timings = {
+            "prefill_s": spent["prefill_s"], "decode_s": spent["decode_s"], "compile_s": compile_s,
+            "prefill_compile_s": compile_s - sum(c["seconds"] for c in compiled if c["program"] == "decode"),
+            "decode_compile_s": sum(c["seconds"] for c in compiled if c["program"] == "decode"),
+            "compiled": compiled, "first_token_s": first_token, "prefill_chunks": spent["prefill_chunks"],
+            "decode_tokens": spent["generated_tokens"],
+            "decode_tokens_per_s": spent["generated_tokens"] / max(spent["decode_s"], 1e-9)}
+
+    # ---- ahead-of-time lowering --------------------------------------------------------------
+    def _spec(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        """An abstract argument, placed as `_put` would place it."""
+        sharding = None
+        if self.mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            sharding = NamedSharding(self.mesh, PartitionSpec())
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+
+    def _abstract_pool(self, sequences: int, max_len: int) -> tuple[PagePool, int]:
+        """A pool for `sequences` sequences of `max_len` tokens, abstract, and its page-table width."""
+        if sequences < 1 or max_len < 1:
+            raise ValueError(f"need positive sequences and max_len, got {sequences}, {max_len}")
+        width = -(-max_len // self.page_size)
+        pool = PagePool.abstract(self.config, sequences * width, self.page_size, self.cache_dtype,
+                                 int8=self.kv_int8, per_layer=self.layer_loop == "split", mesh=self.mesh,
+                                 rules=self.rules)
+        return pool, width
+
+    def _rope_spec(self, b: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        return self._spec((b, 1, self.config.head_dim // 2), jnp.float32), self._spec((b, 1, 1), jnp.float32)
+
+    def lower_prefill(self, batch: int, tokens: int, max_len: int) -> jax.stages.Lowered:
+        """One prefill call (a `tokens`-token chunk of one sequence) with a page pool sized for
+        `batch` sequences of `max_len` tokens, lowered with abstract arguments: `.compile()` it for
+        the mesh's devices (compile-only ones from `jax.experimental.topologies` included) to read
+        its memory and cost analyses or its optimised HLO without running it. Works on an
+        abstract model (`abstract_model` with sharded `jax.ShapeDtypeStruct` leaves)."""
+        pool, width = self._abstract_pool(batch, max_len)
+        i32 = jnp.int32
+        return self.programs.prefill.lower(self._weights(), pool, self._spec((1, tokens), i32), self._spec((1,), i32),
+                                           self._spec((1,), i32), self._spec((1, width), i32), self._rope_spec(1))
+
+    def lower_decode(self, batch: int, max_len: int) -> jax.stages.Lowered:
+        """The decode program (up to `chunk` steps per call) for `batch` slots over a page pool
+        sized for `batch` sequences of `max_len` tokens, lowered with abstract arguments (see
+        `lower_prefill`)."""
+        pool, width = self._abstract_pool(batch, max_len)
+        b, v, i32 = batch, self.config.vocab_size, jnp.int32
+        arrays = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), batch_params([SamplingParams()] * b))
+        slots = SlotInputs(self._spec((b,), bool), self._spec((b,), i32), self._spec((b,), jnp.uint32),
+                           self._spec((b, self._stop_width()), i32), arrays, self._rope_spec(b), self._spec((b, width), i32))
+        state = SlotState(self._spec((b, v), jnp.float32), self._spec((b, v), i32), self._spec((b, v), bool),
+                          self._spec((b,), i32), self._spec((b,), i32))
+        return self.programs.decode.lower(self._weights(), pool, state, slots, np.int32(self.chunk))
 
     def _find_stop(self, ids: list[int], emitted: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
         """(tokens to keep, stop string) when a stop string appears in the text of `ids`."""

@@ -17,6 +17,7 @@ config.py (QwenConfig), sharding/ (meshes, rules), convert/ (HF name map, conver
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -25,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwq_jax import paged_attention as paged
 from qwq_jax import rope as rope_lib
 from qwq_jax.attention import Mask, attention, get_backend
-from qwq_jax.cache import KVCache
 from qwq_jax.config import QwenConfig
 
 _normal = nnx.initializers.normal(0.02)  # HF initializer_range
@@ -149,23 +150,34 @@ def split_layers(stacked: Any, donate: bool = False) -> list[Any]:
     return [jax.tree.unflatten(treedef, [col[i] for col in columns]) for i in range(n)]
 
 
-def write_rows(cache: jnp.ndarray, layer: jnp.ndarray | None, new: jnp.ndarray, index: jnp.ndarray,
-               values: bool = False) -> jnp.ndarray:
-    """Write `new [B, T, K, D]` into layer `layer` of the keys `cache [L, B, K, S, D]` (`values`: of
-    the values `[L, B, K, D, S]`; `layer=None`: one layer's own array, without `L`), row b from
-    slot `index[b]` on.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Pages:
+    """A model call's view of the paged KV cache (`qwq_jax.paged_attention`): this call's tokens
+    `[B, T]` are written at flat slots `slots [B, T]` (-1: padding, not written) of `pool`, then
+    attend to their rows' pages `page_tables [B, max_pages]` up to `lengths [B]` keys (causally, by
+    position)."""
 
-    One scatter into the whole (carried, donated) cache: the layer's slice is never copied out and
-    back, and slots past S are dropped rather than shifting the write.
-    """
-    b, t = new.shape[:2]
-    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
-    slots = index[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
-    # Advanced indices (layer, rows | slots) apart: the indexed window is [B, T] + [K, D], as `new`.
-    where = ((rows, slice(None), slice(None), slots) if values else (rows, slice(None), slots))
-    if layer is not None:
-        where = (layer,) + where
-    return cache.at[where].set(new.astype(cache.dtype), mode="drop")
+    pool: Any                 # paged_attention.PagePool (all layers)
+    page_tables: jax.Array
+    slots: jax.Array
+    lengths: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerPages:
+    """What one layer's attention gets: the pool (stacked, with `layer` its index; or this layer's
+    own, `layer=None`), and the call's tables, slots, lengths and query positions."""
+
+    pool: Any
+    layer: Any
+    pages: Pages
+    positions: jax.Array
+
+
+def _paged_backend(backend: str) -> str:
+    """The paged attention backend for a model's attention backend: the reference unless "auto"."""
+    return "auto" if backend == "auto" else "xla"
 
 
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -211,26 +223,20 @@ class Attention(nnx.Module):
         k = rope_lib.apply_rope(proj("k_proj", self.k_bias), cos, sin)
         return q, k, proj("v_proj", self.v_bias)
 
-    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray,
-                 kv: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray] | None = None):
-        """Attention over this call's tokens, or, with `kv = (k_cache, v_cache, layer, write_index)`,
-        over layer `layer` of the whole cache (keys `[L, B, K, S, D]`, values `[L, B, K, D, S]`;
-        `layer=None`: this layer's own cache arrays, without `L`), into which this call's keys/values
-        are first written at per-row slots `write_index [B]`. Returns the output and the updated
-        `(k_cache, v_cache)` (or None)."""
+    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: Any,
+                 kv: "_LayerPages | None" = None):
+        """Attention over this call's tokens (`mask`), or, with `kv`, over the paged KV cache: this
+        call's keys/values are first written into its pages. Returns the output and the updated
+        page pool (or None)."""
         q, k, v = self.qkv(x, cos, sin)
-        new_kv = None
-        if kv is not None:
-            k_cache, v_cache, layer, index = kv
-            k_cache, v_cache = write_rows(k_cache, layer, k, index), write_rows(v_cache, layer, v, index, values=True)
-            new_kv = (k_cache, v_cache)
-            if layer is None:
-                k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
-            else:
-                k = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(self.dtype)
-                v = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(self.dtype)
-        out = attention(q, k, v, mask, backend=self.backend, cache_layout=kv is not None)  # [B, T, H, D]
-        return matmul("bthk,hkd->btd", out, self, "o_proj", self.dtype), new_kv
+        if kv is None:
+            out = attention(q, k, v, mask, backend=self.backend)  # [B, T, H, D]
+            return matmul("bthk,hkd->btd", out, self, "o_proj", self.dtype), None
+        p = kv.pages
+        pool = paged.write_pages(kv.pool, kv.layer, k, v, p.slots)
+        out = paged.paged_attention(q, pool, kv.layer, p.page_tables, kv.positions, p.lengths,
+                                    backend=_paged_backend(self.backend))
+        return matmul("bthk,hkd->btd", out, self, "o_proj", self.dtype), pool
 
 
 class MLP(nnx.Module):
@@ -316,76 +322,67 @@ class Qwen2(nnx.Module):
         return (logits, hidden) if return_hidden else logits
 
     def hidden_states(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
-                      segment_ids: jnp.ndarray | None = None, *, cache: KVCache | None = None,
+                      segment_ids: jnp.ndarray | None = None, *, pages: Pages | None = None,
                       rope: tuple[Any, Any] | None = None, return_hidden: bool = False,
-                      unroll_layers: bool = False, layers: Sequence[Any] | None = None):
-        """The decoder stack before the final norm: `(x [B, T, E], updated cache or None, hidden or None)`.
+                      layers: Sequence[Any] | None = None):
+        """The decoder stack before the final norm: `(x [B, T, E], pages or None, hidden or None)`.
 
-        With a `cache`, this call's tokens are written at each row's `cache.lengths` (positions
-        default to those slots) and attend to everything already cached in their row.
-        `unroll_layers`: straight-line code, one copy of the layer per depth, instead of a loop; each
-        layer's weights are then a static slice of the stacked arrays rather than a dynamic slice
-        taken inside a loop (same numbers; compile time grows with depth).
+        Without `pages`, attention over this call's tokens (`segment_ids` as in `__call__`). With
+        `pages` (the paged KV cache, `positions` required), this call's keys/values are written into
+        the pool first and its tokens attend to their rows' pages; `pages` comes back with the
+        updated pool.
         `layers`: the decoder layers' parameters as one tree per layer (`split_layers`), run as
-        straight-line code in place of `self.layers`' values (whose graph they share).
+        straight-line code in place of `self.layers`' values (whose graph they share). A per-layer
+        pool (`PagePool.init(per_layer=True)`) needs them.
         """
         b, t = tokens.shape
+        if pages is not None and positions is None:
+            raise ValueError("a call on the paged KV cache needs its tokens' positions")
         segmented = segment_ids is not None
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         if positions is None:
-            start = cache.lengths[:, None] if cache is not None else 0
-            positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         inv_freq, attention_factor = rope if rope is not None else rope_lib.inv_frequencies(self.config)
         cos, sin = rope_lib.rope_tables(positions, inv_freq, attention_factor)  # [B, T, D]
-        if cache is None:
-            mask = Mask.causal(segment_ids, positions, segmented=segmented)  # keys: these T tokens
-        else:
-            new_lengths = cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
-            mask = Mask.against_cache(segment_ids, positions, *cache.slot_segments(new_lengths))  # keys: S slots
-
+        mask = Mask.causal(segment_ids, positions, segmented=segmented) if pages is None else None
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)  # [B, T, E]
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(carry, xs):
-            x, k_all, v_all = carry
-            layer_params, i = xs
+        def run(x, pool, layer_params, index):
             layer = nnx.merge(graphdef, layer_params)
-            if cache is None:
-                x, _ = layer(x, cos, sin, mask)
-            else:
-                x, (k_all, v_all) = layer(x, cos, sin, mask, (k_all, v_all, i, cache.lengths))
-            return (x, k_all, v_all), (x if return_hidden else None)
+            return layer(x, cos, sin, mask, None if pages is None else _LayerPages(pool, index, pages, positions))
 
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
-        per_layer = cache is not None and cache.per_layer
-        if per_layer and layers is None:
-            raise ValueError("a per-layer KV cache (KVCache.init(per_layer=True)) needs per-layer weights: "
-                             "pass layers=split_layers(...)")
+            run = jax.checkpoint(run, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        pool = None if pages is None else pages.pool
+        per_layer = pool is not None and pool.per_layer
         if layers is not None:
             if len(layers) != self.config.num_layers:
                 raise ValueError(f"layers has {len(layers)} entries for a {self.config.num_layers}-layer model")
-            outs, ks, vs = [], [], []
+            outs, new = [], []
             for i, layer_params in enumerate(layers):
-                if per_layer:  # this layer's own cache buffers: no slice of a stack to copy
-                    (x, k_i, v_i), h = body((x, cache.k[i], cache.v[i]), (layer_params, None))
-                    ks.append(k_i)
-                    vs.append(v_i)
+                if per_layer:  # this layer's own pages: no slice of a stack to copy
+                    x, layer_pool = run(x, pool.layer(i), layer_params, None)
+                    new.append(layer_pool)
                 else:
-                    carry, h = body(carry, (layer_params, jnp.int32(i)))
-                outs.append(h)
+                    x, pool = run(x, pool, layer_params, jnp.int32(i))
+                outs.append(x)
             if per_layer:
-                carry = (x, tuple(ks), tuple(vs))
-            (x, k_all, v_all), hidden = carry, (jnp.stack(outs) if return_hidden else None)
+                pool = dataclasses.replace(pool, **{f.name: tuple(getattr(p, f.name) for p in new)
+                                                    for f in dataclasses.fields(pool) if getattr(pool, f.name) is not None})
+            hidden = jnp.stack(outs) if return_hidden else None
         else:
-            layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-            (x, k_all, v_all), hidden = jax.lax.scan(body, carry, (stacked, layer_ids),
-                                                     unroll=True if unroll_layers else 1)
-        if cache is not None:
-            cache = cache.replace(k=k_all, v=v_all, lengths=new_lengths)
-        return x, cache, hidden
+            if per_layer:
+                raise ValueError("a per-layer page pool needs per-layer weights: pass layers=split_layers(...)")
+
+            def body(carry, xs):
+                x, pool = run(*carry, *xs)
+                return (x, pool), (x if return_hidden else None)
+
+            (x, pool), hidden = jax.lax.scan(body, (x, pool),
+                                             (stacked, jnp.arange(self.config.num_layers, dtype=jnp.int32)))
+        return x, (None if pages is None else dataclasses.replace(pages, pool=pool)), hidden
 
     def logits(self, x: jnp.ndarray) -> jnp.ndarray:
         """Final norm and lm_head (the embedding when tied), float32 `[B, T, V]`."""

@@ -15,44 +15,55 @@ abstract model) -- TPU topologies with `libtpu` installed (`pip install "jax[tpu
 version), H100 / H200 machines with JAX's CUDA plugin (`pip install "jax[cuda12]"`; no GPU or
 driver needed; the targets are described in qwq_jax/gpu_targets).
 
-Notation (all per device): r rows of the batch, T tokens per call, S keys attended (the cache
-length, or T without a cache), L layers, E hidden, H / K query / KV heads of dim D, I MLP width,
-V vocabulary, t = mesh `tensor` size, c = bytes of the compute dtype (bfloat16: 2).
-Batch rows are split over `data` x `fsdp` (both rule sets), heads / KV heads / MLP / vocab over
-`tensor`; activations are assumed to follow (batch-sharded, head/MLP/vocab dims over `tensor`,
-hidden dim whole) -- XLA's sharding propagation decides the real layout.
+Notation (all per device): r rows of the batch, T tokens per call, S keys attended, L layers,
+E hidden, H / K query / KV heads of dim D, I MLP width, V vocabulary, t = mesh `tensor` size,
+c = bytes of the compute dtype (bfloat16: 2), b the engine's decode slots (generate: `batch`;
+train: `rollout_batch`), N = ceil(seq / page) x page the pool tokens one sequence takes (pages of
+`page` = 16 tokens, `qwq_jax.generate.PAGE_SIZE`), B = the reference paged attention's block of
+keys (BLOCK_TOKENS = 256 rounded down to whole pages: 256), C the engine's decode steps per call
+(16). Training splits its batch rows over `data` x `fsdp`; the generation engine does not: its
+page pool and every per-slot array are replicated over `data` and `fsdp` (every slot's decode
+runs on every batch shard) and only split over `tensor` by KV head. Heads / KV heads / MLP /
+vocab are split over `tensor`; activations are assumed to follow (heads / MLP / vocab dims over
+`tensor`, hidden dim whole) -- XLA's sharding propagation decides the real layout.
 
 Exact (from the declarations, no approximation):
   params       sum over parameters of prod(dim / mesh axes it maps to) x dtype bytes; a dimension
                the rules leave unmapped (norm scales, biases' head_dim, ...) counts whole. A mesh
                whose axes do not divide a mapped dimension is rejected, as `state_shardings` does.
-  kv_cache     2 (k, v) x L x r x S x K/t x D x c, r = ceil(batch / (data x fsdp)): the engine pads
-               the batch to a multiple of the batch shards, and `state_shardings` only accepts a
-               `tensor` that divides K, so KV heads are split, never duplicated.
+  kv_cache     the page pool the engine allocates for b sequences of `seq` tokens (num_pages = b x
+               ceil(seq / page)): 2 (k, v) x L x b x N x ceil(K/t) x D x c -- NOT divided by data x
+               fsdp (replicated there); KV heads are split over `tensor`, never duplicated
+               (`state_shardings` only accepts a `tensor` that divides K).
   optimizer    AdamW mu (`mu_dtype`) + nu (float32), laid out like the float32 master params.
 
 Counted from the code's arrays, with named approximations:
   W(r,T,S)     one decoder layer's intermediates, summed (an upper bound on its live set):
                x, two norms, residual, o_proj and down_proj outputs 6 r T E c; q r T H/t D c;
-               k, v 2 r T K/t D c; attention output r T H/t D 4 (float32 einsum);
-               scores + probabilities 2 r H/t T S 4 (the `xla` backend materialises both in
-               float32 -- XLA's CPU compiler kept a third, layout copy in our check; `flash`
-               assumes a blockwise kernel and counts 0); gate, up, silu*up
-               3 r T I/t c. Per call also the mask r T S (bool) and rope tables 2 r T D 4.
-  generate     params (param_dtype, generate rules) + kv_cache + activations of one prefill call
-               of `prefill_chunk` tokens (`Engine` prefills a prompt in calls of `prefill_chunk`
-               tokens, default 2048, so this is min(that, the longest prompt)) into the S-slot
-               cache: W(r, chunk, S') + mask + rope + one layer's cache slices 2 r S K/t D c, where
-               S' = S when the call's dense float32 scores B H chunk S 4 fit in 1 GiB
-               (`qwq_jax.attention.DENSE_SCORES_LIMIT`) and one key block (1024 for S a multiple
-               of 1024) otherwise, since attention against the cache then runs blockwise; logits:
-               the sampling state, logits and token counts r V 8 (V not split) + outputs r S 8.
+               k, v 2 r T K/t D c; attention output r T H/t D 4 (float32); scores +
+               probabilities 2 r H/t T S 4 (the `xla` backend materialises both in float32 --
+               XLA's CPU compiler kept a third, layout copy in our check; `flash` assumes a
+               blockwise kernel and counts 0; the engine's paged attention is always the blockwise
+               reference, S = B, whatever `attention` says); gate, up, silu*up 3 r T I/t c. Per
+               call also the mask r T S (bool) and rope tables 2 r T D 4.
+  generate     params (param_dtype, generate rules) + kv_cache + activations + logits, where
+               activations = max(prefill call, decode step):
+                 prefill call: ONE sequence's chunk of T = `prefill_chunk` tokens (`Engine`
+                 prefills a prompt in calls of `prefill_chunk` tokens, default 2048, so this is
+                 min(that, seq)): W(1, T, B) + mask + rope + one block of gathered pages
+                 2 B ceil(K/t) D c (the reference attention loops over blocks of B keys);
+                 decode step: all b slots, one token each: W(b, 1, B) + mask + rope + the
+                 gathered blocks 2 b B ceil(K/t) D c;
+               logits: the decode slots' carried state, b V (4 logits float32 + 4 token counts
+               int32 + 1 prompt mask bool) = 9 b V (V not split, replicated), + the decode call's
+               outputs (tokens int32, log-probs float32) 8 b C.
   train        (GRPO, `qwq_jax.rl.grpo.GRPOTrainer`) three phases, each on top of the persistent
                float32 master params and AdamW state (train rules), the frozen reference (compute
                dtype, train rules; `reference=False` for losses without KL) and the rollout
                engine's copy of the weights (`param_dtype`, generate rules: replicated over
                data and fsdp, one array per layer; none with `rollout_weights="master"`):
-    rollout    the generate count for `rollout_batch` rows of `rollout_len` tokens (+ layer_weights
+    rollout    the generate count for b = `rollout_batch` decode slots of `rollout_len` tokens (the
+               same engine: pool and slot state replicated over data x fsdp; + layer_weights
                below when decoding from the master weights).
     logprobs   `_prepare`: forward per micro-batch (as the update), m = batch/(micro_batches x
                shards): W(m,T,T) + mask + rope; logits and log_softmax 2 m T V/t 4, + the
@@ -92,10 +103,10 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 
-from qwq_jax.attention import DENSE_SCORES_LIMIT, _kv_block
 from qwq_jax.config import PRESETS, QwenConfig
-from qwq_jax.generate import LAYER_LOOPS, PREFILL_CHUNK, Engine
+from qwq_jax.generate import LAYER_LOOPS, PAGE_SIZE, PREFILL_CHUNK, Engine
 from qwq_jax.model import DTYPES, QUANT_MODES, REMAT_POLICIES, abstract_model
+from qwq_jax.paged_attention import pages_per_block
 from qwq_jax.rl.grpo import COMPUTE_COPIES, ROLLOUT_WEIGHTS, GRPOConfig, GRPOTrainer
 from qwq_jax.train import ModelConfig
 from sharding.mesh import MESH_AXES, make_mesh, mesh_spec, parse_mesh_spec
@@ -109,6 +120,7 @@ DTYPE_BYTES = {name: jnp.dtype(t).itemsize for name, t in DTYPES.items()}
 # Weight-only quantization (qwq_jax.quant): bytes per matmul weight element.
 QUANT_BYTES = {mode: jnp.dtype(mode).itemsize for mode in QUANT_MODES}
 LAYER_LOOP = Engine.__init__.__kwdefaults__["layer_loop"]  # the engine's default
+DECODE_CHUNK = Engine.__init__.__kwdefaults__["chunk"]  # decode steps per call, the engine's default
 # What each remat policy saves per layer for the backward pass (names of W's terms; see docstring).
 _DOTS = ("x", "q", "k", "v", "scores", "attn_out", "o_out", "gate", "up", "down")
 _PROJECTIONS = ("x", "q", "k", "v", "o_out", "gate", "up", "down")
@@ -272,24 +284,33 @@ def _per_call(cfg: Any, rows: int, t: int, s: int) -> int:
     return rows * t * s + 2 * rows * t * cfg.head_dim * 4
 
 
-def prefill_key_width(cfg: Any, global_rows: int, chunk: int, seq: int) -> int:
-    """Keys one prefill call's scores span: S when the dense float32 scores of the whole call fit in
-    `DENSE_SCORES_LIMIT`, else one key block (the xla backend then runs blockwise, as "auto" does)."""
-    if chunk == 1 or global_rows * cfg.num_heads * chunk * seq * 4 <= DENSE_SCORES_LIMIT:
-        return seq
-    return _kv_block(seq, None)[0]
+def prefill_key_width(cfg: Any = None, global_rows: int = 1, chunk: int = 1, seq: int = 1,
+                      page_size: int = PAGE_SIZE) -> int:
+    """Keys the engine's attention scores span per call: one block of the reference paged attention,
+    `pages_per_block(page_size)` pages (BLOCK_TOKENS = 256 tokens for 16-token pages), whatever the
+    rows, the chunk or the sequence (the loop gathers a fixed block of pages per iteration; the
+    other arguments are kept for the old signature and ignored)."""
+    return pages_per_block(page_size) * page_size
 
 
-def _generation(cfg: Any, rows: int, seq: int, chunk: int, tensor: int, c: int, attention: str,
-                shards: int) -> dict[str, int]:
-    """KV cache, prefill activations and sampling state of the engine for `rows` rows per device."""
+def pool_tokens(seq: int, page_size: int = PAGE_SIZE) -> int:
+    """Pool tokens one sequence of `seq` tokens takes: whole pages."""
+    return -(-seq // page_size) * page_size
+
+
+def _generation(cfg: Any, slots: int, seq: int, chunk: int, tensor: int, c: int) -> dict[str, int]:
+    """The engine's page pool, activations (max of a prefill call and a decode step) and slot state
+    per device for `slots` decode slots of `seq` tokens (all replicated over data x fsdp)."""
     kv = -(-cfg.num_kv_heads // tensor)
-    cache = 2 * cfg.num_layers * rows * seq * kv * cfg.head_dim * c
-    width = prefill_key_width(cfg, rows * shards, chunk, seq)
-    w = sum(layer_terms(cfg, rows, chunk, width, tensor, c, attention).values())
-    slices = 2 * rows * seq * kv * cfg.head_dim * c
-    return {"kv_cache": cache, "activations": w + _per_call(cfg, rows, chunk, width) + slices,
-            "logits": rows * cfg.vocab_size * 8 + rows * seq * 8}
+    cache = 2 * cfg.num_layers * slots * pool_tokens(seq) * kv * cfg.head_dim * c
+    block = prefill_key_width()
+
+    def call(rows: int, t: int) -> int:  # the paged engine always runs the blockwise reference: "xla"
+        w = sum(layer_terms(cfg, rows, t, block, tensor, c, "xla").values())
+        return w + _per_call(cfg, rows, t, block) + 2 * rows * block * kv * cfg.head_dim * c
+
+    return {"kv_cache": cache, "activations": max(call(1, chunk), call(slots, 1)),
+            "logits": 9 * slots * cfg.vocab_size + 8 * slots * DECODE_CHUNK}
 
 
 # ---- the plan -----------------------------------------------------------------------------------------
@@ -396,26 +417,23 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
     if not 1 <= chunk <= (seq if task == "generate" else rollout_len):
         raise ValueError(f"prefill_chunk={chunk} must be between 1 and the sequence length")
     c, tensor = _itemsize(compute_dtype), sizes["tensor"]
-    shards = sizes["data"] * sizes["fsdp"]  # both rule sets split `batch` over data x fsdp
+    shards = sizes["data"] * sizes["fsdp"]  # training splits `batch` over data x fsdp (the engine does not)
     L, v = cfg.num_layers, -(-cfg.vocab_size // tensor)
     notes = []
     settings: dict[str, Any] = {"param_dtype": param_dtype, "compute_dtype": compute_dtype, "attention": attention}
 
     if task == "generate":
-        rows = -(-batch // shards)
         if layer_loop not in LAYER_LOOPS:
             raise ValueError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, got {layer_loop!r}")
-        settings.update(prefill_chunk=chunk, rows_per_device=rows, quantize=quantize, layer_loop=layer_loop)
-        if batch % shards:
-            notes.append(f"batch {batch} is padded to {rows * shards} rows (a multiple of data x fsdp = {shards})")
+        # Every decode slot runs on every device: the pool and the slot state are replicated over data x fsdp.
+        settings.update(prefill_chunk=chunk, rows_per_device=batch, quantize=quantize, layer_loop=layer_loop)
         phases = {"generate": dict(params=param_bytes(cfg, "generate", sizes, param_dtype, quantize),
-                                   **_generation(cfg, rows, seq, chunk, tensor, c, attention, shards))}
+                                   **_generation(cfg, batch, seq, chunk, tensor, c))}
     else:
         if batch % micro_batches or (batch // micro_batches) % shards:
             raise ValueError(f"a micro-batch of {batch}/{micro_batches} rows does not split over the {shards} batch "
                              f"shards (data x fsdp) of mesh {mesh_spec(sizes)}")
         rows, mb = batch // shards, batch // micro_batches // shards
-        rollout_rows = -(-rollout_batch // shards)
         if rollout_weights not in ROLLOUT_WEIGHTS:
             raise ValueError(f"rollout_weights must be one of {', '.join(ROLLOUT_WEIGHTS)}, got {rollout_weights!r}")
         if compute_copy not in COMPUTE_COPIES:
@@ -441,7 +459,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
         full = layer_terms(cfg, mb, seq, seq, tensor, c, attention)
         saves = REMAT_SAVES[remat]
         saved = sum(full.values()) if saves is None else sum(full[k] for k in saves)
-        rollout = _generation(cfg, rollout_rows, rollout_len, chunk, tensor, c, attention, shards)
+        rollout = _generation(cfg, rollout_batch, rollout_len, chunk, tensor, c)  # slots replicated
         phases = {
             # Decoding from the master weights casts (and gathers) each layer's weights as it goes.
             "rollout": dict(persistent, **rollout, layer_weights=weights if rollout_weights == "master" else 0),
@@ -495,8 +513,10 @@ def _add_notes(p: Plan, cfg: Any, topo: Topology) -> None:
                        "(YaRN configs such as the qwq-32b-yarn preset reach 131072; the memory is the same)")
     acts, phase, s = p.categories["activations"], p.peak_phase, p.settings
     if phase in ("generate", "rollout") and acts > p.total / 3:
-        p.notes.append(f"activations dominate the {phase} phase (one prefill call of {s['prefill_chunk']} tokens): "
-                       "a smaller --prefill-chunk (Engine(prefill_chunk=...)) shrinks them")
+        slots = s.get("rollout_batch", p.batch)
+        p.notes.append(f"activations dominate the {phase} phase (a prefill call of {s['prefill_chunk']} tokens of one "
+                       f"sequence, or a decode step of {_count(slots, 'slot')}): a smaller --prefill-chunk "
+                       "(Engine(prefill_chunk=...)) shrinks the former")
     elif s["attention"] == "xla" and acts > p.total / 3:
         why = {"logprobs": "the log-prob pass, GRPOTrainer._prepare; more --micro-batches shrink it",
                "update": f"the gradient pass with remat {s.get('remat')}; more --micro-batches shrink it"}[phase]
@@ -582,28 +602,28 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
     and peak = argument + output - alias + temp. Nothing runs and no weights exist.
 
     generate: the engine's (`qwq_jax.generate.Engine` on an abstract model, `layer_loop`) "prefill"
-    (`lower_prefill`: one call of `prefill_chunk` tokens, default the engine's, into a `seq`-slot
-    cache) and "decode" (`lower_decode`: its decode loop over that cache), `batch` rows padded to
-    the mesh's batch shards.
+    (`lower_prefill`: one call of one sequence's `prefill_chunk` tokens, default the engine's, into a
+    page pool sized for `batch` sequences of `seq` tokens) and "decode" (`lower_decode`: one call of
+    its `batch` decode slots over that pool); no padding of the batch (the pool and the slots are
+    replicated over the mesh's batch axes).
     train: the trainer's "update" (`GRPOTrainer.lower_update` on an abstract model: `batch` rows of
     a one-token prompt and `seq - 1` completion tokens, so logits span the row, as the analytic
-    count assumes) and its rollout engine's "prefill" and "decode" (`rollout_batch` rows, a
-    `rollout_len`-slot cache) on the weights the rollouts use (`rollout_weights`).
+    count assumes) and its rollout engine's "prefill" and "decode" (`rollout_batch` decode slots, a
+    pool for that many sequences of `rollout_len` tokens) on the weights the rollouts use (`rollout_weights`).
     attention: "flash" compiles the model's "auto" backend chosen for the mesh's devices (on a GPU:
     cuDNN flash attention, blockwise against the cache); TPU meshes compile the xla path (splash
     needs a mesh context under which it runs per shard, not tried offline here); "xla" the reference.
     """
     from qwq_jax.attention import compile_for
-    from sharding.rules import batch_shards
 
     device = mesh.devices.flat[0]
     backend = "auto" if attention == "flash" and device.platform != "tpu" else "xla"
     model_kw = dict(dtype=compute_dtype, attention_backend=backend)
 
     def engine_programs(model: Any, rows: int, length: int, loop: str) -> dict[str, Any]:
-        rows = -(-rows // batch_shards(mesh, "generate")) * batch_shards(mesh, "generate")
         chunk = min(prefill_chunk or PREFILL_CHUNK, length)
-        engine = Engine(model, mesh=mesh, rules="generate", layer_loop=loop, prefill_chunk=chunk)
+        engine = Engine(model, mesh=mesh, rules="generate", layer_loop=loop, prefill_chunk=chunk,
+                        max_num_seqs=rows)
         return {"prefill": lambda: engine.lower_prefill(rows, chunk, length),
                 "decode": lambda: engine.lower_decode(rows, length)}
 
@@ -663,22 +683,18 @@ def _gpu_mesh(topo: Topology, sizes: dict[str, int]):
 def _aot_extra(p: Plan, cfg: Any, program: str) -> int:
     """Bytes a compiled program does not hold as arguments or temporaries but its phase does (analytic)."""
     s = p.settings
-    # The prefill never reads the output head (final norm, untied lm_head): jit leaves them out of
-    # its arguments, but the engine holds them.
-    unused = 0
-    if program == "prefill":
-        master = s.get("rollout_weights") == "master"
-        head = param_elements(cfg, "train" if master else "generate", p.mesh)
-        unused = sum(n for path, n in head.items() if path == "final_norm.scale"
-                     or (path == "lm_head" and not cfg.tie_word_embeddings))
-        unused *= _itemsize("float32" if master else s["param_dtype"])
+    # The decode slots' carried state (logits float32, token counts int32, prompt mask bool [b, V],
+    # replicated) stays on the device while a prefill runs; the prefill itself reads every weight,
+    # the output head included (it returns its last token's logits).
+    slots = s.get("rollout_batch", p.batch)
+    state = 9 * slots * cfg.vocab_size if program == "prefill" else 0
     if p.task == "generate":
-        return unused  # prefill and decode take the weights and the cache; the sampling state is decode's
+        return state  # prefill and decode take the weights and the pool; the slot state is decode's
     upd = p.phases["update"]
     if program == "update":  # the reference and the rollout engine's copy outlive the update
         return upd["reference"] + upd["engine_params"]
     # Rollouts: the float32 masters, AdamW state and reference stay put ("master": the engine's weights).
-    return unused + upd["optimizer"] + upd["reference"] + (upd["params"] if s["rollout_weights"] != "master" else 0)
+    return state + upd["optimizer"] + upd["reference"] + (upd["params"] if s["rollout_weights"] != "master" else 0)
 
 
 def _try_aot(p: Plan, cfg: Any, topo: Topology, aot: bool | None) -> None:
@@ -735,9 +751,9 @@ _DESCRIBE = {
     "engine_params": "rollout engine's weights ({}), generate rules",
     "compute_copy": "the update's {} copy of the weights but the embedding (compute_copy={})",
     "layer_weights": "current layers' gathered weights + lm_head",
-    "kv_cache": "KV cache ({} tokens, {}/device)",
+    "kv_cache": "KV page pool ({} tokens x {}, every device)",
     "activations": "layer intermediates (remat {})",
-    "logits": "logits / sampling state (float32)",
+    "logits": "logits / decode slot state",
 }
 
 
@@ -757,10 +773,9 @@ def _describe(p: Plan, cat: str) -> str:
         return _DESCRIBE[cat].format(s["compute_dtype"], s["compute_copy"])
     if cat == "kv_cache":
         length = s.get("rollout_len", p.seq)
-        rows = -(-s.get("rollout_batch", p.batch) // (p.mesh["data"] * p.mesh["fsdp"]))
-        return _DESCRIBE[cat].format(length, _count(rows, "row"))
+        return _DESCRIBE[cat].format(length, _count(s.get("rollout_batch", p.batch), "sequence"))
     if cat == "activations":
-        return (f"one prefill call of {s['prefill_chunk']} tokens ({s['attention']} attention)"
+        return (f"a prefill call of {s['prefill_chunk']} tokens or a decode step (paged attention)"
                 if p.task == "generate" else _DESCRIBE[cat].format(s["remat"]))
     return _DESCRIBE[cat]
 
@@ -777,7 +792,7 @@ def format_plan(p: Plan, best: Plan | None = None) -> str:
     train = f"remat {s['remat']} | micro-batches {s['micro_batches']} | " if p.task == "train" else ""
     lines = [f"{p.preset} {p.task} on {p.topology}: {_count(p.devices, 'device')} x {p.hbm_bytes / GIB:.1f} GiB "
              f"HBM, {usable:.1f} GiB usable ({p.headroom:.0%} held back as headroom)",
-             f"mesh {p.mesh_spec} | seq {p.seq} | batch {p.batch} ({_count(s['rows_per_device'], 'row')}/device) | "
+             f"mesh {p.mesh_spec} | seq {p.seq} | batch {p.batch} ({_count(s['rows_per_device'], 'slot' if p.task == 'generate' else 'row')}/device) | "
              f"{train}method {p.method}", ""]
     names = list(p.phases)
     lines.append(f"{'GiB per device':16s}" + "".join(f"{n:>10s}" for n in names))

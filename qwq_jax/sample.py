@@ -32,6 +32,7 @@ DEMO_NAME = "qwen2.5-coder-0.5b-instruct-q4km-f32"
 def build_parser() -> argparse.ArgumentParser:
     from qwq_jax.attention import BACKENDS
     from qwq_jax.cli import OneLineParser
+    from qwq_jax.generate import LAYER_LOOPS
     from qwq_jax.model import QUANT_MODES
     from sharding import add_distributed_args
 
@@ -69,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YaRN: auto = only for requests longer than the original context")
     m.add_argument("--prefill-chunk", type=_positive_int, default=2048,
                    help="prompt tokens per prefill call (long prompts go in several; memory grows with this)")
-    m.add_argument("--layer-loop", choices=("scan", "unrolled", "split"), default="split",
+    m.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                   help="KV cache pages: auto = the model's dtype; int8 = int8 with a scale per token and KV head "
+                        "(half the bytes of bf16: longer or more sequences in the same memory)")
+    m.add_argument("--layer-loop", choices=LAYER_LOOPS, default="split",
                    help="how the decoder layers run (qwq_jax.generate): split (each layer's weights in arrays "
                         "of their own: decode reads them in place; compiles longer), or a scan over the stacks")
     m.add_argument("--attention", choices=tuple(BACKENDS), default="auto",
@@ -324,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 1
     engine = Engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
-                    layer_loop=args.layer_loop, donate_weights=True, on_compile=status.on_compile)
+                    layer_loop=args.layer_loop, donate_weights=True, on_compile=status.on_compile,
+                    max_num_seqs=params.n, kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8")
     primary = jax.process_index() == 0
     messages = [{"role": "system", "content": args.system}] if args.system else []
     try:

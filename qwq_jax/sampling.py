@@ -267,17 +267,18 @@ class SamplingArrays(NamedTuple):
 
 
 def batch_params(params: Sequence[SamplingParams]) -> SamplingArrays:
-    """Stack one SamplingParams per row into `SamplingArrays` (top_k -1 becomes 0)."""
+    """Stack one SamplingParams per row into `SamplingArrays` of host (NumPy) arrays, which jit
+    takes as they are (top_k -1 becomes 0)."""
     if not params:
         raise ValueError("batch_params needs at least one SamplingParams")
 
-    def col(name: str, dtype: Any) -> jax.Array:
-        return jnp.asarray(np.array([getattr(p, name) for p in params], dtype=dtype))
+    def col(name: str, dtype: Any) -> np.ndarray:
+        return np.array([getattr(p, name) for p in params], dtype=dtype)
 
     f32 = np.float32
     return SamplingArrays(
         temperature=col("temperature", f32),
-        top_k=jnp.maximum(col("top_k", np.int32), 0),
+        top_k=np.maximum(col("top_k", np.int32), 0),
         top_p=col("top_p", f32),
         min_p=col("min_p", f32),
         presence_penalty=col("presence_penalty", f32),

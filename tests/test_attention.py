@@ -1,5 +1,6 @@
 """Attention backends against an independent numpy reference (float64, KV heads repeated as HF's
-`repeat_kv` does), on GQA inputs with padding, packing and a decode step against a ragged cache.
+`repeat_kv` does), on GQA inputs with padding and packing (attention over the paged KV cache:
+tests/test_paged_attention.py).
 
 cuDNN and splash need a GPU / TPU: a test-only `dot_product` backend (defined here) runs cuDNN's
 exact plumbing (causal flag, row rolling, per-row lengths, bias) through XLA, and splash runs in
@@ -16,20 +17,18 @@ import pytest
 from qwq_jax import QwenConfig, init_model
 from qwq_jax import attention as attn
 from qwq_jax.attention import Mask
-from qwq_jax.cache import KVCache
 from qwq_jax.generate import Engine
 from qwq_jax.model import forward
 from qwq_jax.sampling import SamplingParams
 
 B, T, H, K, D = 4, 24, 6, 2, 8  # 3 query heads per KV head
-CPU_BACKENDS = ["xla", "dot_product", "blockwise"]  # "auto" is "xla" on a CPU, but for decoding and
-# chunked prefill (tested below)
+CPU_BACKENDS = ["xla", "dot_product", "blockwise"]  # "auto" is "xla" on a CPU
 
 
-def dot_product_attention(q, k, v, mask, *, cache_layout=False):
+def dot_product_attention(q, k, v, mask):
     """`jax.nn.dot_product_attention` through XLA, fed exactly as the cudnn backend feeds cuDNN
     (`attention._sdpa`), so its plumbing runs on a CPU."""
-    return attn._sdpa(q, k, v, mask, "xla", "dot_product", allow_bias=True, cache_layout=cache_layout)
+    return attn._sdpa(q, k, v, mask, "xla", "dot_product", allow_bias=True)
 
 
 @pytest.fixture(autouse=True)
@@ -94,16 +93,9 @@ def layouts():
 LAYOUTS = layouts()
 
 
-def cache_layout(k, v):
-    """k, v `[B, S, K, D]` as the KV cache stores a layer: k `[B, K, S, D]`, v `[B, K, D, S]`."""
-    return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
-
-
-def run(backend, q, k, v, mask, in_cache_layout=False):
-    """The backend's output; `in_cache_layout`: k, v given as the KV cache stores them."""
-    if in_cache_layout:
-        k, v = cache_layout(k, v)
-    fn = jax.jit(lambda q, k, v, m: attn.attention(q, k, v, m, backend=backend, cache_layout=in_cache_layout))
+def run(backend, q, k, v, mask):
+    """The backend's output."""
+    fn = jax.jit(lambda q, k, v, m: attn.attention(q, k, v, m, backend=backend))
     return np.asarray(fn(q, k, v, mask), np.float64)
 
 
@@ -135,51 +127,6 @@ def test_dense_mask_still_accepted(backend):
     np.testing.assert_allclose(run(backend, q, k, v, dense)[seen], want[seen], atol=1e-5)
 
 
-def cache_mask(lengths, t, s):
-    """This call's t tokens written after each row's `lengths` cached ones (right-padded), as the model does."""
-    lengths = np.asarray(lengths, np.int32)
-    new = np.array([t, max(t - 3, 1), 1, t], np.int32)[: len(lengths)] if t > 1 else np.ones(len(lengths), np.int32)
-    segq = (np.arange(t)[None] < new[:, None]).astype(np.int32)
-    posq = (lengths[:, None] + np.arange(t)[None]).astype(np.int32)
-    cache = KVCache(jnp.zeros((1, len(lengths), K, s, D)), jnp.zeros((1, len(lengths), K, D, s)), jnp.asarray(lengths))
-    segk, posk = (np.asarray(x) for x in cache.slot_segments(jnp.asarray(lengths + new)))
-    return segq, posq, segk, posk
-
-
-@pytest.mark.parametrize("in_cache_layout", [False, True], ids=["bskd", "cache-layout"])
-@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
-def test_decode_step_against_ragged_cache(backend, in_cache_layout):
-    s = 40
-    segq, posq, segk, posk = cache_mask([0, 7, 22, 39], 1, s)
-    q, k, v = qkv(seed=3, t=1, s=s)
-    want, seen = reference(q, k, v, segq, posq, segk, posk)
-    assert seen.all()
-    mask = Mask.against_cache(*(jnp.asarray(x) for x in (segq, posq, segk, posk)))
-    np.testing.assert_allclose(run(backend, q, k, v, mask, in_cache_layout), want, atol=1e-5)
-    # The decode path itself, and in bf16 (K/V read once, fp32 softmax): close to the reference.
-    valid = jnp.asarray(segk != 0)
-    if in_cache_layout:
-        k, v = cache_layout(k, v)
-    decode = jax.jit(lambda *a: attn.decode_attention(*a, cache_layout=in_cache_layout))
-    np.testing.assert_allclose(np.asarray(decode(q, k, v, valid)), want, atol=1e-5)
-    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    got16 = np.asarray(decode(q16, k16, v16, valid), np.float64)
-    assert np.abs(got16 - want).max() < 0.05
-
-
-@pytest.mark.parametrize("in_cache_layout", [False, True], ids=["bskd", "cache-layout"])
-@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
-def test_prefill_into_cache(backend, in_cache_layout):
-    s, t = 48, 12
-    segq, posq, segk, posk = cache_mask([0, 0, 9, 30], t, s)
-    q, k, v = qkv(seed=4, t=t, s=s)
-    want, seen = reference(q, k, v, segq, posq, segk, posk)
-    mask = Mask.against_cache(*(jnp.asarray(x) for x in (segq, posq, segk, posk)))
-    got = run(backend, q, k, v, mask, in_cache_layout)
-    assert np.isfinite(got).all()
-    np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
-
-
 def blockwise(block):
     return jax.jit(lambda q, k, v, m: attn.blockwise_attention(q, k, v, m, block=block))
 
@@ -195,29 +142,6 @@ def test_blockwise_self_attention_in_small_blocks(layout, block):
     np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
     dense = attn.attention_mask(*(jnp.asarray(x) for x in (seg, pos, seg, pos)))
     np.testing.assert_allclose(np.asarray(blockwise(block)(q, k, v, dense))[seen], want[seen], atol=1e-5)
-
-
-@pytest.mark.parametrize("block", [4, 7, 16])
-def test_blockwise_against_a_cache_stops_after_the_filled_blocks(block):
-    """Chunked prefill: a chunk against a ragged cache. Slots in blocks past every row's last valid
-    key hold NaN: the blockwise loop never reads them (the dense reference would give NaN)."""
-    s, t = 64, 12
-    segq, posq, segk, posk = cache_mask([0, 3, 9, 30], t, s)
-    q, k, v = qkv(seed=12, t=t, s=s)
-    want, seen = reference(q, k, v, segq, posq, segk, posk)
-    filled = int(np.max(np.where(segk != 0, np.arange(s)[None] + 1, 0)))  # 42
-    first_unread = -(-filled // block) * block
-    k = k.at[:, first_unread:].set(jnp.nan)
-    v = v.at[:, first_unread:].set(jnp.nan)
-    mask = Mask.against_cache(*(jnp.asarray(x) for x in (segq, posq, segk, posk)))
-    got = np.asarray(blockwise(block)(q, k, v, mask))
-    assert np.isfinite(got).all()
-    np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
-    # In the KV cache's layout (k [B, K, S, D], v [B, K, D, S]), the NaN slots included.
-    in_cache = jax.jit(lambda q, k, v, m: attn.blockwise_attention(q, k, v, m, block=block, cache_layout=True))
-    got = np.asarray(in_cache(q, *cache_layout(k, v), mask))
-    assert np.isfinite(got).all()
-    np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
 
 
 def test_blockwise_in_bfloat16_and_gradients():
@@ -236,22 +160,6 @@ def test_blockwise_in_bfloat16_and_gradients():
 
     for a, b in zip(grads(lambda *x: attn.blockwise_attention(*x, block=8)), grads(attn.xla_attention)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-
-
-def test_xla_goes_blockwise_when_the_scores_would_be_too_large(monkeypatch):
-    """Against a cache, "xla" computes blockwise past DENSE_SCORES_LIMIT: NaN in never-filled slots
-    shows which path ran (the dense one reads every slot)."""
-    s, t = 2048, 12
-    segq, posq, segk, posk = cache_mask([0, 3, 9, 30], t, s)
-    q, k, v = qkv(seed=14, t=t, s=s)
-    want, seen = reference(q, k[:, :64], v[:, :64], segq, posq, segk[:, :64], posk[:, :64])  # filled: < 64
-    k, v = k.at[:, 1024:].set(jnp.nan), v.at[:, 1024:].set(jnp.nan)
-    mask = Mask.against_cache(*(jnp.asarray(x) for x in (segq, posq, segk, posk)))
-    xla = jax.jit(attn.xla_attention)
-    assert np.isnan(np.asarray(xla(q, k, v, mask))).any()  # under the limit: dense
-    monkeypatch.setattr(attn, "DENSE_SCORES_LIMIT", 0)
-    got = np.asarray(jax.jit(lambda *a: attn.xla_attention(*a))(q, k, v, mask))  # a new trace
-    np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["left-padded", "plain"])
@@ -367,9 +275,9 @@ def test_model_dot_product_matches_xla(tiny_model):
     np.testing.assert_allclose(out["dot_product"][1][seg == 1], out["xla"][1][seg == 1], atol=1e-5)
 
 
-def test_generation_same_logprobs_with_the_decode_path(tiny_model):
-    """Engine generation: "xla" (the reference everywhere) and "dot_product" (prefill through a
-    bias, decoding through `decode_attention`) give the same tokens and log-probs."""
+def test_generation_same_logprobs_whatever_the_model_backend(tiny_model):
+    """Engine generation runs the paged attention whatever the model's backend (for training): the
+    same tokens and log-probs under each."""
     prompts = [[5, 9, 2, 7, 11], [3, 1], [8] * 12]
     sp = SamplingParams(temperature=0.0, max_tokens=5)
     outs = {b: [o[0] for o in Engine(with_backend(tiny_model, b), chunk=8, prefill_chunk=4).generate(prompts, sp)]

@@ -65,14 +65,16 @@ def test_decode_tiny():
     lines = run_bench("decode.py")
     rows, ratios = split(lines)
     assert {r["impl"] for r in rows} == {"qwq-jax", "hf-transformers-sdpa"}
-    assert len(rows) == 16  # (our 3 layer loops + hf) x prompt lengths 16, 40 x batches 1, 4
+    assert len(rows) == 12  # (our 2 layer loops + hf) x prompt lengths 16, 40 x batches 1, 4
     for r in rows:
         assert "error" not in r, r
         assert r["decode_tokens_per_s"] > 0 and r["prefill_s"] > 0 and r["decode_s"] > 0
     ours = [r for r in rows if r["impl"] == "qwq-jax"]
-    assert [r["layer_loop"] for r in ours] == ["scan"] * 4 + ["unrolled"] * 4 + ["split"] * 4
-    assert [r["prefill_chunks"] for r in ours] == [1, 1, 3, 3] * 3  # 40-token prompts in 16-token calls
-    assert all(r["same_tokens_as_scan"] for r in ours)  # unrolled and split greedy tokens = the scan's
+    assert [r["layer_loop"] for r in ours] == ["scan"] * 4 + ["split"] * 4
+    # One prompt per prefill call, 16 tokens at a time: a 40-token prompt takes 3 calls, 4 of them 12.
+    assert [r["prefill_chunks"] for r in ours] == [1, 4, 3, 12] * 2
+    assert [r["decode_slots"] for r in ours] == [1, 4, 1, 4] * 2  # max_num_seqs = the batch
+    assert all(r["same_tokens_as_scan"] for r in ours)  # split's greedy tokens = the scan's
     for r in ours:  # every setting's decode program was searched for weight copies
         copies = r["weight_copies"]
         assert copies["programs"] >= 1 and copies["copied_bytes_per_step"] >= 0, r
@@ -81,15 +83,15 @@ def test_decode_tiny():
     assert all(r["roofline_tokens_per_s"] is None for r in ours)  # no bandwidth figure for a CPU
     settings = [(16, 1), (16, 4), (40, 1), (40, 4)]
     assert [(r["layer_loop"], r["prompt_len"], r["batch"]) for r in ratios] == \
-        [(loop, *s) for loop in ("scan", "unrolled", "split") for s in settings]
+        [(loop, *s) for loop in ("scan", "split") for s in settings]
     assert all(r["decode_tokens_per_s"] > 0 for r in ratios)
     summary = lines[-1]
     assert summary["summary"] and {k: len(v) for k, v in summary["ratio_decode_tokens_per_s"].items()} == \
-        {"scan": 4, "unrolled": 4, "split": 4}
+        {"scan": 4, "split": 4}
 
 
 def test_decode_tiny_int8_weights():
-    lines = run_bench("decode.py", "--quantize", "int8", "--layer-loop", "unrolled", "--impl", "ours")
+    lines = run_bench("decode.py", "--quantize", "int8", "--layer-loop", "split", "--impl", "ours")
     rows, ratios = split(lines)
     assert len(rows) == 4 and not ratios  # our engine only: no ratio lines
     from qwq_jax import QwenConfig
@@ -100,8 +102,8 @@ def test_decode_tiny_int8_weights():
     scales = c.num_layers * (hd + 2 * kd + 2 * e + 2 * f)
     for r in rows:
         assert "error" not in r, r
-        assert r["weights"] == "int8 weight-only (quantized)" and r["layer_loop"] == "unrolled"
-        assert r["decode_tokens_per_s"] > 0 and r["same_tokens_as_unrolled"]
+        assert r["weights"] == "int8 weight-only (quantized)" and r["layer_loop"] == "split"
+        assert r["decode_tokens_per_s"] > 0 and r["same_tokens_as_split"]
         assert r["fraction_of_unquantized_roofline"] is None  # no bandwidth figure for a CPU
     float_bytes = rows[0]["weight_bytes"] + 3 * matmul - 4 * scales  # --tiny is float32: 4 bytes -> 1
     assert float_bytes == 4 * c.num_params()
@@ -159,9 +161,9 @@ def test_gpu_aot_tiny_compiles_every_setting_for_the_cpu():
     on the CPU target; the GPU targets need JAX's CUDA plugin, whose absence is a clear error."""
     lines = run_bench("gpu_aot.py")
     rows, summary = lines[:-1], lines[-1]
-    assert len(rows) == 12 and summary["summary"] and summary["compiled"] == 12 and summary["failed"] == 0
-    assert [(r["phase"], r["layer_loop"]) for r in rows[::2]] == \
-        [(ph, lp) for ph in ("decode", "prefill") for lp in ("scan", "unrolled", "split")]
+    assert len(rows) == 8 and summary["summary"] and summary["compiled"] == 8 and summary["failed"] == 0
+    assert [(r["phase"], r["layer_loop"], r["batch"]) for r in rows] == \
+        [(ph, lp, b) for ph in ("decode", "prefill") for lp in ("scan", "split") for b in (1, 4)]
     from qwq_jax import QwenConfig
 
     c = QwenConfig.preset("tiny")
@@ -169,8 +171,10 @@ def test_gpu_aot_tiny_compiles_every_setting_for_the_cpu():
         assert "error" not in r, r
         mem = r["memory"]
         assert mem["peak"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
-        assert r["cache_bytes"] == r["batch"] * 128 * 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
-        assert mem["argument"] >= r["cache_bytes"] + (r["weight_bytes"] if r["phase"] == "decode" else 0)
+        # The page pool: batch x 128 / 16 pages of 16 tokens, k and v, float32.
+        assert r["cache_bytes"] == r["batch"] * 8 * 16 * 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+        # Both take the pool and every weight (the prefill computes its last token's logits: the head too).
+        assert mem["argument"] >= r["cache_bytes"] + r["weight_bytes"]
         assert r["fits"] is None and r["capacity_bytes"] is None  # no memory figure for a CPU
         if r["phase"] == "decode":
             assert 0 < r["max_fraction_of_roofline"] <= 1
@@ -276,3 +280,90 @@ def test_device_suite_bad_usage_is_one_line():
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh"), "--fast"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown option --fast" in r.stderr
+
+
+def test_serving_tiny():
+    """benchmarks/serving.py: our engine's continuous and static policies and HF generate on the same
+    skewed workloads (all at once, Poisson; n=1, groups of 16) and the full-occupancy run."""
+    lines = run_bench("serving.py")
+    rows, ratios = split(lines)
+    runs = [("skewed", a, n) for n in (1, 16) for a in ("all", "poisson")] + [("full_occupancy", "all", 1)]
+    ours = [r for r in rows if r["impl"] == "qwq-jax"]
+    hf = [r for r in rows if r["impl"] == "hf-transformers-sdpa"]
+    assert [(r["policy"], r["workload"], r["arrival"], r["n"]) for r in ours] == \
+        [(p, *w) for p in ("continuous", "static") for w in runs]
+    assert [(r["policy"], r["workload"], r["arrival"], r["n"]) for r in hf] == [("static", *w) for w in runs]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["sequences_not_of_their_length"] == 0, r  # EOS off: every sequence its max_tokens, "length"
+        assert r["generated_tokens_per_s"] > 0 and r["decode_step_s"] > 0 and r["device"] == "cpu"
+        assert 0 <= r["ttft_p50_s"] <= r["ttft_p99_s"] and 0 <= r["itl_p50_s"] <= r["itl_p99_s"]
+        assert r["sequences"] == r["requests"] * r["n"]
+        if r["workload"] == "skewed":
+            assert r["output_max_over_median"] >= 8  # skewed: max / median output length
+        same = [x for x in rows if (x["workload"], x["arrival"], x["n"]) == (r["workload"], r["arrival"], r["n"])]
+        # the same workload for every policy and implementation
+        assert {(x["generated_tokens"], x["prompt_tokens"], x["rate_per_s"]) for x in same} == \
+            {(r["generated_tokens"], r["prompt_tokens"], r["rate_per_s"])}
+        assert (r["rate_per_s"] or 0) > 0 if r["arrival"] == "poisson" else r["rate_per_s"] is None
+    for r in ours:
+        assert r["compilations_during_run"] == 0, r  # the warm-up compiled everything
+        assert r["warmup_s"] > 0 and r["compilations_warmup"] > 0
+        assert 0 < r["page_utilisation_mean"] <= r["page_utilisation_max"] <= 1
+        assert r["num_pages"] == ours[0]["num_pages"] and r["page_size"] == 4  # the same KV memory
+        assert r["preemptions"] == 0 and r["prefix_cache_hit_tokens"] == 0  # fresh prompts, room for all
+        assert r["prefill_tokens_computed"] == r["prompt_tokens"]  # a group of 16 prefills its prompt once
+    for r in hf:
+        assert r["prefill_tokens_computed"] >= r["prompt_tokens"] * r["n"]  # each row its own (padded) prompt
+    assert [(r["ratio"], r["workload"], r["arrival"], r["n"]) for r in ratios] == \
+        [(q, *w) for w in runs for q in ("continuous/static", "continuous/hf")]
+    assert all((r.get("generated_tokens_per_s") or r.get("decode_step_s")) > 0 for r in ratios)
+    summary = lines[-1]
+    assert summary["summary"] and summary["groups_prefill_equals_prompt"] == \
+        {"skewed/all/n16": True, "skewed/poisson/n16": True}
+    assert isinstance(summary["meets_target"], bool) and set(summary["rates_per_s"]) == {"1", "16"}
+    assert len(summary["continuous_over_static"]) == len(summary["continuous_over_hf"]) == 5
+
+
+def test_serving_workload_and_latencies_by_hand():
+    """serving.py's workload generator (skewed lengths, Poisson arrivals, fresh prompts per tag) and its
+    latency figures from a timeline written by hand."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serving
+
+    kw = dict(seed=0, count=25, n=1, prompt_len=(8, 48), output_len=(4, 40), vocab=512)
+    a = serving.make_workload(**kw, arrival="poisson", rate=10.0, tag="a-")
+    b = serving.make_workload(**kw, arrival="poisson", rate=10.0, tag="b-")
+    outputs = [r.max_tokens for r in a]
+    assert np.median(outputs) == 4 and max(outputs) == 40 and min(outputs) >= 1  # max / median = 10
+    assert max(len(r.prompt) for r in a) == 48 and np.median([len(r.prompt) for r in a]) == 8
+    assert outputs != sorted(outputs)  # shuffled
+    shape = [(len(x.prompt), x.max_tokens, x.arrival_s) for x in a]
+    assert shape == [(len(y.prompt), y.max_tokens, y.arrival_s) for y in b]
+    assert all(x.prompt != y.prompt for x, y in zip(a, b))  # fresh tokens per run: no prefix cache hits
+    arrivals = [r.arrival_s for r in a]
+    assert arrivals[0] == 0 and arrivals == sorted(arrivals) and 0.03 < arrivals[-1] / 24 < 0.3  # mean gap 0.1 s
+    assert {r.arrival_s for r in serving.make_workload(**kw, arrival="all")} == {0.0}
+
+    requests = [serving.Request("r0", 0.0, [1, 2], 5, 1), serving.Request("r1", 1.0, [3], 1, 1)]
+    timeline = serving.Timeline(requests, start=100.0)
+
+    def event(rid, count, finished):
+        return SimpleNamespace(request_id=rid, sample_index=0, token_ids=[7] * count, finished=finished,
+                               finish_reason="length" if finished else None)
+
+    timeline.record(event("r0", 2, False), 100.5)  # TTFT 0.5; its second token came with the first
+    timeline.record(event("r0", 3, True), 101.0)   # 3 tokens after a 0.5 s gap: 1/6 s each
+    timeline.record(event("r1", 1, True), 102.0)   # TTFT 1.0
+    m = timeline.metrics()
+    assert m["generated_tokens"] == 6 and m["duration_s"] == 2.0 and m["generated_tokens_per_s"] == 3.0
+    assert m["ttft_p50_s"] == 0.75 and abs(m["ttft_p99_s"] - 0.995) < 1e-9
+    assert m["itl_p50_s"] == 1 / 6 and m["itl_p99_s"] == 1 / 6 and m["delivery_gap_p99_s"] == 0.5
+    assert m["decode_step_s"] == 1 / 6 and m["sequences_not_of_their_length"] == 0
+    timeline.record(SimpleNamespace(request_id="r1", sample_index=0, token_ids=[], finished=True,
+                                    finish_reason="stop"), 102.5)
+    assert timeline.metrics()["sequences_not_of_their_length"] == 1

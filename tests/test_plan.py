@@ -113,6 +113,8 @@ def test_non_dividing_mesh_is_rejected_with_a_working_one():
 
 # ---- KV cache, fit ------------------------------------------------------------------------------------------
 def test_kv_cache_by_hand():
+    # The engine's page pool: b sequences x ceil(seq / 16) pages of 16 tokens, k and v, every layer,
+    # KV heads split over `tensor`, replicated over data and fsdp (every decode slot runs everywhere).
     seq = 131072
     one_row = 2 * L * seq * K * D * 2  # k and v, bf16: 32 GiB per sequence
     assert one_row == 32 * GIB
@@ -120,10 +122,17 @@ def test_kv_cache_by_hand():
     assert p.phases["generate"]["kv_cache"] == one_row
     p = plan(QWQ, "generate", "h100x8", seq, 1, mesh="tensor=8", prefill_chunk=1024)
     assert p.phases["generate"]["kv_cache"] == one_row // 8 == 4 * GIB
-    # batch 3 over data=2 is padded to 4 rows, 2 per device; KV heads 8 / tensor 4.
+    # batch 3 on data=2 x tensor=4: not padded, not split over data: all 3 sequences on every GPU,
+    # KV heads 8 / tensor 4.
     p = plan(QWQ, "generate", "h100x8", seq, 3, mesh="data=2,tensor=4", prefill_chunk=1024)
-    assert p.phases["generate"]["kv_cache"] == 2 * L * 2 * seq * (K // 4) * D * 2
-    assert p.settings["rows_per_device"] == 2 and any("padded to 4 rows" in n for n in p.notes)
+    assert p.phases["generate"]["kv_cache"] == 2 * L * 3 * seq * (K // 4) * D * 2
+    assert p.settings["rows_per_device"] == 3 and not any("padded" in n for n in p.notes)
+    # Whole pages: 1000 tokens take 63 pages of 16 = 1008 tokens per sequence.
+    p = plan(QWQ, "generate", "h100x8", 1000, 2, mesh="tensor=8", prefill_chunk=512)
+    assert p.phases["generate"]["kv_cache"] == 2 * L * 2 * 1008 * 1 * D * 2
+    # The decode slots' carried state: logits float32, token counts int32, prompt mask bool [2, V],
+    # + one decode call's outputs (16 steps of tokens int32 and log-probs float32 per slot).
+    assert p.phases["generate"]["logits"] == 2 * V * (4 + 4 + 1) + 2 * 16 * (4 + 4)
 
 
 def test_fits_and_does_not_fit():
@@ -133,11 +142,11 @@ def test_fits_and_does_not_fit():
     p = plan(QWQ, "generate", "h100x1", 131072, 1, prefill_chunk=4096)
     assert (p.capacity_bytes, p.mesh, p.fits) == (capacity, sizes(), False)
     assert p.total > weights + cache
-    # Eight H100s, tensor=8, prompt prefilled 4096 tokens at a time into a 131072-slot cache. The
-    # call's dense float32 scores (40 x 4096 x 131072 x 4 = 80 GiB) pass the 1 GiB limit, so
-    # attention runs blockwise over 1024-key blocks. One layer's intermediates, per GPU (5 heads,
-    # 1 KV head, 3456 MLP columns), bf16 unless noted:
-    t, blk = 4096, 1024
+    # Eight H100s, tensor=8, one prompt prefilled 4096 tokens at a time (one sequence per call) into
+    # its pages. The paged reference attention loops over blocks of 256 keys (16 pages of 16 tokens),
+    # whatever the sequence length. One layer's intermediates, per GPU (5 heads, 1 KV head, 3456 MLP
+    # columns), bf16 unless noted:
+    t, blk = 4096, 256
     act = t * 5120 * 2
     layer = (6 * act                        # x, norm1, o_proj out, x_mid, norm2, down_proj out
              + t * 5 * 128 * 2 + 2 * t * 128 * 2  # q; k and v
@@ -145,23 +154,30 @@ def test_fits_and_does_not_fit():
              + t * 5 * 128 * 4              # attention output, float32
              + 3 * t * 3456 * 2)            # gate, up, silu*up
     per_call = t * blk + 2 * t * 128 * 4    # one block's mask (bool), rope cos/sin (float32)
-    slices = 2 * 131072 * 128 * 2           # one layer's k and v cache slices
+    pages = 2 * blk * 128 * 2               # one gathered block of k and v pages (1 KV head)
     p = plan(QWQ, "generate", "h100x8", 131072, 1, mesh="tensor=8", prefill_chunk=4096)
-    assert p.phases["generate"]["activations"] == layer + per_call + slices == 597_688_320
+    assert p.phases["generate"]["activations"] == layer + per_call + pages == 401_735_680
     assert p.fits and p.phases["generate"]["kv_cache"] == cache // 8
+    assert p.phases["generate"]["logits"] == 9 * V + 8 * 16
     # Without --prefill-chunk the engine's default, 2048 tokens per call, is planned.
     import inspect
 
     from qwq_jax.generate import Engine
     assert inspect.signature(Engine).parameters["prefill_chunk"].default == 2048
+    assert inspect.signature(Engine).parameters["page_size"].default == 16
     assert plan(QWQ, "generate", "h100x8", 131072, 1, mesh="tensor=8").settings["prefill_chunk"] == 2048
     # Even the whole 131k prompt in one call stays bounded (blockwise), though its activations dominate.
     p = plan(QWQ, "generate", "h100x8", 131072, 1, mesh="tensor=8", prefill_chunk=131072)
     assert p.fits and any("activations dominate the generate phase" in n for n in p.notes)
-    # A short call stays dense: 40 x 512 x 4096 x 4 bytes = 320 MiB < 1 GiB.
-    p = plan(QWQ, "generate", "h100x8", 4096, 1, mesh="tensor=8", prefill_chunk=512)
-    assert planner.prefill_key_width(QWQ, 1, 512, 4096) == 4096
-    assert p.phases["generate"]["activations"] > 2 * 5 * 512 * 4096 * 4
+    assert planner.prefill_key_width(QWQ, 1, 512, 4096) == planner.prefill_key_width() == 256
+    # Many slots: one decode step of 256 slots (256 tokens, 256 keys each) outweighs a 64-token
+    # prefill call, so it is the activations' count: W(256, 1, 256) + mask + rope + gathered pages.
+    b = 256
+    step = (6 * b * 5120 * 2 + b * 5 * 128 * 2 + 2 * b * 128 * 2 + 2 * b * 5 * blk * 4 + b * 5 * 128 * 4
+            + 3 * b * 3456 * 2) + (b * blk + 2 * b * 128 * 4) + 2 * b * blk * 128 * 2
+    p = plan(QWQ, "generate", "h100x8", 4096, b, mesh="tensor=8", prefill_chunk=64)
+    assert p.phases["generate"]["activations"] == step
+    assert p.phases["generate"]["kv_cache"] == 2 * L * b * 4096 * 1 * D * 2  # 32 GiB: 256 x 4096 tokens
 
 
 def test_train_categories_by_hand():
@@ -182,8 +198,10 @@ def test_train_categories_by_hand():
         plan(TINY, "train", topo, 64, 8, mesh=mesh, compute_copy="once")
     # logits, log_softmax, cotangent: 8 rows / (data x fsdp = 2) = 4 rows, vocab 512 / 4.
     assert upd["logits"] == 3 * 4 * 64 * 128 * 4
-    # Rollout: KV cache of 8 rows / 2 shards, 64 tokens, 4 / 4 KV heads of 8, bf16.
-    assert p.phases["rollout"]["kv_cache"] == 2 * 2 * 4 * 64 * 1 * 8 * 2
+    # Rollout: the engine's pool for all 8 sequences on every device (not split over fsdp), 64 tokens,
+    # 4 / 4 KV heads of 8, bf16; its 8 slots' state [8, 512] (logits, counts, prompt mask).
+    assert p.phases["rollout"]["kv_cache"] == 2 * 2 * 8 * 64 * 1 * 8 * 2
+    assert p.phases["rollout"]["logits"] == 9 * 8 * 512 + 8 * 8 * 16
     assert p.phases["rollout"]["gradients"] == 0 and upd["kv_cache"] == 0
     assert p.total == max(sum(ph.values()) for ph in p.phases.values())
 
@@ -275,20 +293,24 @@ def test_aot_compiles_with_the_real_tpu_compiler():
     assert set(programs) == {"prefill", "decode"} and p.aot["program"] in programs
     # Per device: bf16 weights under tensor=2 (q [256, 2, 128] + bias, k and v [256, 1, 128] + biases,
     # o [2, 128, 256], gate / up / down [256, 256], two norms; embed and lm_head [1024 / 2, 256], final
-    # norm) and one row's k and v caches [2 layers, 1, 1 KV head, 256, 128] bf16.
+    # norm) and the page pool for 2 sequences of 256 tokens (16 pages of 16 each): k and v
+    # [2 layers, 1 KV head, 32 pages, 16, 128] bf16, not split over data.
     per_layer = 256 * 2 * 128 + 2 * 128 + 2 * (256 * 128 + 128) + 2 * 128 * 256 + 3 * 256 * 256 + 2 * 256
     weights = (2 * per_layer + 2 * 512 * 256 + 256) * 2
-    cache = 2 * (2 * 1 * 1 * 256 * 128 * 2)
+    cache = 2 * (2 * 1 * 32 * 16 * 128 * 2)
+    state = 2 * 1024 * (4 + 4 + 1)  # the decode slots' logits, token counts, prompt mask [2, 1024]
     assert p.phases["generate"]["params"] == weights and p.phases["generate"]["kv_cache"] == cache
-    # The programs also take the tokens, row lengths, rope tables, last hidden state (and decode its
-    # sampling state): small arrays, each padded to the TPU's tiles (at most 4 KiB each here). The
-    # prefill never reads the final norm and the lm_head [1024 / 2, 256]: they are not its arguments.
-    head = (256 + 512 * 256) * 2
-    assert p.aot["extra"] == (head if p.aot["program"] == "prefill" else 0)
-    for name, unused in (("prefill", head), ("decode", 0)):
-        assert weights + cache < programs[name]["argument"] + unused < weights + cache + 16 * 4096, (name, programs)
+    # The prefill takes every weight (it computes its last token's logits: final norm and lm_head too),
+    # the pool, and small arrays (one row's tokens [1, 64], start, length, page table [1, 16], rope
+    # tables); the decode also the slot state and the slots' small inputs (flags, counts, lengths,
+    # seeds, stop ids, 7 sampling parameters, rope tables, page tables [2, 16], the step count). The
+    # TPU pads each small array to its tiles (at most 4 KiB each here, the state's rows to 8 or 32).
+    # While a prefill runs, the slot state stays on the device: its `extra`.
+    assert p.aot["extra"] == (state if p.aot["program"] == "prefill" else 0)
+    for name, fixed in (("prefill", weights + cache), ("decode", weights + cache + state)):
+        assert fixed < programs[name]["argument"] < fixed + 4 * state + 16 * 4096, (name, programs)
         assert programs[name]["temp"] > 0
-    assert p.total == max(programs["prefill"]["peak"] + head, programs["decode"]["peak"]) and p.fits
+    assert p.total == max(programs["prefill"]["peak"] + state, programs["decode"]["peak"]) and p.fits
     # Training: the trainer's update and its rollout engine's programs, with what each does not hold.
     t = plan(TINY, "train", "v5e-4", 64, 4, mesh="fsdp=2,tensor=2", micro_batches=2, aot=True)
     assert t.method == "aot-tpu", t.notes
@@ -297,8 +319,8 @@ def test_aot_compiles_with_the_real_tpu_compiler():
     assert t.aot["programs"]["update"]["argument"] >= upd["params"] + upd["optimizer"]  # masters + AdamW, donated
     assert t.aot["programs"]["update"]["alias"] >= upd["params"] + upd["optimizer"]
     extra = {"update": upd["reference"] + upd["engine_params"],
-             "prefill": upd["params"] + upd["optimizer"] + upd["reference"]}
-    extra["decode"] = extra["prefill"]
+             "decode": upd["params"] + upd["optimizer"] + upd["reference"]}
+    extra["prefill"] = extra["decode"] + 9 * 4 * 512  # + the 4 rollout slots' state [4, V = 512]
     assert t.total == max(m["peak"] + extra[n] for n, m in t.aot["programs"].items())
     assert t.aot["extra"] == extra[t.aot["program"]]
 
@@ -318,15 +340,24 @@ def test_aot_gpu_path_compiles_on_cpu_devices(monkeypatch):
              quantize="int8")
     assert p.method == "aot-gpu", p.notes
     assert backends == ["auto"] and any(n.startswith("AOT: fake-gpu (h100) compiler peaks") for n in p.notes)
-    # The engine's prefill takes, per device: the int8 weights (the analytic count) but the output
-    # head it never reads (final norm [64] and lm_head [512 / 2, 64], bf16), the k and v caches
-    # [2 layers, 2 rows, 4/2 KV heads, 64, 8] bf16, tokens [2, 16] and row lengths [2] int32, rope
-    # frequencies [2, 1, 4] and factors [2, 1, 1] float32, the cache lengths [2] int32 and the last
-    # hidden state [2, 1, 64] bf16.
-    cache, head = 2 * (2 * 2 * 2 * 64 * 8 * 2), (64 + 256 * 64) * 2
-    small = 2 * 16 * 4 + 2 * 4 + 2 * 4 * 4 + 2 * 1 * 4 + 2 * 4 + 2 * 64 * 2
+    # The engine's prefill takes, per device: the int8 weights (the analytic count; the output head
+    # included: it computes its last token's logits), the page pool for 2 sequences of 64 tokens
+    # (2 x 4 pages of 16): k and v [2 layers, 4/2 KV heads, 8 pages, 16, 8] bf16; one row's tokens
+    # [1, 16], start [1], length [1] and page table [1, 4] int32, rope frequencies [1, 1, 4] and
+    # factor [1, 1, 1] float32.
+    cache = 2 * (2 * 2 * 8 * 16 * 8 * 2)
+    small = 16 * 4 + 4 + 4 + 4 * 4 + 4 * 4 + 4
+    params = p.phases["generate"]["params"]
     assert p.phases["generate"]["kv_cache"] == cache
-    assert p.aot["programs"]["prefill"]["argument"] == p.phases["generate"]["params"] - head + cache + small
+    assert p.aot["programs"]["prefill"]["argument"] == params + cache + small
+    # The decode: also the 2 slots' state [2, 512] (float32 logits, int32 counts, bool prompt mask)
+    # and their inputs: active [2] bool; count, length, max_tokens, seeds [2] 4-byte; stop ids
+    # [2, 8]; 7 sampling parameters [2]; rope [2, 1, 4], [2, 1, 1] float32; page tables [2, 4];
+    # the step count (XLA's CPU compiler adds a few bytes of its own: at most 64).
+    state = 2 * 512 * 9
+    slots = 2 + 4 * 2 * 4 + 2 * 8 * 4 + 7 * 2 * 4 + 2 * 4 * 4 + 2 * 4 + 2 * 4 * 4 + 4
+    assert 0 <= p.aot["programs"]["decode"]["argument"] - (params + cache + state + slots) <= 64
+    assert p.aot["extra"] == (state if p.aot["program"] == "prefill" else 0)
     assert p.phases["generate"]["params"] < param_bytes(TINY, "generate", sizes(tensor=2), "bfloat16")
 
 

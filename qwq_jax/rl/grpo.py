@@ -375,6 +375,20 @@ class GRPOTrainer:
         stacked = cast.pop("layers")
         return cast, [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self._num_layers)]
 
+    def _generate(self, prompts: Sequence[Sequence[int]], params, n: int) -> list[list[Completion]]:
+        """The engine's completions, every row in a slot of its own and a page pool just big enough
+        for them; the pool is freed afterwards (the update needs the memory, and the next weights
+        make its cached prompts stale)."""
+        sp = params[0] if isinstance(params, (list, tuple)) else params
+        engine = self.engine
+        longest = max(len(p) for p in prompts) + sp.max_tokens
+        pages = len(prompts) * n * (engine.pages.pages_for(longest) + 1)
+        engine.resize(max_num_seqs=len(prompts) * n, num_pages=pages)
+        try:
+            return engine.generate(prompts, params)
+        finally:
+            engine.free_cache()
+
     def score(self, reward_fn: RewardFn, prompt_indices: Sequence[int], completions: Sequence[Completion]
               ) -> dict[str, np.ndarray]:
         """Rewards by name (the total under "reward"); each process scores every P-th completion."""
@@ -403,7 +417,7 @@ class GRPOTrainer:
         base = cfg.seed * 1_000_003 + self.step_count * 7919 * max(len(prompts), 1) * cfg.group_size
         sps = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                               n=cfg.group_size, seed=(base + i * cfg.group_size) % 2**31) for i in range(len(prompts))]
-        outs = self.engine.generate(prompts, sps)
+        outs = self._generate(prompts, sps, cfg.group_size)
         completions = [c for group in outs for c in group]
         indices = [i // cfg.group_size for i in range(len(completions))]
         return completions, self.score(self.reward_fn, indices, completions)
@@ -412,8 +426,8 @@ class GRPOTrainer:
                  ) -> dict[str, float]:
         """Greedy completions (one per prompt) scored by `reward_fn`: mean of each reward."""
         self.sync_engine()
-        outs = self.engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens or
-                                                            self.config.max_tokens))
+        outs = self._generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens or
+                                                      self.config.max_tokens), 1)
         completions = [o[0] for o in outs]
         rewards = self.score(reward_fn, list(range(len(prompts))), completions)
         result = {f"eval_{k}": float(v.mean()) for k, v in rewards.items()}
