@@ -42,6 +42,7 @@ request whose prompt + max_tokens fits the original context and YaRN only for lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -398,10 +399,19 @@ class Engine:
                 "steps": self._counters["steps"]}
 
     # ---- one engine step ---------------------------------------------------------------------
+    def _on_mesh(self):
+        """The engine's mesh as the current one while its programs are traced: kernels that run per
+        shard (the Pallas paged attention) find it there. Nothing without a mesh."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     def step(self) -> list[StreamEvent]:
         """admit -> prefill -> decode -> emit; returns the events of this step."""
         if self.abstract:
             raise RuntimeError("this engine has abstract weights: it can only lower its programs")
+        with self._on_mesh():
+            return self._step()
+
+    def _step(self) -> list[StreamEvent]:
         if self.pool is None:
             self._allocate()
         events, self._undelivered = self._undelivered, []
@@ -645,8 +655,10 @@ class Engine:
         abstract model (`abstract_model` with sharded `jax.ShapeDtypeStruct` leaves)."""
         pool, width = self._abstract_pool(batch, max_len)
         i32 = jnp.int32
-        return self.programs.prefill.lower(self._weights(), pool, self._spec((1, tokens), i32), self._spec((1,), i32),
-                                           self._spec((1,), i32), self._spec((1, width), i32), self._rope_spec(1))
+        with self._on_mesh():
+            return self.programs.prefill.lower(self._weights(), pool, self._spec((1, tokens), i32),
+                                               self._spec((1,), i32), self._spec((1,), i32),
+                                               self._spec((1, width), i32), self._rope_spec(1))
 
     def lower_decode(self, batch: int, max_len: int) -> jax.stages.Lowered:
         """The decode program (up to `chunk` steps per call) for `batch` slots over a page pool
@@ -659,7 +671,8 @@ class Engine:
                            self._spec((b, self._stop_width()), i32), arrays, self._rope_spec(b), self._spec((b, width), i32))
         state = SlotState(self._spec((b, v), jnp.float32), self._spec((b, v), i32), self._spec((b, v), bool),
                           self._spec((b,), i32), self._spec((b,), i32))
-        return self.programs.decode.lower(self._weights(), pool, state, slots, np.int32(self.chunk))
+        with self._on_mesh():
+            return self.programs.decode.lower(self._weights(), pool, state, slots, np.int32(self.chunk))
 
     def _find_stop(self, ids: list[int], emitted: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
         """(tokens to keep, stop string) when a stop string appears in the text of `ids`."""
