@@ -427,7 +427,7 @@ class Engine:
         return events
 
     def _run_prefills(self) -> None:
-        t0, c0 = time.perf_counter(), CLOCK.seconds
+        t0, c0, ran = time.perf_counter(), CLOCK.seconds, False
         for chunk in self.scheduler.prefill_work():
             job = chunk.job
             n = chunk.end - chunk.start
@@ -442,8 +442,11 @@ class Engine:
                 self._weights(), self.pool, self._put(tokens), self._put(np.array([chunk.start], np.int32)),
                 self._put(np.array([n], np.int32)), self._put(table), (self._put(inv), self._put(att)))
             self._counters["prefill_chunks"] += 1
+            ran = True
             if chunk.last:
                 self.scheduler.prefilled(job, logits)
+        if ran:  # the prefill's device time counts as prefill, not as the next decode call's
+            jax.block_until_ready(self.pool)
         self._counters["prefill_s"] += time.perf_counter() - t0 - (CLOCK.seconds - c0)
 
     @staticmethod
