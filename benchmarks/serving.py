@@ -169,7 +169,9 @@ class Timeline:
             for (prev, _), (at, count) in zip(deliveries, deliveries[1:]):
                 gaps.append(at - prev)
                 itl += [(at - prev) / count] * count
-            if self.expected[key] > deliveries[0][1]:  # tokens after the first delivery, over their time
+            # tokens after the first delivery, over their time (sequences that end in the step that
+            # streamed their first token, all at one time, say nothing about the step time)
+            if self.expected[key] > deliveries[0][1] and deliveries[-1][0] > first:
                 spans.append((deliveries[-1][0] - first) / (self.expected[key] - deliveries[0][1]))
         generated = sum(c for d in self.deliveries.values() for _, c in d)
         end = max((d[-1][0] for d in self.deliveries.values()), default=self.start)

@@ -9,9 +9,9 @@
     for events in engine.stream(prompts, params): ...   # the same, streamed
 
 Each `step()`: admit waiting requests while slots and pages allow -> prefill prompt chunks within
-the step's token budget -> decode every running sequence for a chunk of steps on the device (no
-host round trip per token; one step only while a sequence still has its first token to stream)
--> emit the new tokens, end what finished (EOS, stop ids, max_tokens, stop strings on the host)
+the step's token budget (a prefilled sequence draws its first token as it takes its slot: it
+streams before any decode call) -> decode every running sequence for `chunk` steps on the device
+(no host round trip per token) -> emit the new tokens, end what finished (EOS, stop ids, max_tokens, stop strings on the host)
 and give its pages back. The scheduler (qwq_jax/scheduler.py) and the page allocator with its
 prefix cache (qwq_jax/pages.py) are plain host Python; the device programs are in
 qwq_jax/programs.py, the paged attention in qwq_jax/paged_attention.py.
@@ -268,7 +268,7 @@ class Engine:
         if self.mesh is None:  # committed, as the programs return it: their second call compiles nothing new
             self.pool = jax.device_put(self.pool, self._device())
         b, v = self.max_num_seqs, self.config.vocab_size
-        self.slot_state = SlotState(self._put(np.zeros((b, v), np.float32)), self._put(np.zeros((b, v), np.int32)),
+        self.slot_state = SlotState(self._put(np.zeros(b, np.int32)), self._put(np.zeros((b, v), np.int32)),
                                     self._put(np.zeros((b, v), bool)), self._put(np.zeros(b, np.int32)),
                                     self._put(np.zeros(b, np.int32)))
 
@@ -417,13 +417,11 @@ class Engine:
         events, self._undelivered = self._undelivered, []
         self._counters["steps"] += 1
         self._run_prefills()
-        for adm in self.scheduler.admit():
-            self._load_slot(adm)
-        running = self.scheduler.running
-        if running:
-            steps = 1 if any(not s.tokens for s in running) else self.chunk  # a first token streams at once
-            self.scheduler.grow(steps)  # preempted sequences leave their slots (inactive below)
-            events += self._decode(steps)
+        for adm in self.scheduler.admit():  # each draws its first token here: it streams at once
+            events += self._load_slot(adm)
+        if self.scheduler.running:
+            self.scheduler.grow(self.chunk)  # preempted sequences leave their slots (inactive below)
+            events += self._decode(self.chunk)
         return events
 
     def _run_prefills(self) -> None:
@@ -465,7 +463,7 @@ class Engine:
     def _stop_width(self, extra: int = 0) -> int:
         return 1 << max(3, math.ceil(math.log2(len(self.eos_token_ids) + extra + 1)))
 
-    def _load_slot(self, adm) -> None:
+    def _load_slot(self, adm) -> list[StreamEvent]:
         seq, b, sl = adm.seq, adm.slot, self._slots
         params = seq.request.params
         stops = tuple(self.eos_token_ids) + tuple(params.stop_token_ids)
@@ -484,9 +482,15 @@ class Engine:
         mask[np.asarray(seq.prompt)] = True
         if adm.copy is not None:
             self.pool = self.programs.copy(self.pool, np.int32(adm.copy[0]), np.int32(adm.copy[1]))
-        self.slot_state = self.programs.insert(self.slot_state, np.int32(b), adm.logits, self._put(counts),
-                                               self._put(mask), np.int32(len(seq.tokens)), np.int32(seq.length))
+        arrays = jax.tree.map(self._put, batch_params([params]))
+        self.slot_state, first = self.programs.insert(
+            self.slot_state, np.int32(b), adm.logits, self._put(counts), self._put(mask), np.int32(len(seq.tokens)),
+            np.int32(seq.length), arrays, self._put(np.array([seq.seed], np.uint32)))
         self._inputs_key = None  # the slot's settings changed
+        first = _to_host(first)
+        token, logp = int(first[0]), float(first[1:2].view(np.float32)[0])
+        finish = STOP if token in stops else LENGTH if len(seq.tokens) + 1 >= params.max_tokens else 0
+        return self._emit(seq, [token], [logp], seq.length, finish)
 
     def _slot_inputs(self) -> SlotInputs:
         """The slots' inputs for a decode call: a slot is active only while a running sequence holds
@@ -525,23 +529,28 @@ class Engine:
         for seq in self.scheduler.running:
             b = seq.slot
             k = int(new[b])
-            if k == 0:
-                continue
-            self.scheduler.advance(seq, out[b, :k].tolist(), logp[b, :k].tolist(), int(length[b]))
-            self._counters["generated_tokens"] += k
-            reason = FINISH_REASONS.get(int(finish[b]))
-            stop_reason = seq.tokens[-1] if reason == "stop" else None
-            if seq.request.params.stop and self.tokenizer is not None:
-                cut = self._find_stop(seq.tokens, seq.emitted, seq.request.params.stop)
-                if cut is not None:
-                    keep, stop_reason = cut
-                    del seq.tokens[keep:], seq.logprobs[keep:]
-                    reason = "stop"
-            if reason is not None:
-                self.scheduler.finish(seq, reason, stop_reason)
-            events.append(self._event(seq, seq.tokens[seq.emitted:], finished=reason is not None))
-            seq.emitted = len(seq.tokens)
+            if k:
+                events += self._emit(seq, out[b, :k].tolist(), logp[b, :k].tolist(), int(length[b]), int(finish[b]))
         return events
+
+    def _emit(self, seq: Seq, tokens: list[int], logprobs: list[float], length: int, finish: int
+              ) -> list[StreamEvent]:
+        """Record a sequence's new tokens; end it on a finish code (STOP, LENGTH) or a stop string."""
+        self.scheduler.advance(seq, tokens, logprobs, length)
+        self._counters["generated_tokens"] += len(tokens)
+        reason = FINISH_REASONS.get(finish)
+        stop_reason = seq.tokens[-1] if reason == "stop" else None
+        if seq.request.params.stop and self.tokenizer is not None:
+            cut = self._find_stop(seq.tokens, seq.emitted, seq.request.params.stop)
+            if cut is not None:
+                keep, stop_reason = cut
+                del seq.tokens[keep:], seq.logprobs[keep:]
+                reason = "stop"
+        if reason is not None:
+            self.scheduler.finish(seq, reason, stop_reason)
+        event = self._event(seq, seq.tokens[seq.emitted:], finished=reason is not None)
+        seq.emitted = len(seq.tokens)
+        return [event]
 
     def _event(self, seq: Seq, new: list[int], finished: bool) -> StreamEvent:
         return StreamEvent(seq.request.id, seq.index, list(new), finished, seq.finish_reason if finished else None,
@@ -672,7 +681,7 @@ class Engine:
         arrays = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), batch_params([SamplingParams()] * b))
         slots = SlotInputs(self._spec((b,), bool), self._spec((b,), i32), self._spec((b,), jnp.uint32),
                            self._spec((b, self._stop_width()), i32), arrays, self._rope_spec(b), self._spec((b, width), i32))
-        state = SlotState(self._spec((b, v), jnp.float32), self._spec((b, v), i32), self._spec((b, v), bool),
+        state = SlotState(self._spec((b,), i32), self._spec((b, v), i32), self._spec((b, v), bool),
                           self._spec((b,), i32), self._spec((b,), i32))
         with self._on_mesh():
             return self.programs.decode.lower(self._weights(), pool, state, slots, np.int32(self.chunk))

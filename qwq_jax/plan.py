@@ -54,9 +54,9 @@ Counted from the code's arrays, with named approximations:
                  2 B ceil(K/t) D c (the reference attention loops over blocks of B keys);
                  decode step: all b slots, one token each: W(b, 1, B) + mask + rope + the
                  gathered blocks 2 b B ceil(K/t) D c;
-               logits: the decode slots' carried state, b V (4 logits float32 + 4 token counts
-               int32 + 1 prompt mask bool) = 9 b V (V not split, replicated), + the decode call's
-               outputs (tokens int32, log-probs float32) 8 b C.
+               logits: the decode slots' carried state, b (5 V + 12): token counts int32 and prompt
+               mask bool [b, V] (V not split, replicated), the pending token, tokens generated and
+               lengths int32 [b]; + the decode call's outputs (tokens int32, log-probs float32) 8 b C.
   train        (GRPO, `qwq_jax.rl.grpo.GRPOTrainer`) three phases, each on top of the persistent
                float32 master params and AdamW state (train rules), the frozen reference (compute
                dtype, train rules; `reference=False` for losses without KL) and the rollout
@@ -310,7 +310,13 @@ def _generation(cfg: Any, slots: int, seq: int, chunk: int, tensor: int, c: int)
         return w + _per_call(cfg, rows, t, block) + 2 * rows * block * kv * cfg.head_dim * c
 
     return {"kv_cache": cache, "activations": max(call(1, chunk), call(slots, 1)),
-            "logits": 9 * slots * cfg.vocab_size + 8 * slots * DECODE_CHUNK}
+            "logits": slot_state_bytes(cfg, slots) + 8 * slots * DECODE_CHUNK}
+
+
+def slot_state_bytes(cfg: Any, slots: int) -> int:
+    """The decode slots' carried state (`qwq_jax.programs.SlotState`): token counts int32 and prompt
+    mask bool [slots, V], the pending token, tokens generated and lengths int32 [slots]."""
+    return slots * (5 * cfg.vocab_size + 12)
 
 
 # ---- the plan -----------------------------------------------------------------------------------------
@@ -683,11 +689,11 @@ def _gpu_mesh(topo: Topology, sizes: dict[str, int]):
 def _aot_extra(p: Plan, cfg: Any, program: str) -> int:
     """Bytes a compiled program does not hold as arguments or temporaries but its phase does (analytic)."""
     s = p.settings
-    # The decode slots' carried state (logits float32, token counts int32, prompt mask bool [b, V],
-    # replicated) stays on the device while a prefill runs; the prefill itself reads every weight,
-    # the output head included (it returns its last token's logits).
+    # The decode slots' carried state (`slot_state_bytes`, replicated) stays on the device while a
+    # prefill runs; the prefill itself reads every weight, the output head included (it returns its
+    # last token's logits).
     slots = s.get("rollout_batch", p.batch)
-    state = 9 * slots * cfg.vocab_size if program == "prefill" else 0
+    state = slot_state_bytes(cfg, slots) if program == "prefill" else 0
     if p.task == "generate":
         return state  # prefill and decode take the weights and the pool; the slot state is decode's
     upd = p.phases["update"]

@@ -2,10 +2,12 @@
 
     prefill  one chunk of one sequence `[1, C]` (C a bucket of the chunk's length) written into its
              pages at positions start..start+n-1; returns the logits of its last real token
+    insert   load a slot: its rows of the carried state (output counts, prompt mask, lengths) and
+             its first token, drawn from the prefill's logits (it streams before any decode call)
     decode   up to `steps` decode steps (a runtime bound) of every slot at once, inside one
-             `lax.while_loop`: draw a token from each slot's logits, count it, stop on EOS / stop
-             ids / max_tokens, feed it back (its keys/values into the slot's pages), next logits
-    insert   load a slot's rows of the carried per-slot state (logits, output counts, prompt mask)
+             `lax.while_loop`: feed each slot's pending token (its keys/values into the slot's
+             pages), draw the next from the new logits, count it, stop on EOS / stop ids /
+             max_tokens; the drawn token is the next step's pending one
     copy     copy one page to another in every layer (a shared prompt's partial last page)
 
 Every shape is fixed by the engine's settings (slots, pages, page-table width, the stop-id width)
@@ -46,11 +48,11 @@ class SlotInputs(NamedTuple):
 class SlotState(NamedTuple):
     """What decode carries from call to call per slot, on the device (`insert` loads a slot)."""
 
-    logits: jax.Array       # float32 [B, V]: the next token's logits
+    token: jax.Array        # int32 [B]: the last token drawn, not yet fed to the model
     counts: jax.Array       # int32 [B, V]: output token counts (penalties)
     prompt_mask: jax.Array  # bool [B, V]: tokens of the prompt (repetition penalty)
-    count: jax.Array        # int32 [B]: tokens generated
-    length: jax.Array       # int32 [B]: keys/values in the slot's pages
+    count: jax.Array        # int32 [B]: tokens generated (the pending one included)
+    length: jax.Array       # int32 [B]: keys/values in the slot's pages (the pending token's not yet)
 
 
 def unpack(packed: np.ndarray, chunk: int) -> tuple[np.ndarray, ...]:
@@ -107,44 +109,46 @@ class Programs:
             return (i < steps) & ~jnp.all(done)
 
         def body(carry):
-            i, done, count, length, finish, new, out, logp, logits, counts, pool = carry
-            keys = jax.vmap(lambda seed, k: jax.random.fold_in(jax.random.key(seed), k))(
-                slots.seeds, count.astype(jnp.uint32))
-            if self.replicated is not None:  # whole rows for the vocabulary sort of top-k/top-p: sorting
-                # across `tensor` shards (vocab-sharded logits) made a step on two CPU devices 10x slower
-                logits = jax.lax.with_sharding_constraint(logits, self.replicated)
-            tok = sample(logits, slots.arrays, keys, counts, state.prompt_mask).astype(jnp.int32)
-            tok = jnp.where(done, 0, tok)
-            column = jnp.where(done, c, i)  # done rows write nowhere (dropped)
-            out = out.at[rows, column].set(tok, mode="drop")
-            lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=1)[:, 0]
-            logp = logp.at[rows, column].set(lp, mode="drop")
-            live = ~done
-            counts = counts.at[rows, tok].add(live.astype(jnp.int32))
-            count = count + live
-            new = new + live
-            hit = jnp.any(tok[:, None] == slots.stop_ids, axis=1) & live
-            full = (count >= slots.max_tokens) & live & ~hit
-            finish = jnp.where(hit, STOP, jnp.where(full, LENGTH, finish))
-            done = done | hit | full
-            feed = ~done  # the token goes back in: its keys/values at position `length`
+            i, done, count, length, finish, new, out, logp, token, counts, pool = carry
+            feed = ~done  # the pending token goes in: its keys/values at position `length`
             positions = length[:, None]
             write = self._slots(slots.page_tables, positions, feed[:, None])
-            x, pages, _ = model.hidden_states(tok[:, None], positions,
+            x, pages, _ = model.hidden_states(token[:, None], positions,
                                               pages=Pages(pool, slots.page_tables, write, length + 1),
                                               rope=slots.rope, layers=layers)
-            logits = jnp.where(feed[:, None], model.logits(x)[:, 0], logits)
             length = length + feed
-            return i + 1, done, count, length, finish, new, out, logp, logits, counts, pages.pool
+            nxt, lp = self._draw(model.logits(x)[:, 0], slots.arrays, slots.seeds, count, counts, state.prompt_mask)
+            nxt = jnp.where(done, token, nxt)
+            column = jnp.where(done, c, i)  # done rows write nowhere (dropped)
+            out = out.at[rows, column].set(nxt, mode="drop")
+            logp = logp.at[rows, column].set(lp, mode="drop")
+            counts = counts.at[rows, nxt].add(feed.astype(jnp.int32))
+            count = count + feed
+            new = new + feed
+            hit = jnp.any(nxt[:, None] == slots.stop_ids, axis=1) & feed
+            full = (count >= slots.max_tokens) & feed & ~hit
+            finish = jnp.where(hit, STOP, jnp.where(full, LENGTH, finish))
+            return i + 1, done | hit | full, count, length, finish, new, out, logp, nxt, counts, pages.pool
 
         zeros = jnp.zeros((b,), jnp.int32)
         carry = (jnp.int32(0), ~slots.active, state.count, state.length, zeros, zeros,
-                 jnp.zeros((b, c), jnp.int32), jnp.zeros((b, c), jnp.float32), state.logits, state.counts, pool)
-        _, done, count, length, finish, new, out, logp, logits, counts, pool = jax.lax.while_loop(cond, body, carry)
+                 jnp.zeros((b, c), jnp.int32), jnp.zeros((b, c), jnp.float32), state.token, state.counts, pool)
+        _, done, count, length, finish, new, out, logp, token, counts, pool = jax.lax.while_loop(cond, body, carry)
         # One host transfer (see `unpack`): tokens, log-prob bits, new counts, lengths, finish reasons.
         packed = jnp.concatenate([out, jax.lax.bitcast_convert_type(logp, jnp.int32),
                                   jnp.stack([new, length, finish], axis=1)], axis=1)
-        return pool, self._placed(SlotState(logits, counts, state.prompt_mask, count, length)), packed
+        return pool, self._placed(SlotState(token, counts, state.prompt_mask, count, length)), packed
+
+    def _draw(self, logits, arrays, seeds, count, counts, prompt_mask):
+        """Each row's next token and its log-prob under the model (before penalties and
+        temperature); row b draws with the key `fold_in(key(seed_b), count_b)`."""
+        keys = jax.vmap(lambda seed, k: jax.random.fold_in(jax.random.key(seed), k))(seeds, count.astype(jnp.uint32))
+        if self.replicated is not None:  # whole rows for the vocabulary sort of top-k/top-p: sorting
+            # across `tensor` shards (vocab-sharded logits) made a step on two CPU devices 10x slower
+            logits = jax.lax.with_sharding_constraint(logits, self.replicated)
+        token = sample(logits, arrays, keys, counts, prompt_mask).astype(jnp.int32)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=1)[:, 0]
+        return token, lp
 
     def _placed(self, state: SlotState) -> SlotState:
         """The slot state as the engine places it (replicated on a mesh): decode and insert return
@@ -153,10 +157,16 @@ class Programs:
             return state
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.replicated), state)
 
-    def _insert_fn(self, state: SlotState, slot, logits, counts, prompt_mask, count, length) -> SlotState:
-        return self._placed(SlotState(state.logits.at[slot].set(logits.reshape(-1).astype(state.logits.dtype)),
-                                      state.counts.at[slot].set(counts), state.prompt_mask.at[slot].set(prompt_mask),
-                                      state.count.at[slot].set(count), state.length.at[slot].set(length)))
+    def _insert_fn(self, state: SlotState, slot, logits, counts, prompt_mask, count, length, arrays, seed):
+        """Slot `slot` for a sequence with `count` tokens generated (their `counts`), `length`
+        keys/values in its pages and `logits [1, V]` for its next token, drawn here: returns the
+        state and `[token, log-prob bits]` (int32 [2])."""
+        token, lp = self._draw(logits.reshape(1, -1).astype(jnp.float32), arrays, seed.reshape(1), count.reshape(1),
+                               counts[None], prompt_mask[None])
+        state = SlotState(state.token.at[slot].set(token[0]), state.counts.at[slot].set(counts.at[token[0]].add(1)),
+                          state.prompt_mask.at[slot].set(prompt_mask), state.count.at[slot].set(count + 1),
+                          state.length.at[slot].set(length))
+        return self._placed(state), jnp.stack([token[0], jax.lax.bitcast_convert_type(lp[0], jnp.int32)])
 
     @staticmethod
     def _copy_fn(pool, src, dst):

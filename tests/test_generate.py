@@ -152,7 +152,7 @@ def test_lowering_with_abstract_weights(model, layer_loop):
     prefill = engine.lower_prefill(2, 32, 64).compile()
     weights = sum(x.size * 4 for x in jax.tree.leaves(nnx.state(model)))
     cache = 2 * CFG.num_layers * 2 * 64 * CFG.num_kv_heads * CFG.head_dim * 4  # 2 x 4 pages of 16 tokens, k + v
-    small = 2 * CFG.vocab_size * (4 + 4 + 1)  # logits, counts, prompt mask (decode only)
+    small = 2 * CFG.vocab_size * (4 + 1) + 2 * 3 * 4  # the slots: counts, prompt mask, 3 ints (decode only)
     for compiled in (decode, prefill):
         used = weights
         args = compiled.memory_analysis().argument_size_in_bytes

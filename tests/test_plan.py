@@ -130,9 +130,10 @@ def test_kv_cache_by_hand():
     # Whole pages: 1000 tokens take 63 pages of 16 = 1008 tokens per sequence.
     p = plan(QWQ, "generate", "h100x8", 1000, 2, mesh="tensor=8", prefill_chunk=512)
     assert p.phases["generate"]["kv_cache"] == 2 * L * 2 * 1008 * 1 * D * 2
-    # The decode slots' carried state: logits float32, token counts int32, prompt mask bool [2, V],
-    # + one decode call's outputs (16 steps of tokens int32 and log-probs float32 per slot).
-    assert p.phases["generate"]["logits"] == 2 * V * (4 + 4 + 1) + 2 * 16 * (4 + 4)
+    # The decode slots' carried state: token counts int32, prompt mask bool [2, V], pending token,
+    # tokens generated, lengths int32 [2]; + one decode call's outputs (16 steps of tokens int32 and
+    # log-probs float32 per slot).
+    assert p.phases["generate"]["logits"] == 2 * (V * (4 + 1) + 3 * 4) + 2 * 16 * (4 + 4)
 
 
 def test_fits_and_does_not_fit():
@@ -158,7 +159,7 @@ def test_fits_and_does_not_fit():
     p = plan(QWQ, "generate", "h100x8", 131072, 1, mesh="tensor=8", prefill_chunk=4096)
     assert p.phases["generate"]["activations"] == layer + per_call + pages == 401_735_680
     assert p.fits and p.phases["generate"]["kv_cache"] == cache // 8
-    assert p.phases["generate"]["logits"] == 9 * V + 8 * 16
+    assert p.phases["generate"]["logits"] == 5 * V + 12 + 8 * 16
     # Without --prefill-chunk the engine's default, 2048 tokens per call, is planned.
     import inspect
 
@@ -201,7 +202,7 @@ def test_train_categories_by_hand():
     # Rollout: the engine's pool for all 8 sequences on every device (not split over fsdp), 64 tokens,
     # 4 / 4 KV heads of 8, bf16; its 8 slots' state [8, 512] (logits, counts, prompt mask).
     assert p.phases["rollout"]["kv_cache"] == 2 * 2 * 8 * 64 * 1 * 8 * 2
-    assert p.phases["rollout"]["logits"] == 9 * 8 * 512 + 8 * 8 * 16
+    assert p.phases["rollout"]["logits"] == 8 * (5 * 512 + 12) + 8 * 8 * 16
     assert p.phases["rollout"]["gradients"] == 0 and upd["kv_cache"] == 0
     assert p.total == max(sum(ph.values()) for ph in p.phases.values())
 
@@ -298,7 +299,7 @@ def test_aot_compiles_with_the_real_tpu_compiler():
     per_layer = 256 * 2 * 128 + 2 * 128 + 2 * (256 * 128 + 128) + 2 * 128 * 256 + 3 * 256 * 256 + 2 * 256
     weights = (2 * per_layer + 2 * 512 * 256 + 256) * 2
     cache = 2 * (2 * 1 * 32 * 16 * 128 * 2)
-    state = 2 * 1024 * (4 + 4 + 1)  # the decode slots' logits, token counts, prompt mask [2, 1024]
+    state = 2 * (1024 * (4 + 1) + 3 * 4)  # the slots' token counts, prompt mask [2, 1024]; 3 ints each
     assert p.phases["generate"]["params"] == weights and p.phases["generate"]["kv_cache"] == cache
     # The prefill takes every weight (it computes its last token's logits: final norm and lm_head too),
     # the pool, and small arrays (one row's tokens [1, 64], start, length, page table [1, 16], rope
@@ -320,7 +321,7 @@ def test_aot_compiles_with_the_real_tpu_compiler():
     assert t.aot["programs"]["update"]["alias"] >= upd["params"] + upd["optimizer"]
     extra = {"update": upd["reference"] + upd["engine_params"],
              "decode": upd["params"] + upd["optimizer"] + upd["reference"]}
-    extra["prefill"] = extra["decode"] + 9 * 4 * 512  # + the 4 rollout slots' state [4, V = 512]
+    extra["prefill"] = extra["decode"] + 4 * (5 * 512 + 12)  # + the 4 rollout slots' state (V = 512)
     assert t.total == max(m["peak"] + extra[n] for n, m in t.aot["programs"].items())
     assert t.aot["extra"] == extra[t.aot["program"]]
 
@@ -350,12 +351,12 @@ def test_aot_gpu_path_compiles_on_cpu_devices(monkeypatch):
     params = p.phases["generate"]["params"]
     assert p.phases["generate"]["kv_cache"] == cache
     assert p.aot["programs"]["prefill"]["argument"] == params + cache + small
-    # The decode: also the 2 slots' state [2, 512] (float32 logits, int32 counts, bool prompt mask)
-    # and their inputs: active [2] bool; count, length, max_tokens, seeds [2] 4-byte; stop ids
-    # [2, 8]; 7 sampling parameters [2]; rope [2, 1, 4], [2, 1, 1] float32; page tables [2, 4];
-    # the step count (XLA's CPU compiler adds a few bytes of its own: at most 64).
-    state = 2 * 512 * 9
-    slots = 2 + 4 * 2 * 4 + 2 * 8 * 4 + 7 * 2 * 4 + 2 * 4 * 4 + 2 * 4 + 2 * 4 * 4 + 4
+    # The decode: also the 2 slots' state (int32 counts and bool prompt mask [2, 512]; pending token,
+    # tokens generated, length [2] int32) and their inputs: active [2] bool; max_tokens, seeds [2]
+    # 4-byte; stop ids [2, 8]; 7 sampling parameters [2]; rope [2, 1, 4], [2, 1, 1] float32; page
+    # tables [2, 4]; the step count (XLA's CPU compiler adds a few bytes of its own: at most 64).
+    state = 2 * (512 * 5 + 3 * 4)
+    slots = 2 + 2 * 2 * 4 + 2 * 8 * 4 + 7 * 2 * 4 + 2 * 4 * 4 + 2 * 4 + 2 * 4 * 4 + 4
     assert 0 <= p.aot["programs"]["decode"]["argument"] - (params + cache + state + slots) <= 64
     assert p.aot["extra"] == (state if p.aot["program"] == "prefill" else 0)
     assert p.phases["generate"]["params"] < param_bytes(TINY, "generate", sizes(tensor=2), "bfloat16")
