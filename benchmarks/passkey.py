@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python benchmarks/passkey.py: error: {e}", file=sys.stderr)
         return 1
     model.config = cfg  # the engine reads the rotary set-up from here
-    engine = Engine(model, tokenizer, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk)
+    engine = Engine(model, tokenizer, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
+                    max_num_seqs=1)  # one prompt at a time: one decode slot
     original = cfg.original_max_position_embeddings
     rng = np.random.default_rng(args.seed)
     runs = [(n, d) for n in args.lengths for d in args.depths]
