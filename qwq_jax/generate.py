@@ -160,6 +160,7 @@ class StreamEvent:
     finish_reason: str | None
     prompt_index: int | None = None        # the prompt's index in `stream()`'s list; None from add_request
     completion: Completion | None = None   # on the finishing event
+    logprobs: list[float] = dataclasses.field(default_factory=list)  # of token_ids, under the model
 
 
 class Engine:
@@ -548,13 +549,14 @@ class Engine:
                 reason = "stop"
         if reason is not None:
             self.scheduler.finish(seq, reason, stop_reason)
-        event = self._event(seq, seq.tokens[seq.emitted:], finished=reason is not None)
+        event = self._event(seq, seq.tokens[seq.emitted:], finished=reason is not None,
+                            logprobs=seq.logprobs[seq.emitted:])
         seq.emitted = len(seq.tokens)
         return [event]
 
-    def _event(self, seq: Seq, new: list[int], finished: bool) -> StreamEvent:
+    def _event(self, seq: Seq, new: list[int], finished: bool, logprobs: Sequence[float] = ()) -> StreamEvent:
         return StreamEvent(seq.request.id, seq.index, list(new), finished, seq.finish_reason if finished else None,
-                           seq.request.tag, self._completion(seq) if finished else None)
+                           seq.request.tag, self._completion(seq) if finished else None, list(logprobs))
 
     def _completion(self, seq: Seq) -> Completion:
         ids = list(seq.tokens)
