@@ -33,6 +33,12 @@ computed (a group of n shares one prefill of its prompt: equal when sharing work
 time per decode step with every slot busy (median over sequences of the time from the first
 delivery to the last over the tokens after the first delivery).
 
+`--http`: the continuous engine also serves every workload through `python -m qwq_jax.serve`'s
+server (started in the same process on 127.0.0.1, `qwq_jax.serve.start_in_thread`), driven by the
+real `openai` client: each request a streamed `/v1/completions` call sent at its arrival time, its
+tokens counted from the chunks' logprobs and timed as they reach the client (policy "http"; ratio
+lines http/continuous: what HTTP, JSON and server-sent events cost).
+
 Lines: one per (impl, policy, workload, arrival, n); ratio lines continuous/static and
 continuous/hf (generated tokens/s; decode_step_s for full_occupancy); a summary line with the
 targets (reported, not asserted): continuous >= 2x static on the skewed workloads, groups' prefill
@@ -40,6 +46,7 @@ tokens computed == prompt tokens.
 
     python benchmarks/serving.py --preset qwq-32b                    # one GPU / TPU
     python benchmarks/serving.py --tiny                              # CPU smoke run (CI)
+    python benchmarks/serving.py --preset qwq-32b --impl ours --http  # in-process and through HTTP
 """
 
 from __future__ import annotations
@@ -263,6 +270,77 @@ def row_key(workload: str, arrival: str, n: int) -> str:
     return f"{workload}/{arrival}/n{n}"
 
 
+def serve_http(url: str, engine: Any, requests: list[Request], params_of, label: str) -> tuple[Timeline, dict]:
+    """`serve`, through the HTTP server at `url` on `engine`: one streamed /v1/completions call per
+    request at its arrival time (the real `openai` client); tokens timed as the client gets them."""
+    import asyncio
+    import types
+
+    import httpx
+    import openai
+    from tqdm import tqdm
+
+    before = engine.stats()
+    bar = tqdm(total=sum(r.max_tokens * r.n for r in requests), desc=label, unit="tok", file=sys.stderr,
+               leave=False, mininterval=0.5)
+
+    async def one(client, r: Request, timeline: Timeline) -> None:
+        await asyncio.sleep(max(0.0, timeline.start + r.arrival_s - time.perf_counter()))
+        p = params_of(r)
+        stream = await client.completions.create(model="bench", prompt=r.prompt, max_tokens=p.max_tokens, n=p.n,
+                                                 seed=p.seed, temperature=p.temperature, stream=True, logprobs=0)
+        async for chunk in stream:
+            at = time.perf_counter()
+            for c in chunk.choices:
+                k = len(c.logprobs.tokens) if c.logprobs is not None else 0
+                timeline.record(types.SimpleNamespace(request_id=r.request_id, sample_index=c.index, token_ids=[0] * k,
+                                                      finished=c.finish_reason is not None,
+                                                      finish_reason=c.finish_reason), at)
+                bar.update(k)
+
+    async def drive() -> Timeline:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(limits=limits, timeout=None) as http:
+            client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, http_client=http)
+            timeline = Timeline(requests, time.perf_counter())
+            await asyncio.gather(*(one(client, r, timeline) for r in requests))
+            return timeline
+
+    try:
+        timeline = asyncio.run(drive())
+    finally:
+        bar.close()
+    after = engine.stats()
+    figures = {k: after[k] - before[k] for k in ("prompt_tokens", "prefill_tokens_computed", "prefix_cache_hit_tokens",
+                                                  "preemptions", "steps", "compilations")}
+    figures["compilations_during_run"] = figures.pop("compilations")
+    figures.update(num_pages=after["pages_total"], page_size=after["page_size"])
+    return timeline, figures
+
+
+def run_http(args, engine: Any, vocab: int, params_of, rates: dict) -> dict:
+    """Every workload through the HTTP server on `engine` (the continuous one, warmed up)."""
+    from qwq_jax.serve import start_in_thread
+    from qwq_jax.tokenizer import ByteTokenizer
+
+    url, stop = start_in_thread(engine, ByteTokenizer(), name="bench")
+    rows = {}
+    try:
+        for workload, arrival, n in workloads(args):
+            key = row_key(workload, arrival, n)
+            try:
+                requests = workload_for(args, vocab, workload, arrival, n, rates, tag=f"http-{workload}-{arrival}-n{n}-")
+                timeline, figures = serve_http(url, engine, requests, params_of, f"http {key}")
+                rows[key] = {"requests": len(requests), **timeline.metrics(), **figures,
+                             "rate_per_s": rates.get(str(n)) if arrival == "poisson" else None,
+                             **length_figures(requests)}
+            except Exception as e:  # noqa: BLE001 - the other runs still go
+                rows[key] = {"error": error_line(e)}
+    finally:
+        stop()
+    return rows
+
+
 # ---- ours ------------------------------------------------------------------------------------
 def warm_up(engine: Any, args, vocab: int, params_of, rates: dict) -> None:
     """Compile what the runs will use: every run's requests (the same prompt lengths and n, so the same
@@ -299,10 +377,14 @@ def run_ours(args) -> dict:
             engines[policy] = {"warmup_s": time.perf_counter() - t0,
                                "compilations_warmup": engine.stats().get("compilations")}
             runs = run_all(args, engine, policy, params_of, cfg.vocab_size, rates)
+            http = run_http(args, engine, cfg.vocab_size, params_of, rates) if args.http and policy == "continuous" \
+                else {}
         except Exception as e:
             engines[policy] = {"error": error_line(e)}
             runs = {row_key(*w): {"error": error_line(e)} for w in workloads(args)}
+            http = {}
         rows.update({f"{policy}/{k}": {**engines[policy], **v} for k, v in runs.items()})
+        rows.update({f"http/{k}": {**engines[policy], **v} for k, v in http.items()})
         engine = None
         gc.collect()
     return {"rows": rows, "rates": rates, "device": device_kind("ours")}
@@ -451,6 +533,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="weights, activations and KV cache on both sides (--tiny: float32)")
     p.add_argument("--seed", type=int, default=0, help="workload, weights and sampling seed")
+    p.add_argument("--http", action="store_true",
+                   help="also serve every workload through the OpenAI-compatible HTTP server on the continuous "
+                        "engine, driven by the openai client (policy 'http')")
     p.add_argument("--rates", type=json.loads, default=None, help=argparse.SUPPRESS)  # the parent's resolved rates
     args = p.parse_args()
     if args.tiny:
@@ -498,6 +583,9 @@ def main() -> None:
     for w in workloads(args):
         name = "decode_step_s" if w[0] == "full_occupancy" else "generated_tokens_per_s"
         label = row_key(*w)
+        r = ratio(figure("ours", "http", w, name), figure("ours", "continuous", w, name))
+        if r is not None:
+            emit({**common, "ratio": "http/continuous", "workload": w[0], "arrival": w[1], "n": w[2], name: r})
         for other, impl, policy in (("static", "ours", "static"), ("hf", "hf", "static")):
             r = ratio(figure("ours", "continuous", w, name), figure(impl, policy, w, name))
             if r is not None:

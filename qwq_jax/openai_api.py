@@ -64,6 +64,7 @@ class Context:
     max_model_len: int                # prompt + max_tokens at most
     max_tokens_cap: int               # the most tokens one sequence can hold in the page pool
     default_max_tokens: int | None = None  # None: what is left of the context (as vLLM)
+    vocab_size: int | None = None     # the model's (prompt token ids are checked against it)
     max_logprobs: int = 0             # top_logprobs: 0 = only the chosen tokens' log-probabilities
 
 
@@ -299,7 +300,7 @@ def parse_completion(body: Any, ctx: Context) -> Parsed:
         raise _bad("the request body must be a JSON object", None)
     _unsupported(body)
     prompt = body.get("prompt")
-    vocab = ctx.tokenizer.vocab_size
+    vocab = ctx.vocab_size or ctx.tokenizer.vocab_size
 
     def ids_list(x: Any) -> bool:
         return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)

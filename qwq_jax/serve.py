@@ -584,7 +584,43 @@ def _context(ckpt: Path, tokenizer: Any, engine: Any, name: str) -> Context:
     own_max = sources["max_tokens"]["source"] != "default"
     cap = (engine.num_pages - 1) * engine.page_size  # one sequence alone, with a page to spare for n > 1
     return Context(name, tokenizer, defaults, engine.max_model_len, cap,
-                   default_max_tokens=defaults.max_tokens if own_max else None)
+                   default_max_tokens=defaults.max_tokens if own_max else None, vocab_size=engine.config.vocab_size)
+
+
+def start_in_thread(engine: Any, tokenizer: Any, *, name: str = "model", host: str = "127.0.0.1", port: int = 0,
+                    max_waiting: int = 1 << 20, defaults: Any = None) -> tuple[str, Any]:
+    """The server on `engine`, in this process (benchmarks, notebooks): returns (base URL ending in
+    /v1, stop). `tokenizer` turns tokens into text (a ByteTokenizer will do for random weights)."""
+    import socket
+
+    import uvicorn
+
+    from qwq_jax.sampling import SamplingParams
+
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    runner = Runner(engine, Metrics(), max_waiting=max_waiting)
+    ctx = Context(name, tokenizer, defaults or SamplingParams(), engine.max_model_len,
+                  (engine.num_pages - 1) * engine.page_size, vocab_size=engine.config.vocab_size)
+    server = uvicorn.Server(uvicorn.Config(build_app(Server(runner, ctx)), host=host, port=port, log_level="warning",
+                                           lifespan="off"))
+    runner.start()
+    thread = threading.Thread(target=server.run, name="qwq-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            runner.stop()
+            raise RuntimeError(f"the server could not start on {host}:{port}")
+        time.sleep(0.01)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(30)
+        runner.stop()
+
+    return f"http://{host}:{port}/v1", stop
 
 
 class _Uvicorn:

@@ -285,13 +285,18 @@ def test_device_suite_bad_usage_is_one_line():
 def test_serving_tiny():
     """benchmarks/serving.py: our engine's continuous and static policies and HF generate on the same
     skewed workloads (all at once, Poisson; n=1, groups of 16) and the full-occupancy run."""
-    lines = run_bench("serving.py")
+    lines = run_bench("serving.py", "--http")
     rows, ratios = split(lines)
     runs = [("skewed", a, n) for n in (1, 16) for a in ("all", "poisson")] + [("full_occupancy", "all", 1)]
-    ours = [r for r in rows if r["impl"] == "qwq-jax"]
+    http = [r for r in rows if r["policy"] == "http"]
+    ours = [r for r in rows if r["impl"] == "qwq-jax" and r["policy"] != "http"]
     hf = [r for r in rows if r["impl"] == "hf-transformers-sdpa"]
     assert [(r["policy"], r["workload"], r["arrival"], r["n"]) for r in ours] == \
         [(p, *w) for p in ("continuous", "static") for w in runs]
+    # --http: the same workloads through the server and the openai client, every token counted
+    assert [(r["impl"], r["workload"], r["arrival"], r["n"]) for r in http] == [("qwq-jax", *w) for w in runs]
+    for r in http:
+        assert r["prefill_tokens_computed"] == r["prompt_tokens"] and r["compilations_during_run"] == 0, r
     assert [(r["policy"], r["workload"], r["arrival"], r["n"]) for r in hf] == [("static", *w) for w in runs]
     for r in rows:
         assert "error" not in r, r
@@ -316,7 +321,7 @@ def test_serving_tiny():
     for r in hf:
         assert r["prefill_tokens_computed"] >= r["prompt_tokens"] * r["n"]  # each row its own (padded) prompt
     assert [(r["ratio"], r["workload"], r["arrival"], r["n"]) for r in ratios] == \
-        [(q, *w) for w in runs for q in ("continuous/static", "continuous/hf")]
+        [(q, *w) for w in runs for q in ("http/continuous", "continuous/static", "continuous/hf")]
     assert all((r.get("generated_tokens_per_s") or r.get("decode_step_s")) > 0 for r in ratios)
     summary = lines[-1]
     assert summary["summary"] and summary["groups_prefill_equals_prompt"] == \

@@ -1,0 +1,61 @@
+"""qwq_jax.openai_api without a server: streamed fields add up to the final ones, tool-call parsing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from qwq_jax.openai_api import ChoiceStream, OutputFields, parse_tool_calls
+
+CALL = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+CASES = [  # (text, in_think, tools, stops, (reasoning, content) by hand)
+    ("Let me see.\n\nIt is 4.\n</think>\n\nThe answer is 4.", True, False, (), ("Let me see.\n\nIt is 4.", "The answer is 4.")),
+    ("<think>\nhmm\n</think>\nyes", False, False, (), ("hmm", "yes")),
+    ("still thinking when cut off", True, False, (), ("still thinking when cut off", "")),
+    ("plain answer with </thin in it", False, False, (), (None, "plain answer with </thin in it")),
+    ("a <b> c", False, False, (), (None, "a <b> c")),
+    ("ok</think>Sure.\n\n" + CALL, True, True, (), ("ok", "Sure.")),
+    ("Answer: 42. STOP", False, False, ("STOP",), (None, "Answer: 42. STOP")),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_checkpoint):
+    from qwq_jax import checkpoint
+
+    return checkpoint.load_tokenizer(demo_checkpoint)
+
+
+@pytest.mark.parametrize("text,in_think,tools,stops,want", CASES)
+def test_streamed_deltas_concatenate_to_the_final_fields(tokenizer, text, in_think, tools, stops, want):
+    fields = OutputFields(in_think=in_think, tools=tools)
+    reasoning, content, calls = fields.final(text)
+    assert (reasoning, content) == want
+    ids = tokenizer.encode(text)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # random event boundaries
+        cuts = sorted(set(rng.integers(0, len(ids) + 1, size=4).tolist()) | {0, len(ids)})
+        s = ChoiceStream(tokenizer, fields, stops, eos=())
+        got = ["", ""]
+        for a, b in zip(cuts, cuts[1:]):
+            r, c = s.push(ids[a:b])
+            got[0] += r
+            got[1] += c
+        r, c, final_calls = s.finish(text)
+        got[0] += r
+        got[1] += c
+        assert got == [reasoning or "", content or ""]
+        assert [x["function"] for x in final_calls] == [x["function"] for x in calls]
+
+
+def test_tool_calls_parse_and_bad_ones_stay_text():
+    before, calls = parse_tool_calls("I'll look.\n" + CALL + CALL.replace('"f"', '"g"'))
+    assert before == "I'll look."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("f", {"x": 1}),
+                                                                                                   ("g", {"x": 1})]
+    assert parse_tool_calls(CALL)[0] is None
+    broken = "<tool_call>{not json}</tool_call>"
+    assert parse_tool_calls(broken) == (broken, [])
+    assert parse_tool_calls('<tool_call>{"arguments": {}}</tool_call>')[1] == []  # no name
+    # A block cut off by max_tokens after complete JSON still parses (as vLLM's hermes parser does).
+    assert parse_tool_calls('<tool_call>{"name": "f", "arguments": {}}')[1][0]["function"]["name"] == "f"
