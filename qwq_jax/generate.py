@@ -147,6 +147,7 @@ class Completion:
     text: str | None = None           # decoded, when the engine has a tokenizer
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[float] | None = None   # log-prob of each token under the model (before temperature etc.)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, the `params.logprobs` likeliest
 
 
 @dataclasses.dataclass
@@ -161,6 +162,7 @@ class StreamEvent:
     prompt_index: int | None = None        # the prompt's index in `stream()`'s list; None from add_request
     completion: Completion | None = None   # on the finishing event
     logprobs: list[float] = dataclasses.field(default_factory=list)  # of token_ids, under the model
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # when asked for
 
 
 class Engine:
@@ -173,7 +175,8 @@ class Engine:
                  chunk: int = 16, prefill_chunk: int | None = PREFILL_CHUNK, max_prefill_tokens: int | None = None,
                  prefix_caching: bool = True, policy: str = "continuous", rope_scaling: str = "auto",
                  layer_loop: str = "scan", donate_weights: bool = False,
-                 on_compile: Callable[[str, str, dict], None] | None = None, seed: int | None = None):
+                 on_compile: Callable[[str, str, dict], None] | None = None, seed: int | None = None,
+                 max_logprobs: int = 0):
         if rope_scaling not in ROPE_MODES:
             raise ValueError(f"rope_scaling={rope_scaling!r} must be one of {', '.join(ROPE_MODES)}")
         if layer_loop not in LAYER_LOOPS:
@@ -220,7 +223,10 @@ class Engine:
             from jax.sharding import NamedSharding, PartitionSpec
 
             replicated = NamedSharding(mesh, PartitionSpec())
-        self.programs = Programs(self.graphdef, chunk, page_size, replicated)
+        if not isinstance(max_logprobs, int) or max_logprobs < 0:
+            raise ValueError(f"max_logprobs={max_logprobs!r} must be an int >= 0")
+        self.max_logprobs = max_logprobs  # SamplingParams.logprobs at most (0: only the chosen tokens')
+        self.programs = Programs(self.graphdef, chunk, page_size, replicated, top_logprobs=max_logprobs)
         self.prefix_caching, self.policy = prefix_caching, policy
         self.max_prefill_tokens = max_prefill_tokens or self.prefill_chunk
         self.eos_token_ids = self._eos_ids()
@@ -373,6 +379,9 @@ class Engine:
             raise ValueError(f"{what} has token ids outside 0..{self.config.vocab_size - 1}")
         params = params or SamplingParams()
         params.validate(prompt_tokens=len(ids), max_context=self.max_model_len)
+        if params.logprobs > self.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} is more than this engine's max_logprobs="
+                             f"{self.max_logprobs} (Engine(max_logprobs=...))")
         need = self.pages.pages_for(len(ids) + params.max_tokens - 1) + (1 if params.n > 1 else 0)
         if need > self.num_pages:
             raise ValueError(f"{what} ({len(ids)} tokens) with max_tokens={params.max_tokens} needs {need} pages "
@@ -491,7 +500,15 @@ class Engine:
         first = _to_host(first)
         token, logp = int(first[0]), float(first[1:2].view(np.float32)[0])
         finish = STOP if token in stops else LENGTH if len(seq.tokens) + 1 >= params.max_tokens else 0
-        return self._emit(seq, [token], [logp], seq.length, finish)
+        top = None
+        if params.logprobs:
+            k = self.max_logprobs
+            top = [self._top(first[2:2 + k], first[2 + k:].view(np.float32), params.logprobs)]
+        return self._emit(seq, [token], [logp], seq.length, finish, top)
+
+    @staticmethod
+    def _top(ids: np.ndarray, logprobs: np.ndarray, count: int) -> list[tuple[int, float]]:
+        return [(int(i), float(v)) for i, v in zip(ids[:count], logprobs[:count])]
 
     def _slot_inputs(self) -> SlotInputs:
         """The slots' inputs for a decode call: a slot is active only while a running sequence holds
@@ -524,20 +541,25 @@ class Engine:
         t0, c0 = time.perf_counter(), CLOCK.seconds
         self.pool, self.slot_state, packed = self.programs.decode(self._weights(), self.pool, self.slot_state,
                                                                   self._slot_inputs(), np.int32(steps))
-        out, logp, new, length, finish = unpack(_to_host(packed), self.chunk)
+        out, logp, new, length, finish, *top = unpack(_to_host(packed), self.chunk, self.max_logprobs)
         self._counters["decode_s"] += time.perf_counter() - t0 - (CLOCK.seconds - c0)
         events = []
         for seq in self.scheduler.running:
             b = seq.slot
             k = int(new[b])
             if k:
-                events += self._emit(seq, out[b, :k].tolist(), logp[b, :k].tolist(), int(length[b]), int(finish[b]))
+                want = seq.request.params.logprobs
+                tops = [self._top(top[0][b, j], top[1][b, j], want) for j in range(k)] if want else None
+                events += self._emit(seq, out[b, :k].tolist(), logp[b, :k].tolist(), int(length[b]), int(finish[b]),
+                                     tops)
         return events
 
-    def _emit(self, seq: Seq, tokens: list[int], logprobs: list[float], length: int, finish: int
-              ) -> list[StreamEvent]:
+    def _emit(self, seq: Seq, tokens: list[int], logprobs: list[float], length: int, finish: int,
+              top: list | None = None) -> list[StreamEvent]:
         """Record a sequence's new tokens; end it on a finish code (STOP, LENGTH) or a stop string."""
         self.scheduler.advance(seq, tokens, logprobs, length)
+        if top is not None:
+            seq.top_logprobs += top
         self._counters["generated_tokens"] += len(tokens)
         reason = FINISH_REASONS.get(finish)
         stop_reason = seq.tokens[-1] if reason == "stop" else None
@@ -545,18 +567,19 @@ class Engine:
             cut = self._find_stop(seq.tokens, seq.emitted, seq.request.params.stop)
             if cut is not None:
                 keep, stop_reason = cut
-                del seq.tokens[keep:], seq.logprobs[keep:]
+                del seq.tokens[keep:], seq.logprobs[keep:], seq.top_logprobs[keep:]
                 reason = "stop"
         if reason is not None:
             self.scheduler.finish(seq, reason, stop_reason)
         event = self._event(seq, seq.tokens[seq.emitted:], finished=reason is not None,
-                            logprobs=seq.logprobs[seq.emitted:])
+                            logprobs=seq.logprobs[seq.emitted:], top=seq.top_logprobs[seq.emitted:])
         seq.emitted = len(seq.tokens)
         return [event]
 
-    def _event(self, seq: Seq, new: list[int], finished: bool, logprobs: Sequence[float] = ()) -> StreamEvent:
+    def _event(self, seq: Seq, new: list[int], finished: bool, logprobs: Sequence[float] = (),
+               top: Sequence = ()) -> StreamEvent:
         return StreamEvent(seq.request.id, seq.index, list(new), finished, seq.finish_reason if finished else None,
-                           seq.request.tag, self._completion(seq) if finished else None, list(logprobs))
+                           seq.request.tag, self._completion(seq) if finished else None, list(logprobs), list(top))
 
     def _completion(self, seq: Seq) -> Completion:
         ids = list(seq.tokens)
@@ -565,7 +588,8 @@ class Engine:
             text = self.tokenizer.decode([t for t in ids if t not in self.eos_token_ids], skip_special_tokens=True)
             if isinstance(seq.stop_reason, str) and seq.stop_reason in text:
                 text = text[: text.index(seq.stop_reason)]
-        return Completion(ids, seq.finish_reason, len(seq.prompt), text, seq.stop_reason, list(seq.logprobs))
+        return Completion(ids, seq.finish_reason, len(seq.prompt), text, seq.stop_reason, list(seq.logprobs),
+                          list(seq.top_logprobs) if seq.request.params.logprobs else None)
 
     # ---- all at once -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = None,

@@ -65,7 +65,7 @@ class Context:
     max_tokens_cap: int               # the most tokens one sequence can hold in the page pool
     default_max_tokens: int | None = None  # None: what is left of the context (as vLLM)
     vocab_size: int | None = None     # the model's (prompt token ids are checked against it)
-    max_logprobs: int = 0             # top_logprobs: 0 = only the chosen tokens' log-probabilities
+    max_logprobs: int = 0             # top_logprobs at most (the engine's max_logprobs)
 
 
 @dataclasses.dataclass
@@ -262,16 +262,10 @@ def _logprobs_chat(body: dict, ctx: Context) -> int | None:
     if not on:
         return None
     top = top or 0
-    _top_supported(top, ctx, "top_logprobs")
     if not 0 <= top <= ctx.max_logprobs:
-        raise _bad(f"top_logprobs must be in [0, {ctx.max_logprobs}], got {top}", "top_logprobs")
+        raise _bad(f"top_logprobs must be in [0, {ctx.max_logprobs}] (the server's --max-logprobs), got {top}",
+                   "top_logprobs")
     return top
-
-
-def _top_supported(top: int, ctx: Context, name: str) -> None:
-    if top > 0 and ctx.max_logprobs == 0:
-        raise _bad(f"{name}={top}: alternatives per token are not returned by this server; "
-                   f"{name}=0 gives the chosen tokens' log-probabilities", name)
 
 
 def parse_chat(body: Any, ctx: Context) -> Parsed:
@@ -290,7 +284,7 @@ def parse_chat(body: Any, ctx: Context) -> Parsed:
     ids = ctx.tokenizer.encode(prompt)
     stream, usage = _stream_flags(body)
     logprobs = _logprobs_chat(body, ctx)
-    params = _sampling(body, ctx, len(ids))
+    params = dataclasses.replace(_sampling(body, ctx, len(ids)), logprobs=logprobs or 0)
     return Parsed([ids], [prompt], params, stream, usage, logprobs, ctx.tokenizer.prompt_ends_in_think(prompt),
                   tools is not None, chat=True)
 
@@ -329,12 +323,11 @@ def parse_completion(body: Any, ctx: Context) -> Parsed:
             texts.append(ctx.tokenizer.decode(p))
     stream, usage = _stream_flags(body)
     logprobs = _field(body, "logprobs", (int,), "an integer")
-    if logprobs is not None:
-        _top_supported(logprobs, ctx, "logprobs")
     if logprobs is not None and not 0 <= logprobs <= ctx.max_logprobs:
-        raise _bad(f"logprobs must be in [0, {ctx.max_logprobs}], got {logprobs}", "logprobs")
+        raise _bad(f"logprobs must be in [0, {ctx.max_logprobs}] (the server's --max-logprobs), got {logprobs}",
+                   "logprobs")
     echo = _field(body, "echo", (bool,), "true or false", False)
-    params = _sampling(body, ctx, max(len(i) for i in ids))
+    params = dataclasses.replace(_sampling(body, ctx, max(len(i) for i in ids)), logprobs=logprobs or 0)
     return Parsed(ids, texts, params, stream, usage, logprobs, False, False, echo, chat=False)
 
 
@@ -455,17 +448,26 @@ def reasoning_tokens(tokenizer: Any, token_ids: list[int], in_think: bool, eos: 
     return len(token_ids) if opened else 0
 
 
-def token_logprobs(tokenizer: Any, ids: list[int], logprobs: list[float], chat: bool) -> Any:
-    """The `logprobs` object of a choice (the chosen tokens' log-probabilities)."""
-    strings = [tokenizer.decode([t]) for t in ids]
+def token_logprobs(tokenizer: Any, ids: list[int], logprobs: list[float], chat: bool,
+                   top: list[list[tuple[int, float]]] | None = None) -> Any:
+    """The `logprobs` object of a choice: the chosen tokens' log-probabilities and, with `top`, each
+    step's likeliest tokens with theirs (chat: `top_logprobs` lists; completions: {token: logprob})."""
+    def text(t: int) -> str:
+        return tokenizer.decode([t])
+
+    strings = [text(t) for t in ids]
     if chat:
-        return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
-                            for s, lp in zip(strings, logprobs)]}
+        def entry(s: str, lp: float) -> dict:
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+        return {"content": [{**entry(s, lp), "top_logprobs": [entry(text(t), v) for t, v in (top[k] if top else [])]}
+                            for k, (s, lp) in enumerate(zip(strings, logprobs))]}
     offsets, at = [], 0
     for s in strings:
         offsets.append(at)
         at += len(s)
-    return {"tokens": strings, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+    return {"tokens": strings, "token_logprobs": list(logprobs),
+            "top_logprobs": [{text(t): v for t, v in step} for step in top] if top else None, "text_offset": offsets}
 
 
 def new_id(prefix: str) -> str:

@@ -55,20 +55,29 @@ class SlotState(NamedTuple):
     length: jax.Array       # int32 [B]: keys/values in the slot's pages (the pending token's not yet)
 
 
-def unpack(packed: np.ndarray, chunk: int) -> tuple[np.ndarray, ...]:
-    """A decode call's host output `[B, 2 * chunk + 3]` int32 as (tokens [B, chunk], their
-    log-probs [B, chunk] float32, new tokens [B], lengths [B], finish [B])."""
-    c = chunk
-    return (packed[:, :c], packed[:, c:2 * c].view(np.float32), packed[:, 2 * c], packed[:, 2 * c + 1],
-            packed[:, 2 * c + 2])
+def unpack(packed: np.ndarray, chunk: int, top: int = 0) -> tuple[np.ndarray, ...]:
+    """A decode call's host output `[B, 2 * chunk + 3 + 2 * chunk * top]` int32 as (tokens [B, chunk],
+    their log-probs [B, chunk] float32, new tokens [B], lengths [B], finish [B], and with `top`
+    > 0 the most likely tokens [B, chunk, top] and their log-probs [B, chunk, top] float32)."""
+    c, b = chunk, packed.shape[0]
+    out = (packed[:, :c], packed[:, c:2 * c].view(np.float32), packed[:, 2 * c], packed[:, 2 * c + 1],
+           packed[:, 2 * c + 2])
+    if top:
+        at = 2 * c + 3
+        out += (packed[:, at:at + c * top].reshape(b, c, top),
+                np.ascontiguousarray(packed[:, at + c * top:]).view(np.float32).reshape(b, c, top))
+    return out
 
 
 class Programs:
     """The jitted programs of one engine (`graphdef`: the model's graph; weights are arguments)."""
 
-    def __init__(self, graphdef: Any, chunk: int, page_size: int, replicated: Any = None):
-        """`replicated`: a sharding that replicates over the engine's mesh (None without one)."""
+    def __init__(self, graphdef: Any, chunk: int, page_size: int, replicated: Any = None, top_logprobs: int = 0):
+        """`replicated`: a sharding that replicates over the engine's mesh (None without one);
+        `top_logprobs`: the most likely tokens' log-probs each step can return (0: none; computed
+        only in steps where a slot asks for them)."""
         self.graphdef, self.chunk, self.page_size, self.replicated = graphdef, chunk, page_size, replicated
+        self.top = top_logprobs
         self.prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self.decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
         self.insert = jax.jit(self._insert_fn, donate_argnums=(0,))
@@ -109,7 +118,7 @@ class Programs:
             return (i < steps) & ~jnp.all(done)
 
         def body(carry):
-            i, done, count, length, finish, new, out, logp, token, counts, pool = carry
+            i, done, count, length, finish, new, out, logp, token, counts, pool, topi, topv = carry
             feed = ~done  # the pending token goes in: its keys/values at position `length`
             positions = length[:, None]
             write = self._slots(slots.page_tables, positions, feed[:, None])
@@ -117,38 +126,61 @@ class Programs:
                                               pages=Pages(pool, slots.page_tables, write, length + 1),
                                               rope=slots.rope, layers=layers)
             length = length + feed
-            nxt, lp = self._draw(model.logits(x)[:, 0], slots.arrays, slots.seeds, count, counts, state.prompt_mask)
+            nxt, lp, (ti, tv) = self._draw(model.logits(x)[:, 0], slots.arrays, slots.seeds, count, counts,
+                                           state.prompt_mask, want=~done)
             nxt = jnp.where(done, token, nxt)
             column = jnp.where(done, c, i)  # done rows write nowhere (dropped)
             out = out.at[rows, column].set(nxt, mode="drop")
             logp = logp.at[rows, column].set(lp, mode="drop")
+            topi = topi.at[rows, column].set(ti, mode="drop")
+            topv = topv.at[rows, column].set(tv, mode="drop")
             counts = counts.at[rows, nxt].add(feed.astype(jnp.int32))
             count = count + feed
             new = new + feed
             hit = jnp.any(nxt[:, None] == slots.stop_ids, axis=1) & feed
             full = (count >= slots.max_tokens) & feed & ~hit
             finish = jnp.where(hit, STOP, jnp.where(full, LENGTH, finish))
-            return i + 1, done | hit | full, count, length, finish, new, out, logp, nxt, counts, pages.pool
+            return (i + 1, done | hit | full, count, length, finish, new, out, logp, nxt, counts, pages.pool,
+                    topi, topv)
 
         zeros = jnp.zeros((b,), jnp.int32)
+        k = self.top
         carry = (jnp.int32(0), ~slots.active, state.count, state.length, zeros, zeros,
-                 jnp.zeros((b, c), jnp.int32), jnp.zeros((b, c), jnp.float32), state.token, state.counts, pool)
-        _, done, count, length, finish, new, out, logp, token, counts, pool = jax.lax.while_loop(cond, body, carry)
-        # One host transfer (see `unpack`): tokens, log-prob bits, new counts, lengths, finish reasons.
+                 jnp.zeros((b, c), jnp.int32), jnp.zeros((b, c), jnp.float32), state.token, state.counts, pool,
+                 jnp.zeros((b, c, k), jnp.int32), jnp.zeros((b, c, k), jnp.float32))
+        (_, done, count, length, finish, new, out, logp, token, counts, pool, topi,
+         topv) = jax.lax.while_loop(cond, body, carry)
+        # One host transfer (see `unpack`): tokens, log-prob bits, new counts, lengths, finish reasons
+        # (and the top tokens and their log-prob bits).
         packed = jnp.concatenate([out, jax.lax.bitcast_convert_type(logp, jnp.int32),
-                                  jnp.stack([new, length, finish], axis=1)], axis=1)
+                                  jnp.stack([new, length, finish], axis=1), topi.reshape(b, c * k),
+                                  jax.lax.bitcast_convert_type(topv, jnp.int32).reshape(b, c * k)], axis=1)
         return pool, self._placed(SlotState(token, counts, state.prompt_mask, count, length)), packed
 
-    def _draw(self, logits, arrays, seeds, count, counts, prompt_mask):
+    def _draw(self, logits, arrays, seeds, count, counts, prompt_mask, want=None):
         """Each row's next token and its log-prob under the model (before penalties and
-        temperature); row b draws with the key `fold_in(key(seed_b), count_b)`."""
+        temperature), and the `self.top` most likely tokens with theirs ([B, top] each; computed
+        only when a row in `want` asks for them, else zeros); row b draws with the key
+        `fold_in(key(seed_b), count_b)`."""
         keys = jax.vmap(lambda seed, k: jax.random.fold_in(jax.random.key(seed), k))(seeds, count.astype(jnp.uint32))
         if self.replicated is not None:  # whole rows for the vocabulary sort of top-k/top-p: sorting
             # across `tensor` shards (vocab-sharded logits) made a step on two CPU devices 10x slower
             logits = jax.lax.with_sharding_constraint(logits, self.replicated)
         token = sample(logits, arrays, keys, counts, prompt_mask).astype(jnp.int32)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=1)[:, 0]
-        return token, lp
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        lp = jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
+        b, k = logits.shape[0], self.top
+        none = (jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32))
+        top = none
+        if k:
+            asked = arrays.logprobs > 0 if want is None else (arrays.logprobs > 0) & want
+
+            def top_k():
+                v, i = jax.lax.top_k(logp, k)
+                return i.astype(jnp.int32), v
+
+            top = jax.lax.cond(jnp.any(asked), top_k, lambda: none)
+        return token, lp, top
 
     def _placed(self, state: SlotState) -> SlotState:
         """The slot state as the engine places it (replicated on a mesh): decode and insert return
@@ -160,13 +192,14 @@ class Programs:
     def _insert_fn(self, state: SlotState, slot, logits, counts, prompt_mask, count, length, arrays, seed):
         """Slot `slot` for a sequence with `count` tokens generated (their `counts`), `length`
         keys/values in its pages and `logits [1, V]` for its next token, drawn here: returns the
-        state and `[token, log-prob bits]` (int32 [2])."""
-        token, lp = self._draw(logits.reshape(1, -1).astype(jnp.float32), arrays, seed.reshape(1), count.reshape(1),
-                               counts[None], prompt_mask[None])
+        state and `[token, log-prob bits, top tokens, their log-prob bits]` (int32 [2 + 2 * top])."""
+        token, lp, (ti, tv) = self._draw(logits.reshape(1, -1).astype(jnp.float32), arrays, seed.reshape(1),
+                                         count.reshape(1), counts[None], prompt_mask[None])
         state = SlotState(state.token.at[slot].set(token[0]), state.counts.at[slot].set(counts.at[token[0]].add(1)),
                           state.prompt_mask.at[slot].set(prompt_mask), state.count.at[slot].set(count + 1),
                           state.length.at[slot].set(length))
-        return self._placed(state), jnp.stack([token[0], jax.lax.bitcast_convert_type(lp[0], jnp.int32)])
+        return self._placed(state), jnp.concatenate([jnp.stack([token[0], jax.lax.bitcast_convert_type(lp[0], jnp.int32)]),
+                                                     ti[0], jax.lax.bitcast_convert_type(tv[0], jnp.int32)])
 
     @staticmethod
     def _copy_fn(pool, src, dst):

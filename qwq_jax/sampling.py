@@ -145,6 +145,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None  # in [0, 2**32); None = the generator picks one
     n: int = 1  # completions per prompt
+    logprobs: int = 0  # the most likely tokens' log-probs to return per step (the chosen one's always)
 
     def __post_init__(self) -> None:
         for name in ("stop", "stop_token_ids"):
@@ -171,7 +172,7 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             if not _is_real(getattr(self, name)):
                 raise bad(name, "a finite number")
-        for name in ("top_k", "max_tokens", "n"):
+        for name in ("top_k", "max_tokens", "n", "logprobs"):
             if not _is_int(getattr(self, name)):
                 raise bad(name, "an int")
         if self.temperature < 0:
@@ -191,6 +192,8 @@ class SamplingParams:
             raise bad("max_tokens", ">= 1")
         if self.n < 1:
             raise bad("n", ">= 1")
+        if self.logprobs < 0:
+            raise bad("logprobs", ">= 0")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "a tuple of non-empty strings")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
@@ -264,6 +267,7 @@ class SamplingArrays(NamedTuple):
     presence_penalty: jax.Array  # f32
     frequency_penalty: jax.Array  # f32
     repetition_penalty: jax.Array  # f32
+    logprobs: jax.Array  # int32: top log-probs wanted per step (0 = none)
 
 
 def batch_params(params: Sequence[SamplingParams]) -> SamplingArrays:
@@ -284,6 +288,7 @@ def batch_params(params: Sequence[SamplingParams]) -> SamplingArrays:
         presence_penalty=col("presence_penalty", f32),
         frequency_penalty=col("frequency_penalty", f32),
         repetition_penalty=col("repetition_penalty", f32),
+        logprobs=col("logprobs", np.int32),
     )
 
 

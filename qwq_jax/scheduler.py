@@ -80,6 +80,7 @@ class Sequence:
     seed: int
     tokens: list[int] = dataclasses.field(default_factory=list)     # generated
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # when asked for
     state: State = State.WAITING
     pages: list[int] = dataclasses.field(default_factory=list)
     slot: int | None = None

@@ -346,8 +346,10 @@ class Server:
             reasoning += reasoning_tokens(self.ctx.tokenizer, c.token_ids, parsed.in_think, self.eos) if parsed.chat else 0
             logprobs = None
             if parsed.logprobs is not None:
-                ids = [t for t in c.token_ids if t not in self.eos]
-                logprobs = token_logprobs(self.ctx.tokenizer, ids, c.logprobs[:len(ids)], parsed.chat)
+                keep = [k for k, t in enumerate(c.token_ids) if t not in self.eos]
+                logprobs = token_logprobs(self.ctx.tokenizer, [c.token_ids[k] for k in keep],
+                                          [c.logprobs[k] for k in keep], parsed.chat,
+                                          [c.top_logprobs[k] for k in keep] if c.top_logprobs else None)
             index = p * n + k
             if parsed.chat:
                 message = {"role": "assistant", "content": content, "reasoning_content": r,
@@ -423,9 +425,10 @@ class Server:
                 r, c = s.push(ev.token_ids)
                 logprobs = None
                 if parsed.logprobs is not None and ev.token_ids:
-                    kept = [(t, lp) for t, lp in zip(ev.token_ids, ev.logprobs) if t not in self.eos]
-                    logprobs = token_logprobs(self.ctx.tokenizer, [t for t, _ in kept], [lp for _, lp in kept],
-                                              parsed.chat)
+                    keep = [k for k, t in enumerate(ev.token_ids) if t not in self.eos]
+                    logprobs = token_logprobs(self.ctx.tokenizer, [ev.token_ids[k] for k in keep],
+                                              [ev.logprobs[k] for k in keep], parsed.chat,
+                                              [ev.top_logprobs[k] for k in keep] if ev.top_logprobs else None)
                 if r or c or logprobs:
                     yield chunk([piece(index, r, c, logprobs=logprobs)])
                 if ev.finished:
@@ -567,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantize", choices=QUANT_MODES, default=None, help="weight-only quantization after loading")
     e.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="parameter dtype")
     e.add_argument("--seed", type=int, default=None, help="seeds of requests that bring none")
+    e.add_argument("--max-logprobs", type=int, default=20,
+                   help="top_logprobs (chat) / logprobs (completions) a request may ask for at most")
     e.add_argument("--cache-dir", default=None, help="where --demo keeps its converted checkpoint")
     add_distributed_args(p)
     compile_cache.add_args(p)
@@ -584,7 +589,8 @@ def _context(ckpt: Path, tokenizer: Any, engine: Any, name: str) -> Context:
     own_max = sources["max_tokens"]["source"] != "default"
     cap = (engine.num_pages - 1) * engine.page_size  # one sequence alone, with a page to spare for n > 1
     return Context(name, tokenizer, defaults, engine.max_model_len, cap,
-                   default_max_tokens=defaults.max_tokens if own_max else None, vocab_size=engine.config.vocab_size)
+                   default_max_tokens=defaults.max_tokens if own_max else None, vocab_size=engine.config.vocab_size,
+                   max_logprobs=engine.max_logprobs)
 
 
 def start_in_thread(engine: Any, tokenizer: Any, *, name: str = "model", host: str = "127.0.0.1", port: int = 0,
@@ -603,7 +609,8 @@ def start_in_thread(engine: Any, tokenizer: Any, *, name: str = "model", host: s
             port = sock.getsockname()[1]
     runner = Runner(engine, Metrics(), max_waiting=max_waiting)
     ctx = Context(name, tokenizer, defaults or SamplingParams(), engine.max_model_len,
-                  (engine.num_pages - 1) * engine.page_size, vocab_size=engine.config.vocab_size)
+                  (engine.num_pages - 1) * engine.page_size, vocab_size=engine.config.vocab_size,
+                  max_logprobs=engine.max_logprobs)
     server = uvicorn.Server(uvicorn.Config(build_app(Server(runner, ctx)), host=host, port=port, log_level="warning",
                                            lifespan="off"))
     runner.start()
@@ -664,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_num_seqs", "max_waiting", "prefill_chunk"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_logprobs < 0:
+        parser.error("--max-logprobs must be at least 0")
     if args.max_model_len is not None and args.max_model_len < 2:
         parser.error("--max-model-len must be at least 2")
     from sharding import init_distributed
@@ -707,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
                         layer_loop=args.layer_loop, donate_weights=True, on_compile=status.on_compile,
                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, kv_cache_bytes=kv_bytes,
-                        kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8", seed=args.seed)
+                        kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8", seed=args.seed,
+                        max_logprobs=args.max_logprobs)
         del model
     except ValueError as e:
         print(f"python -m qwq_jax.serve: error: {e}", file=sys.stderr)

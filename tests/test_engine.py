@@ -521,3 +521,26 @@ def test_int8_pages_match_an_int8_rounded_reference(model, engine):
     f_pages = tiny_engine(model, kv_cache_bytes=budget).stats()["pages_total"]
     i_pages = tiny_engine(model, kv_cache_bytes=budget, kv_cache_dtype="int8").stats()["pages_total"]
     assert 0 < f_pages <= 16 and f_pages < i_pages and i_pages * 16 * 192 <= budget, (f_pages, i_pages)
+
+
+@TINY
+def test_top_logprobs_are_the_reference_distributions_top(model):
+    """SamplingParams(logprobs=3) on an engine with max_logprobs=4: at each of 10 sampled steps the
+    three likeliest tokens and their log-probs of a float64 no-cache forward (ties aside), the chosen
+    token's log-prob beside them; a request beside it that asks for none gets none, and asking for
+    more than max_logprobs is refused with the limit named."""
+    (p, q) = prompts([20, 9], seed=31)
+    eng = tiny_engine(model, max_logprobs=4, prefix_caching=False)
+    sp = SamplingParams(temperature=1.0, seed=3, max_tokens=10, logprobs=3)
+    out = drive(eng, {0: [(p, sp, "top"), (q, SamplingParams(**GREEDY, max_tokens=6), "plain")]})
+    got, plain = out["top"][0], out["plain"][0]
+    assert plain.top_logprobs is None
+    chosen, ref = token_logprobs(model, p, got.token_ids)
+    assert len(got.top_logprobs) == len(got.token_ids) == 10
+    for step, top in enumerate(got.top_logprobs):
+        want = np.argsort(-ref[step])[:3]
+        assert [t for t, _ in top] == want.tolist(), step
+        np.testing.assert_allclose([v for _, v in top], ref[step][want], atol=1e-4)
+    np.testing.assert_allclose(got.logprobs, chosen, atol=1e-4)
+    with pytest.raises(ValueError, match="max_logprobs=4"):
+        eng.add_request(p, SamplingParams(logprobs=5, max_tokens=4))

@@ -277,6 +277,15 @@ def test_reasoning_and_answer_in_their_fields(tiny, demo_hf_tokenizer):
                                                        tokenize=False)
     assert got.usage.prompt_tokens == len(demo_hf_tokenizer.encode(prompt_ids, add_special_tokens=False))
 
+    # logprobs with top_logprobs: the chain's tokens are each step's likeliest by far.
+    got = tiny.client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=32,
+                                              logprobs=True, top_logprobs=2)
+    steps = got.choices[0].logprobs.content
+    assert "".join(s.token for s in steps) == THINK_REPLY
+    for s in steps:
+        assert [t.token for t in s.top_logprobs][0] == s.token and len(s.top_logprobs) == 2
+        assert s.top_logprobs[0].logprob == pytest.approx(s.logprob) and s.top_logprobs[1].logprob < s.logprob - 5
+
     reasoning = content = ""
     for ch in tiny.client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=32,
                                                   stream=True):
@@ -321,6 +330,7 @@ ERRORS = [  # (body changes, status, param)
     ({"messages": "hi"}, 400, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     ({"logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ({"max_tokens": 100000}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "messages"),
     ({"model": "gpt-4"}, 404, "model"),
