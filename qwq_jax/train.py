@@ -6,7 +6,7 @@ GRPO / DAPO / Dr.GRPO fine-tuning with verifiable rewards; the same command runs
     # multi-host: add --coordinator HOST:PORT --num-processes N --process-id I (or QWQ_* env,
     # or --distributed on TPU pods / SLURM), identical otherwise on every host.
 
-The config is TOML (or JSON) with sections [model], [data], [rl], [rewards], [run]; every key
+The config is TOML (or JSON) with sections [model], [data], [rl], [rewards], [sandbox], [run]; every key
 has a default (see the dataclasses below) and `--set` overrides any of them. The whole config is
 checked before anything loads (`validate`). Outputs under `run.output_dir`: `metrics.jsonl` (one
 line per step), `tensorboard/` event files, `checkpoints/STEP` (Orbax: params, optimizer state,
@@ -76,6 +76,13 @@ class RewardsConfig:
 
 
 @dataclasses.dataclass
+class SandboxConfig:
+    """The code reward's sandbox (qwq_jax/rl/sandbox.py)."""
+    packages: list[str] = dataclasses.field(default_factory=list)  # importable besides the stdlib, e.g. ["numpy"]
+    allow_weaker: bool = False  # run programs where the private filesystem view cannot be built (see sandbox.py)
+
+
+@dataclasses.dataclass
 class RunConfig:
     steps: int = 100                # optimizer steps (the learning-rate schedule spans them)
     mesh: str = "fsdp=-1"           # data=..,fsdp=..,tensor=.. over every device of every host
@@ -95,6 +102,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     rl: dict = dataclasses.field(default_factory=dict)  # GRPOConfig fields (not total_steps / seed: see run)
     rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
+    sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     def grpo(self) -> GRPOConfig:
@@ -107,11 +115,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "rewards": RewardsConfig, "run": RunConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "rewards": RewardsConfig, "sandbox": SandboxConfig,
+            "run": RunConfig}
 
 
 def _check_type(where: str, value: Any, hint: Any) -> Any:
     """`value` as the field type `hint` (ints widen to floats); ConfigError otherwise."""
+    if typing.get_origin(hint) is list:
+        kind = typing.get_args(hint)[0]
+        if isinstance(value, list) and all(isinstance(v, kind) for v in value):
+            return list(value)
+        raise ConfigError(f"{where} must be a list of {kind.__name__}, got {value!r}")
     args = typing.get_args(hint)
     if value is None and type(None) in args:
         return None
@@ -226,7 +240,8 @@ def _model_source(cfg: TrainConfig):
 
 def validate(cfg: TrainConfig) -> None:
     """Check what `config_from_dict` cannot: model.path and model.tokenizer usable, data files
-    present, rewards.custom importable. Reads small files only (no weights, no devices)."""
+    present, rewards.custom importable, the code sandbox as strong as asked (rewards.code). Reads small
+    files only (no weights, no devices)."""
     from qwq_jax.rl.data import DataError, load_source
 
     _model_source(cfg)
@@ -240,6 +255,8 @@ def validate(cfg: TrainConfig) -> None:
                 raise ConfigError(f"{key}: {e}") from None
     if cfg.rewards.custom and cfg.rewards.custom_weight:
         _import_function(cfg.rewards.custom)
+    if cfg.rewards.code:
+        _check_sandbox(cfg.sandbox)
     out = Path(cfg.run.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"run.output_dir={str(out)!r} is a file")
@@ -313,9 +330,11 @@ def build_model(cfg: TrainConfig, mesh):
 class Rewards:
     """The configured reward mix over the examples of the current batch (`self.examples`)."""
 
-    def __init__(self, cfg: RewardsConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: RewardsConfig, sandbox: SandboxConfig | None = None):
+        self.cfg, self.sandbox = cfg, sandbox or SandboxConfig()
         self.weights = {name: w for name in ("math", "format", "code") if (w := getattr(cfg, name))}
+        if "code" in self.weights:
+            _check_sandbox(self.sandbox)
         self.custom = None
         if cfg.custom and cfg.custom_weight:
             self.custom = _import_function(cfg.custom)
@@ -344,7 +363,8 @@ class Rewards:
         if "code" in self.weights:
             rows = [k for k, ex in enumerate(exs) if "tests" in ex]
             scores = code_reward([texts[k] for k in rows], [exs[k]["tests"] for k in rows],
-                                 timeout=self.cfg.code_timeout)
+                                 timeout=self.cfg.code_timeout, packages=self.sandbox.packages,
+                                 allow_weaker=self.sandbox.allow_weaker)
             parts["code"] = _scatter(len(exs), rows, scores)
         if "format" in self.weights:
             parts["format"] = [format_reward([t], prompt_ends_in_think=self.think_opened[i])[0]
@@ -360,6 +380,17 @@ class Rewards:
     def close(self) -> None:
         if self.verifier is not None:
             self.verifier.close()
+
+
+def _check_sandbox(cfg: SandboxConfig) -> None:
+    """ConfigError (one line) where the code sandbox lacks its private filesystem view and
+    sandbox.allow_weaker is not set, or an allow-listed package is not installed."""
+    from qwq_jax.rl.sandbox import SandboxUnavailable, check_isolation
+
+    try:
+        check_isolation(cfg.allow_weaker, packages=cfg.packages)
+    except (SandboxUnavailable, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _import_function(spec: str):
@@ -530,8 +561,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     _, tok_dir = _model_source(cfg)
     model_meta = {"model_config": model.config.to_hf(),
                   "tokenizer": str(tok_dir.absolute()) if tok_dir is not None else "bytes"}
-    rewards = Rewards(cfg.rewards)
-    eval_rewards = Rewards(cfg.rewards) if eval_examples else None
+    rewards = Rewards(cfg.rewards, cfg.sandbox)
+    eval_rewards = Rewards(cfg.rewards, cfg.sandbox) if eval_examples else None
     trainer = GRPOTrainer(model, grpo_cfg, rewards, tokenizer=tokenizer, mesh=mesh)
     del model
     stream = PromptStream(examples, cfg.data.prompts_per_step, cfg.run.seed)
@@ -597,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = OneLineParser(prog="python -m qwq_jax.train", description="\n\n".join(__doc__.split("\n\n")[1:3]),
                             epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="TOML or JSON config file (sections model, data, rl, rewards, run)")
+    parser.add_argument("--config", help="TOML or JSON config file (sections model, data, rl, rewards, sandbox, run)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set rl.loss=dapo --set run.steps=10")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -632,11 +663,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _help_epilog() -> str:
     """The config sections and their keys (from the dataclasses), and where the defaults are."""
     lines = ["config sections and keys (defaults: `--print-config` prints the resolved config; the",
-             "dataclasses ModelConfig, DataConfig, RewardsConfig, RunConfig in qwq_jax/train.py and",
-             "GRPOConfig in qwq_jax/rl/grpo.py document each key):"]
+             "dataclasses ModelConfig, DataConfig, RewardsConfig, SandboxConfig, RunConfig in",
+             "qwq_jax/train.py and GRPOConfig in qwq_jax/rl/grpo.py document each key):"]
     keys = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
     keys["rl"] = list(RL_FIELDS)
-    for name in ("model", "data", "rl", "rewards", "run"):
+    for name in ("model", "data", "rl", "rewards", "sandbox", "run"):
         lines += textwrap.wrap(", ".join(keys[name]), 100, initial_indent=f"  [{name}] ".ljust(12),
                                subsequent_indent=" " * 12)
     lines += ["", "after training: python -m qwq_jax.sample --checkpoint RUN_DIR/checkpoints/STEP --prompt ...",

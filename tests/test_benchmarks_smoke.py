@@ -372,3 +372,13 @@ def test_serving_workload_and_latencies_by_hand():
     timeline.record(SimpleNamespace(request_id="r1", sample_index=0, token_ids=[], finished=True,
                                     finish_reason="stop"), 102.5)
     assert timeline.metrics()["sequences_not_of_their_length"] == 1
+
+
+def test_sandbox_tiny():
+    """benchmarks/sandbox.py: the strongest isolation here and the "none" peer, a few runs each."""
+    lines = run_bench("sandbox.py")
+    modes = {x["mode"]: x for x in lines if "mode" in x}
+    assert set(modes) == {"strongest", "none"} and modes["none"]["isolation"].startswith("none")
+    for row in modes.values():
+        assert "error" not in row and row["runs"] == 3 and 0 < row["min_ms"] <= row["p50_ms"] <= row["p90_ms"]
+    assert lines[-1]["summary"] and lines[-1]["isolation"] == modes["strongest"]["isolation"]

@@ -1,12 +1,21 @@
 """qwq_jax/rl/rewards.py: answer extraction, math-verify pool (timeouts, restarts), format, code, combine."""
 
 import os
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
 from qwq_jax.rl.rewards import (MathVerifier, RewardSpec, combine, code_reward, extract_answer, extract_code,
                                 format_reward, math_reward)
+from qwq_jax.rl.sandbox import SandboxUnavailable, check_isolation
+
+
+def _weaker() -> dict:
+    """Where the sandbox has no private filesystem view the code reward refuses to run unless told (below)."""
+    return {} if "fsview" in check_isolation(allow_weaker=True) else {"allow_weaker": True}
 
 
 @pytest.fixture(scope="module")
@@ -181,10 +190,41 @@ def test_code_reward():
     crashes_after_printing = _reply("a, b = map(int, input().split())\nprint(a + b)\nraise SystemExit(1)")
     no_code = "<think>hmm</think>The answer is print(3)."
     slow = _reply("while True: pass")
-    scores = code_reward([correct, partial, broken, crashes_after_printing, no_code, slow], [TESTS] * 6, timeout=1.0)
+    scores = code_reward([correct, partial, broken, crashes_after_printing, no_code, slow], [TESTS] * 6, timeout=1.0,
+                         **_weaker())
     assert scores == pytest.approx([1.0, 2 / 3, 0.0, 0.0, 0.0, 0.0])
     with pytest.raises(ValueError):
         code_reward([correct], [])
+
+
+def test_code_reward_packages_and_task_data_out_of_reach():
+    """Allow-listed packages import; the expected output is compared outside: a program that looks for it
+    (here: in the task file it came from, world-readable in the host's temp dir) cannot print it."""
+    task = Path(tempfile.gettempdir()) / f"qwq-task-{uuid.uuid4().hex[:8]}.json"
+    numpy = _reply("import numpy as np\nprint(int(np.array([int(x) for x in input().split()]).sum()))")
+    cheat = _reply(f"import json\nprint(json.load(open({str(task)!r}))['output'])")
+    cheat_tests = [{"input": "", "output": "qwq-expected-7c1d"}]
+    try:
+        task.write_text('{"output": "qwq-expected-7c1d"}')
+        task.chmod(0o644)
+        scores = code_reward([numpy, cheat], [[{"input": "1 2\n", "output": "3"}], cheat_tests], packages=["numpy"],
+                             memory_bytes=2**30, timeout=30.0, **_weaker())
+        assert scores[0] == 1.0
+        if not _weaker():
+            assert scores[1] == 0.0
+        # What the view prevents: without it the program reads the answer.
+        assert code_reward([cheat], [cheat_tests], use_namespaces=False, allow_weaker=True) == [1.0]
+    finally:
+        task.unlink(missing_ok=True)
+
+
+def test_code_reward_refuses_a_weaker_sandbox():
+    """use_namespaces=False: the sandbox's own switch, as on a host without user namespaces."""
+    ok = _reply("a, b = map(int, input().split())\nprint(a + b)")
+    with pytest.raises(SandboxUnavailable, match="sandbox.allow_weaker = true") as e:
+        code_reward([ok], [TESTS], use_namespaces=False)
+    assert "\n" not in str(e.value)
+    assert code_reward([ok], [TESTS], use_namespaces=False, allow_weaker=True) == [1.0]
 
 
 # ---- combine --------------------------------------------------------------------------------------

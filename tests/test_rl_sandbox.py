@@ -9,12 +9,19 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import textwrap
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
-from qwq_jax.rl.sandbox import NOBODY, SandboxResult, run_python
+from qwq_jax.rl.sandbox import (NOBODY, RUN_DIR, SandboxResult, SandboxUnavailable, check_isolation, run_python,
+                                view_entries)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(code: str, stdin: str = "", **kwargs) -> SandboxResult:
@@ -29,18 +36,35 @@ def _unshare_works() -> bool:
         return False
 
 
-def _processes_in(directory: str) -> list[int]:
-    """Pids whose cwd is `directory` (shown with " (deleted)" once it has been removed)."""
+def _tag() -> str:
+    """A process name (at most 15 characters) that a program gives itself and its children inherit."""
+    return "qwq" + uuid.uuid4().hex[:12]
+
+
+def _named(tag: str) -> list[int]:
+    """Live pids (zombies aside) named `tag` (/proc/PID/stat): what is left of a program that named itself so."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                cwd = os.readlink(f"/proc/{entry}/cwd")
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
             except OSError:
                 continue
-            if cwd == directory or cwd == directory + " (deleted)":
+            name, state = stat[stat.find(b"(") + 1:stat.rfind(b")")], stat[stat.rfind(b")") + 2:][:1]
+            if name == tag.encode() and state not in (b"Z", b"X"):
                 found.append(int(entry))
     return found
+
+
+def _fsview() -> bool:
+    return "fsview" in _run("pass").isolation
+
+
+def _needs_fsview() -> None:
+    if not _fsview():
+        pytest.skip("no private filesystem view here (no user/mount namespaces): the code reward refuses to "
+                    "run without sandbox.allow_weaker")
 
 
 def test_basic_run_stdin_exit_code_and_stderr():
@@ -64,7 +88,7 @@ def test_basic_run_stdin_exit_code_and_stderr():
 def test_namespaces_used_where_available():
     r = _run("print(1)")
     if _unshare_works():
-        assert r.isolation.startswith("userns+netns+pidns"), r.isolation
+        assert r.isolation.startswith("userns+netns+pidns+mountns+fsview"), r.isolation
     else:
         assert r.isolation.startswith("none"), r.isolation
     if os.geteuid() == 0:
@@ -100,8 +124,10 @@ def test_cannot_connect_to_localhost():
 
 def test_fork_bomb_is_contained():
     start = time.monotonic()
-    r = _run("""
+    tag = _tag()
+    r = _run(f"""
         import os
+        open("/proc/self/comm", "w").write("{tag}")
         print(os.getcwd(), flush=True)
         while True:
             try:
@@ -112,8 +138,8 @@ def test_fork_bomb_is_contained():
     assert time.monotonic() - start < 6.0
     assert r.timed_out and r.killed_reason == "timeout" and r.returncode is None
     workdir = r.stdout.splitlines()[0]
-    assert not os.path.exists(workdir)
-    assert _processes_in(workdir) == []
+    assert workdir == RUN_DIR or not os.path.exists(workdir)
+    assert _named(tag) == []
 
 
 def test_fork_limit_enforced():
@@ -149,9 +175,10 @@ def test_memory_bomb_fails():
 
 def test_infinite_loop_times_out_and_group_is_killed():
     start = time.monotonic()
-    r = _run("""
+    tag = _tag()
+    r = _run(f"""
         import os
-        print(os.getcwd(), flush=True)
+        open("/proc/self/comm", "w").write("{tag}")
         if os.fork() == 0:   # a child that leaves the process group
             os.setsid()
         while True:
@@ -160,9 +187,7 @@ def test_infinite_loop_times_out_and_group_is_killed():
     elapsed = time.monotonic() - start
     assert r.timed_out and r.killed_reason == "timeout" and r.returncode is None
     assert elapsed < 3.0, elapsed
-    workdir = r.stdout.splitlines()[0]
-    assert not os.path.exists(workdir)
-    leftovers = _processes_in(workdir)
+    leftovers = _named(tag)
     if "pidns" in r.isolation:
         assert leftovers == []
     else:  # documented: setsid escapes the group kill without a pid namespace; clean up ourselves
@@ -198,8 +223,11 @@ def test_writes_outside_are_contained(tmp_path):
     lines = r.stdout.splitlines()
     workdir = lines[0]
     assert lines[1].startswith("big: failed"), r  # RLIMIT_FSIZE
-    assert not os.path.exists(workdir)  # the run's directory is removed
-    assert os.path.isabs(workdir) and os.path.basename(workdir).startswith("qwq-sandbox-")
+    if "fsview" in r.isolation:  # a tmpfs of the run's own, gone with its mount namespace
+        assert workdir == RUN_DIR
+    else:  # the run's directory is removed
+        assert not os.path.exists(workdir)
+        assert os.path.isabs(workdir) and os.path.basename(workdir).startswith("qwq-sandbox-")
     if f"uid{NOBODY}" in r.isolation:  # the program cannot write the caller's (root's, 0700) directories
         assert lines[2].startswith("outside: failed"), r
         assert not target.exists()
@@ -275,3 +303,138 @@ def test_large_stdin_and_unread_stdin():
 def test_no_site_packages():
     r = _run("import math_verify")
     assert r.returncode == 1 and "ModuleNotFoundError" in r.stderr
+    with pytest.raises(ValueError, match="not installed"):
+        _run("pass", packages=["no_such_package_qwq"])
+
+
+# ---- the private filesystem view -------------------------------------------------------------------
+
+def test_task_files_on_the_host_are_out_of_reach():
+    """A world-readable task file in the host's temp dir, the user's home and the project tree: a program
+    that looks there (and walks its whole view) finds nothing of it."""
+    _needs_fsview()
+    secret, name = uuid.uuid4().hex, f"qwq-task-{uuid.uuid4().hex[:8]}.json"
+    places = [Path(tempfile.gettempdir()), Path.home(), ROOT]
+    files = [place / name for place in places]
+    try:
+        for f in files:
+            f.write_text(f'{{"tests": [{{"input": "1", "output": "{secret}"}}]}}')
+            f.chmod(0o644)
+        r = _run("""
+            import os, sys
+            places = sys.stdin.read().split()
+            for place in places:
+                try:
+                    print("listed", place, len(os.listdir(place)), "task" in str(os.listdir(place)))
+                except OSError as e:
+                    print("cannot list", place, e.errno)
+                try:
+                    print("read", open(os.path.join(place, "NAME")).read())
+                except OSError as e:
+                    print("cannot read", place, e.errno)
+            for top, dirs, names in os.walk("/"):
+                if top == "/":
+                    dirs.remove("proc")
+                for n in names:
+                    if n == "NAME":
+                        print("found", os.path.join(top, n))
+            print("done")
+        """.replace("NAME", name), "\n".join(map(str, places)))
+        assert r.ok and r.stdout.endswith("done\n"), r
+        assert secret not in r.stdout and "found" not in r.stdout and "True" not in r.stdout, r.stdout
+        assert r.stdout.count("cannot read") == 3, r.stdout
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+
+
+def test_tmp_and_run_dir_are_private_and_fresh():
+    _needs_fsview()
+    name = f"qwq-leak-{uuid.uuid4().hex[:8]}"
+    first = _run(f"""
+        import os, tempfile
+        for d in ("/tmp", "."):
+            with open(os.path.join(d, "{name}"), "w") as f:
+                f.write("left for the next one")
+        print(tempfile.gettempdir(), sorted(os.listdir("/tmp")), sorted(os.listdir(".")))
+    """)
+    assert first.stdout == f"/tmp ['{name}'] ['main.py', '{name}']\n", first
+    assert not (Path(tempfile.gettempdir()) / name).exists()
+    second = _run("import os; print(sorted(os.listdir('/tmp')), sorted(os.listdir('.')))")
+    assert second.stdout == "[] ['main.py']\n", second
+
+
+def test_root_holds_only_the_allowed_entries():
+    _needs_fsview()
+    r = _run("""
+        import os
+        print(sorted(os.listdir("/")))
+        print(sorted(os.listdir("/dev")))
+        print(sorted(os.listdir("/etc")))
+        print(os.getcwd(), os.environ["HOME"], os.environ["TMPDIR"], os.getuid(), os.getgid())
+        for path in ("/", "/usr", "/dev/null"):
+            try:
+                open(os.path.join(path, "x") if path != "/dev/null" else path, "w").close()
+                print("wrote", path)
+            except OSError as e:
+                print("cannot write", path, e.errno)
+    """)
+    lines = r.stdout.splitlines()
+    top = eval(lines[0])
+    assert top == sorted(view_entries()), r
+    interpreter = {Path(p).parts[1] for p in (sys.executable, os.path.realpath(sys.executable), sys.base_prefix)}
+    assert set(top) <= {"dev", "etc", "proc", "sandbox", "tmp", "usr", "bin", "lib", "lib32", "lib64", "libx32",
+                        *interpreter}, top
+    assert {"dev", "proc", "sandbox", "tmp"} <= set(top) and not {"home", "work", "var", "mnt", "srv"} & set(top)
+    assert eval(lines[1]) == ["fd", "null", "random", "stderr", "stdin", "stdout", "urandom", "zero"]
+    assert set(eval(lines[2])) <= {"ld.so.cache"}
+    assert lines[3] == f"{RUN_DIR} {RUN_DIR} /tmp {NOBODY} {NOBODY}"
+    assert lines[4:] == ["cannot write / 30", "cannot write /usr 30", "wrote /dev/null"], r  # EROFS
+
+
+def test_disk_is_capped():
+    _needs_fsview()
+    r = _run("""
+        import os
+        for d in ("/tmp", "."):
+            try:
+                for i in range(4):
+                    with open(os.path.join(d, f"f{i}"), "wb") as f:
+                        f.write(b"x" * 400_000)
+                print(d, "wrote all")
+            except OSError as e:
+                print(d, "full after", i, e.errno)
+    """, disk_bytes=2**20, max_file_bytes=2**20)
+    assert r.stdout == "/tmp full after 2 28\n. full after 2 28\n", r  # ENOSPC
+
+
+def test_stdlib_and_allowed_packages():
+    code = """
+        import collections, heapq, itertools, json, math, re
+        h = [5, 1, 3]
+        heapq.heapify(h)
+        print(json.dumps([math.isqrt(17), re.sub("a", "b", "aa"), list(itertools.islice(itertools.count(), 3)),
+                          collections.Counter("aab")["a"], heapq.heappop(h)]))
+    """
+    r = _run(code)
+    assert r.ok and r.stdout == '[4, "bb", [0, 1, 2], 2, 1]\n', r
+    numpy = "import numpy as np\nprint(int(np.arange(10).sum()), np.linalg.inv(np.eye(2))[0, 0])"
+    r = _run(numpy, packages=["numpy"], memory_bytes=2**30, timeout=30.0)
+    assert r.ok and r.stdout == "45 1.0\n", r
+    r = _run("import numpy")  # not allow-listed
+    assert r.returncode == 1 and "ModuleNotFoundError" in r.stderr, r
+    if "fsview" in r.isolation:  # only what was allowed is there: not jax (site-packages is an empty overlay)
+        r = _run("import numpy, sys\nprint(numpy.__file__)\nimport jax", packages=["numpy"], memory_bytes=2**30,
+                 timeout=30.0)
+        assert r.returncode == 1 and "No module named 'jax'" in r.stderr, r
+
+
+def test_weaker_hosts_need_allow_weaker():
+    """use_namespaces=False: the sandbox's own switch, as on a host without user namespaces."""
+    with pytest.raises(SandboxUnavailable) as e:
+        check_isolation(use_namespaces=False)
+    message = str(e.value)
+    assert "\n" not in message and "use_namespaces=False" in message and "sandbox.allow_weaker = true" in message
+    assert check_isolation(allow_weaker=True, use_namespaces=False).startswith("none")
+    if _fsview():
+        assert "fsview" in check_isolation()

@@ -20,7 +20,7 @@ from qwq_jax import QwenConfig, init_model
 from qwq_jax.generate import Completion
 from qwq_jax.rl.data import DataError, PromptStream, load_jsonl, synthetic_examples
 from qwq_jax.rl.grpo import GRPOConfig, GRPOTrainer
-from qwq_jax.train import ConfigError, Rewards, RewardsConfig, load_config, main
+from qwq_jax.train import ConfigError, Rewards, RewardsConfig, SandboxConfig, load_config, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_arithmetic.toml"
@@ -124,7 +124,8 @@ def test_synthetic_arithmetic_answers_are_right():
 
 
 def test_rewards_mix_math_code_format():
-    r = Rewards(RewardsConfig(math=1.0, format=0.5, code=2.0, workers=1, timeout=10.0, code_timeout=10.0))
+    r = Rewards(RewardsConfig(math=1.0, format=0.5, code=2.0, workers=1, timeout=10.0, code_timeout=10.0),
+                SandboxConfig(allow_weaker=True))  # the strongest sandbox here all the same
     try:
         r.examples = [{"prompt": "1+1?", "answer": "2"},
                       {"prompt": "echo", "tests": [{"input": "a\n", "output": "a"}, {"input": "b\n", "output": "b"}]}]
@@ -139,6 +140,24 @@ def test_rewards_mix_math_code_format():
     assert out["format"] == [1.0, 1.0, 1.0, 0.0]
     assert out["code"] == [0.0, 0.0, 1.0, 0.5]
     np.testing.assert_allclose(out["reward"], [1.5, 0.5, 2.5, 1.0])
+
+
+def test_sandbox_config_and_refusal(monkeypatch):
+    cfg = load_config(None, ['sandbox.packages=["numpy"]', "sandbox.allow_weaker=true", "rewards.code=1"])
+    assert cfg.sandbox == SandboxConfig(packages=["numpy"], allow_weaker=True)
+    with pytest.raises(ConfigError, match="sandbox.packages must be a list of str"):
+        load_config(None, ["sandbox.packages=numpy"])
+    with pytest.raises(ConfigError, match="not installed"):
+        Rewards(RewardsConfig(math=0.0, code=1.0), SandboxConfig(packages=["no_such_package_qwq"], allow_weaker=True))
+    # A host without user namespaces, simulated by the sandbox's own switch (use_namespaces=False).
+    from qwq_jax.rl import sandbox
+
+    real = sandbox._mode
+    monkeypatch.setattr(sandbox, "_mode", lambda use_namespaces=None: real(False))
+    with pytest.raises(ConfigError, match="sandbox.allow_weaker = true"):
+        Rewards(RewardsConfig(math=0.0, code=1.0))
+    Rewards(RewardsConfig(math=0.0, code=1.0), SandboxConfig(allow_weaker=True)).close()
+    Rewards(RewardsConfig(math=0.0, format=1.0)).close()  # no code reward: no sandbox needed
 
 
 # ---- the update: micro-batches and meshes change nothing -----------------------------------------

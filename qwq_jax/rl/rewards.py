@@ -322,20 +322,27 @@ def _normalize_output(s: str) -> str:
 
 
 def code_reward(completions: Sequence[str], tests: Sequence[Sequence[dict]], *, max_workers: int | None = None,
-                **sandbox_kwargs) -> list[float]:
+                allow_weaker: bool = False, **sandbox_kwargs) -> list[float]:
     """Fraction of its test cases ({"input": stdin, "output": expected stdout}) that each completion's
     last ```python block passes in the sandbox (stripped stdout, trailing spaces per line ignored; a
     crash, timeout or output cut-off fails the case). No code block -> 0.0.
 
+    Only the program enters the sandbox: each case's input is fed on its stdin and its stdout is compared
+    here, outside, so no expected output (nor any other task file) is in the program's filesystem view.
+    Refuses to start (SandboxUnavailable, one line saying what is missing) where the sandbox cannot build
+    that private view (no user namespaces, use_namespaces=False), unless allow_weaker (config:
+    `sandbox.allow_weaker`; what is then no longer guaranteed: `qwq_jax/rl/sandbox.py`).
+
     max_workers: sandboxed runs in flight at once (default: the CPU count). sandbox_kwargs go to
-    `qwq_jax.rl.sandbox.run_python` (timeout, memory_bytes, ...).
+    `qwq_jax.rl.sandbox.run_python` (timeout, memory_bytes, packages, ...).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from qwq_jax.rl.sandbox import run_python  # here, not at the top: graders run this file standalone
+    from qwq_jax.rl.sandbox import check_isolation, run_python  # not at the top: graders run this file standalone
 
     if len(completions) != len(tests):
         raise ValueError(f"{len(completions)} completions but {len(tests)} test lists")
+    check_isolation(allow_weaker, sandbox_kwargs.get("use_namespaces"))
     codes = [extract_code(c) for c in completions]
     jobs = [(i, case) for i, code in enumerate(codes) if code is not None for case in tests[i]]
 
