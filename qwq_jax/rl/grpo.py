@@ -35,8 +35,8 @@ from flax import nnx
 
 from qwq_jax.generate import Completion, Engine
 from qwq_jax.model import Qwen2, as_dtype, drop_axes
-from qwq_jax.rl.losses import (LossConfig, batch_normalizers, dynamic_sampling_keep, group_advantages,
-                               overlong_penalty, policy_loss)
+from qwq_jax.rl.losses import (TIS_CAP, LossConfig, batch_normalizers, check_tis_cap, dynamic_sampling_keep,
+                               group_advantages, overlong_penalty, policy_loss, tis_default)
 from qwq_jax.sampling import SamplingParams
 
 RewardFn = Callable[[Sequence[int], Sequence[Completion]], "Mapping[str, Sequence[float]] | Sequence[float]"]
@@ -48,7 +48,7 @@ COMPUTE_COPIES = ("split", "step", "micro_batch")
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
-    loss: str = "grpo"               # grpo | dapo | dr_grpo
+    loss: str = "grpo"               # grpo | dapo | dr_grpo | gspo
     group_size: int = 4              # completions per prompt
     max_tokens: int = 32             # completion length
     temperature: float = 1.0
@@ -63,6 +63,12 @@ class GRPOConfig:
     mu_dtype: str | None = None      # AdamW first moment dtype (None: the params', float32)
     micro_batches: int = 1           # gradient accumulation
     kl_beta: float | None = None     # default: the loss kind's
+    clip_low: float | None = None    # epsilon_low of the clipped surrogate (default: the loss kind's; gspo 3e-4)
+    clip_high: float | None = None   # epsilon_high (default: the loss kind's; dapo 0.28, gspo 4e-4)
+    tis: bool | None = None          # truncated importance sampling of the engine's log-probs (default: on
+                                     # when the engine computes in another dtype than the update, or on int8
+                                     # weights / KV cache; both sides' log-probs are of the untempered model)
+    tis_cap: float = TIS_CAP         # the TIS truncation C: weights min(exp(old_logp - engine_logp), C)
     dynamic_sampling: bool | None = None  # drop all-equal groups (default: on for dapo)
     overlong_buffer: int = 0         # DAPO soft overlong punishment buffer (0: off)
     rollout_weights: str = "split"   # split: a model-dtype copy in the generate layout, one array per
@@ -90,10 +96,19 @@ class GRPOConfig:
                              f"got {self.rollout_weights!r}")
         if self.compute_copy not in COMPUTE_COPIES:
             raise ValueError(f"compute_copy must be one of {', '.join(COMPUTE_COPIES)}, got {self.compute_copy!r}")
+        if self.tis is not None and not isinstance(self.tis, bool):
+            raise ValueError(f"tis must be true, false or unset (on when the engine's numerics differ), "
+                             f"got {self.tis!r}")
+        check_tis_cap(self.tis_cap)
         self.loss_config()  # validates the loss kind and its overrides
 
-    def loss_config(self) -> LossConfig:
-        overrides: dict[str, Any] = {"kl_beta": self.kl_beta} if self.kl_beta is not None else {}
+    def loss_config(self, engine_differs: bool = False) -> LossConfig:
+        """The loss of this config; TIS (`tis_cap` set) when `tis`, or when unset and `engine_differs`
+        (the rollout engine's numerics differ from the update's: `losses.tis_default`)."""
+        overrides: dict[str, Any] = {k: getattr(self, k) for k in ("kl_beta", "clip_low", "clip_high")
+                                     if getattr(self, k) is not None}
+        if self.tis if self.tis is not None else engine_differs:
+            overrides["tis_cap"] = float(self.tis_cap)
         if self.loss == "dr_grpo":
             overrides.setdefault("max_len_normalizer", self.max_tokens)
         if self.overlong_buffer:
@@ -163,7 +178,7 @@ class GRPOTrainer:
                 raise ValueError(f"GRPOTrainer: the {name} is {m.quant} weight-only quantized (qwq_jax.quant), "
                                  "which is for inference; train the float model (bfloat16 or float32)")
         self.config = config
-        self.loss_cfg = config.loss_config()
+        self.loss_cfg = config.loss_config()  # final once the engine exists (whether TIS is on by default)
         self.reward_fn = reward_fn
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -198,6 +213,7 @@ class GRPOTrainer:
         self.step_count = 0
         self._num_layers = model.config.num_layers
         self._compute_dtype = jnp.dtype(model.dtype)
+        self.loss_cfg = config.loss_config(engine_differs=self._engine_differs())
         if config.rollout_weights == "split":
             self._layers_def = jax.tree.structure(state["layers"])
             split_shardings = None
@@ -258,6 +274,13 @@ class GRPOTrainer:
             return completion_logprobs(self._model(dict(compute, layers=masters["layers"])), tokens, segments,
                                        prompt_len, layers=compute["layers"])
         return completion_logprobs(self._model(compute), tokens, segments, prompt_len)
+
+    def _engine_differs(self) -> bool:
+        """Whether the rollout engine's numerics differ from the update's: another compute or KV-cache
+        dtype, int8 weights or an int8 KV cache (`tis_default`; TIS is then on unless `tis = false`)."""
+        e = self.engine
+        int8 = e.kv_int8 or any(x.dtype == jnp.int8 for x in jax.tree.leaves(e.params))
+        return tis_default(self._compute_dtype, [e.compute_dtype, e.cache_dtype], int8=int8)
 
     def _model(self, params) -> Qwen2:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self._state_def, jax.tree.leaves(params)))
@@ -324,7 +347,8 @@ class GRPOTrainer:
         def loss_fn(p, mb):
             logp, entropy = self._logprobs(p, params, mb["tokens"], mb["segments"], prompt_len)
             loss, metrics = policy_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["mask"], lcfg,
-                                        row_weight=mb["row_weight"], normalizers=norms)
+                                        row_weight=mb["row_weight"], normalizers=norms,
+                                        behaviour_logp=mb.get("behaviour_logp"))
             weighted = mb["mask"] * mb["row_weight"][:, None]
             ent = jnp.where(norms["tokens"] > 0, jnp.sum(entropy * weighted) / jnp.maximum(norms["tokens"], 1e-9), 0.0)
             return loss, dict(metrics, entropy=ent)
@@ -459,6 +483,9 @@ class GRPOTrainer:
         mask = np.zeros((b, cfg.max_tokens), np.float32)
         behaviour = np.zeros((b, cfg.max_tokens), np.float32)
         lengths = np.zeros(b, np.int32)
+        if lcfg.tis_cap is not None and any(c.logprobs is None for c in completions):
+            raise ValueError("truncated importance sampling (tis) needs the engine's log-probs of every completion; "
+                             "a completion has none")
         for r, c in enumerate(completions):
             p = prompts[r // g]
             # Right-align prompts so every completion starts at `prompt_len`; left padding is segment 0.
@@ -484,12 +511,14 @@ class GRPOTrainer:
         return batch, stats
 
     def _device_batch(self, batch: Mapping[str, np.ndarray]) -> tuple[dict[str, jax.Array], jax.Array | None, float]:
-        """Put a host batch on the mesh and add the rollout / reference log-probs."""
+        """Put a host batch on the mesh and add the rollout / reference log-probs (the engine's own
+        log-probs stay in the batch only for truncated importance sampling)."""
         self._check_concrete("update")
         arrays = {k: self._put_batch(v) for k, v in batch.items()}
         prompt_len = batch["tokens"].shape[1] - batch["mask"].shape[1]
+        behaviour = arrays["behaviour_logp"] if self.loss_cfg.tis_cap is not None else arrays.pop("behaviour_logp")
         old_logp, ref_logp, gap = self._prepare(self.params, self.ref_params, arrays["tokens"], arrays["segments"],
-                                                arrays["mask"], arrays.pop("behaviour_logp"), prompt_len=prompt_len)
+                                                arrays["mask"], behaviour, prompt_len=prompt_len)
         arrays["old_logp"] = old_logp
         return arrays, ref_logp, float(gap)
 
@@ -502,6 +531,8 @@ class GRPOTrainer:
         layout = {"tokens": ((rows, prompt_len + c), jnp.int32), "segments": ((rows, prompt_len + c), jnp.int32),
                   "mask": ((rows, c), jnp.float32), "advantages": ((rows,), jnp.float32),
                   "row_weight": ((rows,), jnp.float32), "old_logp": ((rows, c), jnp.float32)}
+        if self.loss_cfg.tis_cap is not None:
+            layout["behaviour_logp"] = ((rows, c), jnp.float32)
         if self.mesh is not None:
             from sharding import batch_sharding
 
