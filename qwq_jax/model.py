@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwq_jax import lora as lora_lib
 from qwq_jax import paged_attention as paged
 from qwq_jax import rope as rope_lib
 from qwq_jax.attention import Mask, attention, get_backend
@@ -69,15 +70,20 @@ def _declare(cfg: QwenConfig, rngs: nnx.Rngs, axes: tuple[str, ...], init: Calla
 
 
 def _declare_kernel(module: nnx.Module, name: str, cfg: QwenConfig, rngs: nnx.Rngs, prefix: tuple[str, ...],
-                    axes: tuple[str, ...], contract: int, param_dtype: Any, quant: str | None) -> None:
+                    axes: tuple[str, ...], contract: int, param_dtype: Any, quant: str | None,
+                    lora: Any = None) -> None:
     """A matmul weight `module.<name>` with logical axes `prefix + axes`, whose first `contract` axes
     are contracted. With `quant="int8"` it is stored as int8 plus `module.<name>_scale`, float32, one
-    per output channel (axes `prefix + axes[contract:]`): weight = int8 value x scale."""
+    per output channel (axes `prefix + axes[contract:]`): weight = int8 value x scale. With a
+    `lora.LoraConfig` that targets `name`, LoRA adapters beside it (qwq_jax/lora.py)."""
     if quant is None:
         setattr(module, name, _declare(cfg, rngs, prefix + axes, _normal, param_dtype))
-        return
-    setattr(module, name, _declare(cfg, rngs, prefix + axes, _zeros, jnp.int8))
-    setattr(module, name + "_scale", _declare(cfg, rngs, prefix + axes[contract:], _ones, jnp.float32))
+    else:
+        setattr(module, name, _declare(cfg, rngs, prefix + axes, _zeros, jnp.int8))
+        setattr(module, name + "_scale", _declare(cfg, rngs, prefix + axes[contract:], _ones, jnp.float32))
+    if lora is not None and name in lora.targets:
+        lora_lib.declare(module, name, cfg.axis_sizes(), rngs, prefix, axes, contract,
+                         param_dtype if quant is None else jnp.float32, lora)
 
 
 def matmul(spec: str, x: jnp.ndarray, module: nnx.Module, name: str, dtype: Any) -> jnp.ndarray:
@@ -87,9 +93,12 @@ def matmul(spec: str, x: jnp.ndarray, module: nnx.Module, name: str, dtype: Any)
     kernel = getattr(module, name)[...]
     scale = getattr(module, name + "_scale", None)
     if scale is None:
-        return jnp.einsum(spec, x, kernel.astype(dtype))
-    y = jnp.einsum(spec, x, kernel.astype(dtype), preferred_element_type=jnp.float32)
-    return (y * scale[...]).astype(dtype)
+        y = jnp.einsum(spec, x, kernel.astype(dtype))
+    else:
+        y = jnp.einsum(spec, x, kernel.astype(dtype), preferred_element_type=jnp.float32)
+        y = (y * scale[...]).astype(dtype)
+    lora = lora_lib.delta(spec, x, module, name, dtype)  # LoRA adapters, when the weight has them
+    return y if lora is None else y + lora
 
 
 def drop_axes(sharding: Any, ndim: int, drop: tuple[int, ...]) -> Any:
@@ -200,15 +209,15 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with QKV bias; parameters of one layer (or a stack)."""
 
     def __init__(self, cfg: QwenConfig, prefix: tuple[str, ...], *, rngs: nnx.Rngs, param_dtype: Any,
-                 dtype: Any, backend: str, quant: str | None = None):
+                 dtype: Any, backend: str, quant: str | None = None, lora: Any = None):
         p = prefix
-        _declare_kernel(self, "q_proj", cfg, rngs, p, ("embed", "heads", "head_dim"), 1, param_dtype, quant)
+        _declare_kernel(self, "q_proj", cfg, rngs, p, ("embed", "heads", "head_dim"), 1, param_dtype, quant, lora)
         self.q_bias = _declare(cfg, rngs, p + ("heads", "head_dim"), _zeros, param_dtype)
-        _declare_kernel(self, "k_proj", cfg, rngs, p, ("embed", "kv_heads", "head_dim"), 1, param_dtype, quant)
+        _declare_kernel(self, "k_proj", cfg, rngs, p, ("embed", "kv_heads", "head_dim"), 1, param_dtype, quant, lora)
         self.k_bias = _declare(cfg, rngs, p + ("kv_heads", "head_dim"), _zeros, param_dtype)
-        _declare_kernel(self, "v_proj", cfg, rngs, p, ("embed", "kv_heads", "head_dim"), 1, param_dtype, quant)
+        _declare_kernel(self, "v_proj", cfg, rngs, p, ("embed", "kv_heads", "head_dim"), 1, param_dtype, quant, lora)
         self.v_bias = _declare(cfg, rngs, p + ("kv_heads", "head_dim"), _zeros, param_dtype)
-        _declare_kernel(self, "o_proj", cfg, rngs, p, ("heads", "head_dim", "embed"), 2, param_dtype, quant)
+        _declare_kernel(self, "o_proj", cfg, rngs, p, ("heads", "head_dim", "embed"), 2, param_dtype, quant, lora)
         self.dtype = dtype
         self.backend = backend
 
@@ -243,10 +252,10 @@ class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
     def __init__(self, cfg: QwenConfig, prefix: tuple[str, ...], *, rngs: nnx.Rngs, param_dtype: Any,
-                 dtype: Any, quant: str | None = None):
-        _declare_kernel(self, "gate_proj", cfg, rngs, prefix, ("embed", "mlp"), 1, param_dtype, quant)
-        _declare_kernel(self, "up_proj", cfg, rngs, prefix, ("embed", "mlp"), 1, param_dtype, quant)
-        _declare_kernel(self, "down_proj", cfg, rngs, prefix, ("mlp", "embed"), 1, param_dtype, quant)
+                 dtype: Any, quant: str | None = None, lora: Any = None):
+        _declare_kernel(self, "gate_proj", cfg, rngs, prefix, ("embed", "mlp"), 1, param_dtype, quant, lora)
+        _declare_kernel(self, "up_proj", cfg, rngs, prefix, ("embed", "mlp"), 1, param_dtype, quant, lora)
+        _declare_kernel(self, "down_proj", cfg, rngs, prefix, ("mlp", "embed"), 1, param_dtype, quant, lora)
         self.dtype = dtype
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -260,12 +269,12 @@ class DecoderLayer(nnx.Module):
     """Pre-norm decoder block. Built with `prefix=("layers",)` it holds all L layers stacked."""
 
     def __init__(self, cfg: QwenConfig, prefix: tuple[str, ...], *, rngs: nnx.Rngs, param_dtype: Any,
-                 dtype: Any, backend: str, quant: str | None = None):
+                 dtype: Any, backend: str, quant: str | None = None, lora: Any = None):
         self.input_norm = RMSNorm(cfg, prefix, rngs=rngs, param_dtype=param_dtype)
         self.attn = Attention(cfg, prefix, rngs=rngs, param_dtype=param_dtype, dtype=dtype, backend=backend,
-                              quant=quant)
+                              quant=quant, lora=lora)
         self.post_attn_norm = RMSNorm(cfg, prefix, rngs=rngs, param_dtype=param_dtype)
-        self.mlp = MLP(cfg, prefix, rngs=rngs, param_dtype=param_dtype, dtype=dtype, quant=quant)
+        self.mlp = MLP(cfg, prefix, rngs=rngs, param_dtype=param_dtype, dtype=dtype, quant=quant, lora=lora)
 
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray, kv=None):
         h, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv)
@@ -283,7 +292,7 @@ class Qwen2(nnx.Module):
 
     def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
                  dtype: Any = jnp.bfloat16, remat: str = "none", attention_backend: str = "xla",
-                 quant: str | None = None):
+                 quant: str | None = None, lora: Any = None):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r} (known: {', '.join(REMAT_POLICIES)})")
         if quant is not None and quant not in QUANT_MODES:
@@ -294,10 +303,11 @@ class Qwen2(nnx.Module):
         self.dtype = dtype
         self.remat = remat
         self.quant = quant
+        self.lora = lora  # a lora.LoraConfig: adapters on its targets (qwq_jax/lora.py), or None
         self.attention_backend = attention_backend
         self.embed = _declare(cfg, rngs, ("vocab", "embed"), _normal, param_dtype)
         self.layers = DecoderLayer(cfg, ("layers",), rngs=rngs, param_dtype=param_dtype, dtype=dtype,
-                                   backend=attention_backend, quant=quant)
+                                   backend=attention_backend, quant=quant, lora=lora)
         self.final_norm = RMSNorm(cfg, (), rngs=rngs, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _declare(cfg, rngs, ("vocab", "embed"), _normal, param_dtype)

@@ -1,6 +1,6 @@
 """Logical axis -> mesh axis rules, and sharding an NNX model's state by them.
 
-Parameters carry logical axis names (`layers, embed, heads, kv_heads, head_dim, mlp, vocab`)
+Parameters carry logical axis names (`layers, embed, heads, kv_heads, head_dim, mlp, vocab`, `lora`)
 from their one declaration in the model; a rule set maps each name to mesh axes:
 
     generate  tensor parallel over `tensor`, weights replicated over `data`/`fsdp`
@@ -28,10 +28,10 @@ MeshAxes = str | tuple[str, ...] | None
 RULES: dict[str, dict[str, MeshAxes]] = {
     "generate": {"batch": ("data", "fsdp"), "seq": None, "layers": None, "embed": None,
                  "heads": "tensor", "kv_heads": "tensor", "head_dim": None, "mlp": "tensor",
-                 "vocab": "tensor"},
+                 "vocab": "tensor", "lora": None},
     "train": {"batch": ("data", "fsdp"), "seq": None, "layers": None, "embed": "fsdp",
               "heads": "tensor", "kv_heads": "tensor", "head_dim": None, "mlp": "tensor",
-              "vocab": "tensor"},
+              "vocab": "tensor", "lora": None},
 }
 
 
