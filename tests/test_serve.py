@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests._procs import free_port
+from _procs import free_port
 
 openai = pytest.importorskip("openai", reason="the `openai` client comes with the test extra")
 httpx = pytest.importorskip("httpx", reason="httpx comes with the `openai` client")
