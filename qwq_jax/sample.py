@@ -131,17 +131,39 @@ def _stderr_fd() -> int | None:
         return None
 
 
-def _sampling(args, ckpt: Path):
-    """(SamplingParams, {field: {"value", "source"}}): flags, else the checkpoint's generation_config.json,
-    else the family's recommendation (`qwq_jax.sampling.recommended_sampling`), else the defaults."""
+def checkpoint_sampling(ckpt: Path, **overrides):
+    """(SamplingParams, {field: {"value", "source"}}, family) of a checkpoint: `overrides` that are not
+    None, else its generation_config.json, else the family's recommendation
+    (`qwq_jax.sampling.recommended_sampling`), else the defaults."""
     from qwq_jax import checkpoint
     from qwq_jax.sampling import SamplingParams, chat_template_text, recommended_sampling
 
     files = checkpoint.tokenizer_dir(ckpt) or ckpt
     gen = ckpt if (ckpt / "generation_config.json").is_file() else files
     family = recommended_sampling(checkpoint.read_config(ckpt), chat_template_text(files))
-    params, sources = SamplingParams.resolve(
-        gen, family, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+    return (*SamplingParams.resolve(gen, family, **overrides), family)
+
+
+def mesh_from_args(parser, args):
+    """`--mesh` as a Mesh (None without it) and `--attention` checked; usage errors name the flag."""
+    from qwq_jax.attention import check_backend
+    from sharding import make_mesh
+
+    try:
+        mesh = make_mesh(args.mesh) if args.mesh else None
+    except ValueError as e:
+        parser.error(f"--mesh: {e}")
+    try:
+        check_backend(args.attention)
+    except ValueError as e:
+        parser.error(f"--attention: {e}")
+    return mesh
+
+
+def _sampling(args, ckpt: Path):
+    """(SamplingParams, {field: {"value", "source"}}): flags, else the checkpoint's (`checkpoint_sampling`)."""
+    params, sources, family = checkpoint_sampling(
+        ckpt, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
         repetition_penalty=args.repetition_penalty,
         max_tokens=args.max_tokens if args.max_tokens is not None else 512,
@@ -302,18 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from qwq_jax import checkpoint
-    from qwq_jax.attention import check_backend
     from qwq_jax.generate import Engine
-    from sharding import make_mesh
 
-    try:
-        mesh = make_mesh(args.mesh) if args.mesh else None
-    except ValueError as e:
-        parser.error(f"--mesh: {e}")
-    try:
-        check_backend(args.attention)
-    except ValueError as e:
-        parser.error(f"--attention: {e}")
+    mesh = mesh_from_args(parser, args)
     status = _Status(enabled=jax.process_index() == 0)
     try:
         ckpt = demo_checkpoint(args.cache_dir, args.xla_cache) if args.demo else Path(args.checkpoint)

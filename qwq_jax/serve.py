@@ -579,13 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _context(ckpt: Path, tokenizer: Any, engine: Any, name: str) -> Context:
-    from qwq_jax import checkpoint
-    from qwq_jax.sampling import SamplingParams, chat_template_text, recommended_sampling
+    from qwq_jax.sample import checkpoint_sampling
 
-    files = checkpoint.tokenizer_dir(ckpt) or ckpt
-    gen = ckpt if (ckpt / "generation_config.json").is_file() else files
-    family = recommended_sampling(checkpoint.read_config(ckpt), chat_template_text(files))
-    defaults, sources = SamplingParams.resolve(gen, family)
+    defaults, sources, _ = checkpoint_sampling(ckpt)
     own_max = sources["max_tokens"]["source"] != "default"
     cap = (engine.num_pages - 1) * engine.page_size  # one sequence alone, with a page to spare for n > 1
     return Context(name, tokenizer, defaults, engine.max_model_len, cap,
@@ -690,21 +686,12 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from qwq_jax import checkpoint
-    from qwq_jax.attention import check_backend
     from qwq_jax.cli import phase
     from qwq_jax.generate import Engine
-    from qwq_jax.sample import _load, _Status, demo_checkpoint
+    from qwq_jax.sample import _load, _Status, demo_checkpoint, mesh_from_args
     from qwq_jax.sampling import SamplingParams
-    from sharding import make_mesh
 
-    try:
-        mesh = make_mesh(args.mesh) if args.mesh else None
-    except ValueError as e:
-        parser.error(f"--mesh: {e}")
-    try:
-        check_backend(args.attention)
-    except ValueError as e:
-        parser.error(f"--attention: {e}")
+    mesh = mesh_from_args(parser, args)
     primary = jax.process_index() == 0
     status = _Status(enabled=primary)
     try:
