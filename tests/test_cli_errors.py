@@ -75,6 +75,22 @@ def test_sample_checkpoint_mistakes(paths, capsys, kind, code, needles):
     _one_line(err, *(n.format(**paths) for n in needles))
 
 
+@pytest.mark.parametrize("argv, code, needles", [
+    (["--checkpoint", "{hf}"], 1, ["looks like a Hugging Face model directory", "python -m convert hf {hf} OUT"]),
+    (["--checkpoint", "{missing}"], 1, ["{missing} does not exist"]),
+    (["--checkpoint", "{empty}", "--max-num-seqs", "0"], 2, ["--max-num-seqs must be at least 1"]),
+    (["--checkpoint", "{empty}", "--mesh", "tensor=x"], 2, ["--mesh"]),
+    (["--checkpoint", "{empty}", "--max-logprobs", "-1"], 2, ["--max-logprobs must be at least 0"]),
+])
+def test_serve_mistakes(paths, capsys, argv, code, needles):
+    """python -m qwq_jax.serve: the same one-line errors as sample, before anything listens."""
+    from qwq_jax.serve import main
+
+    got, out, err = _call(main, [a.format(**paths) for a in argv], capsys)
+    assert got == code and out == ""
+    _one_line(err, *(n.format(**paths) for n in needles))
+
+
 # ---- python -m qwq_jax.train -----------------------------------------------------------------------
 @pytest.mark.parametrize("sets, needles", [
     (["rl.micro_batches=3"], ["rl.micro_batches=3 does not divide the 16 rows", "use one of 1, 2, 4, 8, 16"]),
