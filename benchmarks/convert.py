@@ -1,13 +1,20 @@
-"""Conversion benchmark: seconds, MB/s and peak RSS of `python -m convert hf` vs a load-everything peer.
+"""Conversion benchmark: seconds, MB/s and peak RSS of `python -m convert`, against a plain copy.
 
-Builds synthetic HF checkpoints (bf16) with the same per-layer size at two depths, converts each
-in a fresh child process, and loads each with transformers `from_pretrained` (the peer, which
-holds the whole model in host memory) in another child, followed by a host copy of every tensor (what a load-everything converter holds
-before writing). Prints JSON lines; the last lines give
-our/peer ratios. Memory is peak RSS above the child's idle RSS (after imports).
+Builds synthetic bf16 HF checkpoints (12, 48 and 96 layers at hidden 1024, and one at a real Qwen2.5
+1.5B shape: hidden 1536, MLP 8960, 28 layers, vocab 151936), and for each, in fresh child processes:
 
-    python benchmarks/convert.py                 # 12 and 48 layers, ~1.1 GB at 48
-    python benchmarks/convert.py --layers 4 8 --hidden 256   # quick smoke run
+  hf         `convert hf SRC OUT --dtype bfloat16` (convert_source, what the CLI runs)
+  export-hf  `convert export-hf OUT HF` (safetensors shards written a layer group at a time, fsync'd)
+
+The peer, measured in the same run on the same disk, is a plain copy of the same files (read, write,
+fsync). Memory is the child's peak RSS (the kernel's high-water mark, VmHWM: exact, no sampling) above
+its idle RSS after the same imports and the JAX backend's start; the bound is the issue's: 1 GiB + 2x
+the largest single tensor of the source. `time_s` says where a conversion's time goes (read: source
+reads and layout changes; write: waiting for Orbax beyond the overlapped reads; finalize: Orbax's
+merge and the rename). `--gguf FILE` adds `convert gguf FILE OUT` (dequantized to float32). JSON lines.
+
+    python benchmarks/convert.py                                  # the README's table (~6 GB of files)
+    python benchmarks/convert.py --layers 4 8 --hidden 256 --no-real   # quick smoke run
 """
 
 from __future__ import annotations
@@ -38,25 +45,25 @@ def _rss_kib(field: str) -> int:
 
 
 def child(kind: str, src: str, out: str) -> None:
-    """Runs in a fresh process: import, note idle RSS, do the work, print one JSON object."""
-    if kind == "ours":
-        from convert.hf import HFSource, convert_source
+    """Runs in a fresh process: import, start the backend, note idle RSS, convert, print one JSON object."""
+    import jax
 
-        idle = _rss_kib("VmRSS")
-        start = time.perf_counter()
-        convert_source(HFSource(src), out, progress=False)
+    from convert.hf import HFSource, convert_source, export_hf
+
+    jax.devices()
+    idle = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    if kind == "hf":
+        summary = convert_source(HFSource(src), out, dtype="bfloat16", progress=False)
+    elif kind == "gguf":
+        from convert.gguf import GGUFSource
+
+        summary = convert_source(GGUFSource(src), out, dtype="float32", progress=False)
     else:
-        import torch
-        from transformers import Qwen2ForCausalLM
-
-        idle = _rss_kib("VmRSS")
-        start = time.perf_counter()
-        model = Qwen2ForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-        # What a load-everything converter does next: every tensor as a host array, then write.
-        arrays = {k: v.detach().view(torch.int16).numpy().copy() for k, v in model.state_dict().items()}
-        assert sum(a.size for a in arrays.values()) > 0
+        summary = export_hf(src, out, progress=False)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "idle_kib": idle, "peak_kib": _rss_kib("VmHWM")}))
+    print(json.dumps({"seconds": seconds, "idle_kib": idle, "peak_kib": _rss_kib("VmHWM"),
+                      "time_s": summary.get("time_s")}))
 
 
 def measure(kind: str, src: Path, out: Path) -> dict:
@@ -69,10 +76,40 @@ def measure(kind: str, src: Path, out: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def plain_copy(files: list[Path], dst: Path) -> float:
+    """MB/s of copying `files` into `dst` (read, write, fsync each file), like any file copy."""
+    dst.mkdir(parents=True, exist_ok=True)
+    start, n = time.perf_counter(), 0
+    for f in files:
+        with open(f, "rb") as a, open(dst / f.name, "wb") as b:
+            while chunk := a.read(64 << 20):
+                b.write(chunk)
+                n += len(chunk)
+            b.flush()
+            os.fsync(b.fileno())
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dst, ignore_errors=True)
+    return n / 1e6 / seconds
+
+
+def row(op: str, label: str, layers: int, nbytes: int, largest: int, m: dict, copy_mb_s: float) -> dict:
+    above = (m["peak_kib"] - m["idle_kib"]) * 1024
+    bound = 2**30 + 2 * largest
+    mb_s = nbytes / 1e6 / m["seconds"]
+    return {"bench": "convert", "op": op, "shape": label, "layers": layers, "source_gb": round(nbytes / 1e9, 3),
+            "seconds": round(m["seconds"], 2), "mb_per_s": round(mb_s, 1),
+            "plain_copy_mb_per_s": round(copy_mb_s, 1), "vs_plain_copy": round(mb_s / copy_mb_s, 2),
+            "peak_rss_above_idle_mb": round(above / 1e6, 1), "bound_mb": round(bound / 1e6, 1),
+            "within_bound": above <= bound, "time_s": m.get("time_s")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, nargs="+", default=[12, 48])
+    parser.add_argument("--layers", type=int, nargs="+", default=[12, 48, 96])
     parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--no-real", dest="real", action="store_false", help="skip the real 1.5B shape")
+    parser.add_argument("--no-export", dest="export", action="store_false", help="skip export-hf")
+    parser.add_argument("--gguf", default=None, help="also convert this GGUF file (e.g. the demo model)")
     parser.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -83,48 +120,52 @@ def main() -> None:
     from tqdm import tqdm
 
     from convert.hf import HFSource
-    from convert.names import param_shapes
     from convert.synthetic import write_random_hf_checkpoint
     from qwq_jax.config import QwenConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qwq-convert-bench-"))
     h = args.hidden
-    results = []
-    for layers in tqdm(args.layers, desc="depths", file=sys.stderr):
-        cfg = QwenConfig(vocab_size=8192, hidden_size=h, intermediate_size=int(h * 2.75), num_layers=layers,
-                         num_heads=h // 64, num_kv_heads=max(1, h // 256), head_dim=64, dtype="bfloat16")
-        src = write_random_hf_checkpoint(cfg, work / f"src-{layers}", dtype="bfloat16", max_shard_bytes=500_000_000)
+    cases = [(f"hidden {h}", QwenConfig(vocab_size=8192, hidden_size=h, intermediate_size=int(h * 2.75),
+                                        num_layers=n, num_heads=h // 64, num_kv_heads=max(1, h // 256),
+                                        head_dim=64, dtype="bfloat16")) for n in args.layers]
+    if args.real:
+        cases.append(("1.5B", QwenConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                                         num_heads=12, num_kv_heads=2, head_dim=128, dtype="bfloat16")))
+    for label, cfg in tqdm(cases, desc="shapes", file=sys.stderr):
+        src = write_random_hf_checkpoint(cfg, work / "src", dtype="bfloat16", max_shard_bytes=2_000_000_000)
         source = HFSource(src)
         nbytes = sum(source.nbytes(n) for n in source.names())
-        largest_stacked = max(math.prod(s) * 2 for s in param_shapes(cfg).values())
-        largest_tensor = max(source.nbytes(n) for n in source.names())
-        for kind in ("ours", "transformers"):
-            out = work / f"out-{layers}-{kind}"
-            shutil.rmtree(out, ignore_errors=True)
-            m = measure(kind, src, out)
-            above = (m["peak_kib"] - m["idle_kib"]) * 1024
-            row = {"bench": "convert", "impl": "qwq-jax" if kind == "ours" else "transformers-from_pretrained",
-                   "layers": layers, "source_bytes": nbytes, "seconds": round(m["seconds"], 3),
-                   "mb_per_s": round(nbytes / 1e6 / m["seconds"], 1),
-                   "peak_rss_above_idle_mb": round(above / 1e6, 1),
-                   "largest_stacked_mb": round(largest_stacked / 1e6, 1),
-                   "largest_tensor_mb": round(largest_tensor / 1e6, 1),
-                   "bound_2x_stacked_plus_1gib_mb": round((2 * largest_stacked + 2**30) / 1e6, 1)}
-            row["within_bound"] = above <= 2 * largest_stacked + 2**30
-            results.append(row)
-            print(json.dumps(row), flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+        largest = max(source.nbytes(n) for n in source.names())
+        out, exported = work / "out", work / "exported"
+        shutil.rmtree(out, ignore_errors=True)
+        copy_mb_s = plain_copy(sorted(src.glob("*.safetensors")), work / "copy")
+        print(json.dumps(row("hf", label, cfg.num_layers, nbytes, largest, measure("hf", src, out), copy_mb_s)),
+              flush=True)
         shutil.rmtree(src, ignore_errors=True)
-    for layers in args.layers:
-        ours = next(r for r in results if r["layers"] == layers and r["impl"] == "qwq-jax")
-        peer = next(r for r in results if r["layers"] == layers and r["impl"] != "qwq-jax")
-        print(json.dumps({"bench": "convert", "ratio": "qwq-jax/transformers", "layers": layers,
-                          "seconds": round(ours["seconds"] / peer["seconds"], 3),
-                          "peak_rss_above_idle": round(ours["peak_rss_above_idle_mb"]
-                                                       / max(peer["peak_rss_above_idle_mb"], 1e-9), 3)}))
+        if args.export:
+            shutil.rmtree(exported, ignore_errors=True)
+            m = measure("export-hf", out, exported)
+            files = sorted(exported.glob("*.safetensors"))
+            copy_mb_s = plain_copy(files, work / "copy")
+            print(json.dumps(row("export-hf", label, cfg.num_layers, nbytes, largest, m, copy_mb_s)), flush=True)
+            shutil.rmtree(exported, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    if args.gguf:
+        from convert.gguf import GGUFSource
+
+        gguf = Path(args.gguf)
+        source = GGUFSource(gguf)
+        largest = max(math.prod(source.shape(n)) * 4 for n in source.names())  # float32 once dequantized
+        out = work / "out-gguf"
+        shutil.rmtree(out, ignore_errors=True)
+        copy_mb_s = plain_copy([gguf], work / "copy")
+        m = measure("gguf", gguf, out)
+        print(json.dumps(row("gguf", gguf.name, source.config.num_layers, gguf.stat().st_size, largest, m,
+                             copy_mb_s)), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"convert benchmark: {len(results)} runs, depths {args.layers}", file=sys.stderr)
+    print(f"convert benchmark: {len(cases)} shapes", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
                        help="stored parameter dtype (default: the source's; float32 for GGUF)")
         p.add_argument("--mesh", default=None,
-                       help="mesh the conversion writes from, e.g. 'fsdp=-1' (default: layers split over "
-                            "all devices)")
+                       help="mesh the conversion writes from, e.g. 'fsdp=-1' (default: each tensor's rows "
+                            "split over all devices)")
         p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
         p.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
         add_distributed_args(p)

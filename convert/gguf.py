@@ -59,6 +59,8 @@ QWEN2_PRE_TOKENIZERS = ("qwen2", "deepseek-r1-qwen")  # `tokenizer.ggml.pre` val
 # `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
+_CHUNK_BYTES = 16 * 2**20  # float32 dequantized per step of `GGUFSource.read_rows`
+
 _ROPE_SCALING_KEYS = {"type", "factor", "original_context_length", "yarn_beta_fast", "yarn_beta_slow",
                       "finetuned", "attn_factor"}
 
@@ -125,19 +127,38 @@ class GGUFSource:
         return "float32"
 
     def read(self, name: str) -> np.ndarray:
+        return self.read_rows(name, 0, self.shape(name)[0])
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of `name` (its first dimension), dequantized to float32.
+
+        Each row is whole quantization blocks, so a row range is one contiguous byte range: it is
+        read with plain reads (not through the memory map, whose pages would stay resident) and
+        dequantized in chunks of about _CHUNK_BYTES of float32, so temporaries stay small.
+        """
         from gguf.quants import dequantize
 
         t = self._tensor(name)
-        try:
-            x = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ConversionError(f"{self.path}: tensor {t.name} uses quantization "
-                                  f"{t.tensor_type.name}, which gguf {_gguf_version()} cannot "
-                                  "dequantize") from None
-        x = np.asarray(x, np.float32).reshape(self.shape(name))
-        if isinstance(x, np.memmap) or not x.flags.writeable or not x.flags.c_contiguous:
-            x = np.array(x, np.float32, order="C")  # F32 tensors come back as views of the map
-        return x
+        shape = self.shape(name)
+        row_shape = shape[1:]
+        row_bytes = int(t.n_bytes) // shape[0]
+        step = max(1, _CHUNK_BYTES // (4 * max(1, int(np.prod(row_shape, dtype=np.int64)))))
+        out = np.empty((stop - start,) + row_shape, np.float32)
+        with open(self.path, "rb") as fh:
+            for first in range(start, stop, step):
+                last = min(stop, first + step)
+                raw = np.empty((last - first, row_bytes), np.uint8)
+                fh.seek(int(t.data_offset) + first * row_bytes)
+                if fh.readinto(memoryview(raw.reshape(-1))) != raw.size:
+                    raise ConversionError(f"{self.path}: truncated while reading tensor {t.name}")
+                try:
+                    x = dequantize(raw, t.tensor_type)
+                except NotImplementedError:
+                    raise ConversionError(f"{self.path}: tensor {t.name} uses quantization "
+                                          f"{t.tensor_type.name}, which gguf {_gguf_version()} cannot "
+                                          "dequantize") from None
+                out[first - start:last - start] = x.reshape((last - first,) + row_shape)
+        return out
 
     def quant_type(self, name: str) -> str:
         """The GGML storage type of `name` (e.g. 'Q4_K', 'F32')."""

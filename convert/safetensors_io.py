@@ -69,9 +69,19 @@ class SafetensorsFile:
         return end - begin
 
     def read(self, name: str) -> np.ndarray:
-        info = self.tensors[name]
-        begin, end = info["data_offsets"]
-        out = np.empty(tuple(info["shape"]), DTYPES[info["dtype"]])
+        shape = self.shape(name)
+        return self.read_rows(name, 0, shape[0]) if shape else self._read(name, 0, self.nbytes(name), ())
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of tensor `name` (its first dimension): one contiguous byte range."""
+        shape = self.shape(name)
+        row = self.dtype(name).itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        return self._read(name, start * row, stop * row, (stop - start,) + shape[1:])
+
+    def _read(self, name: str, first: int, last: int, shape: tuple[int, ...]) -> np.ndarray:
+        begin, end = self.tensors[name]["data_offsets"]
+        begin, end = begin + first, begin + last
+        out = np.empty(shape, self.dtype(name))
         with open(self.path, "rb") as fh:
             fh.seek(self.start + begin)
             view = memoryview(out.reshape(-1).view(np.uint8))
@@ -83,8 +93,10 @@ class SafetensorsFile:
 
 def write_safetensors(path: str | os.PathLike, specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
                       produce: Callable[[str], np.ndarray], metadata: dict[str, str] | None = None,
-                      on_tensor: Callable[[int], None] | None = None) -> None:
-    """Write tensors named by `specs` (name, shape, dtype), producing each one only when written."""
+                      on_tensor: Callable[[int], None] | None = None, sync: bool = False) -> None:
+    """Write tensors named by `specs` (name, shape, dtype), producing each one only when written.
+
+    sync: fsync the file before returning (it is on disk, not only in the page cache)."""
     specs = list(specs)
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -104,3 +116,7 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[tuple[str, tuple[
             fh.write(memoryview(x.reshape(-1).view(np.uint8)))
             if on_tensor:
                 on_tensor(x.nbytes)
+            del x
+        if sync:
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -37,3 +37,6 @@ class Source(Protocol):
 
     def read(self, name: str) -> np.ndarray:
         """The whole HF-layout tensor `name` as a numpy array."""
+
+    # Optional: `read_rows(name, start, stop)` reads rows start:stop of `name` (its first dimension)
+    # alone; the converter then reads only the rows each device holds (HFSource, GGUFSource have it).

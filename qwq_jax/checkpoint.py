@@ -1,8 +1,15 @@
 """Orbax save / restore of model parameters, straight onto any mesh.
 
-A qwq-jax checkpoint directory is an Orbax checkpoint of the model's parameter tree (the
-nested dict of `nnx.state(model)`, layers stacked) plus `config.json`, tokenizer files and
-`generation_config.json` beside it, so the directory alone is enough to sample.
+A qwq-jax checkpoint directory is an Orbax checkpoint of the model's parameters plus `config.json`,
+tokenizer files and `generation_config.json` beside it, so the directory alone is enough to sample.
+
+On disk each layer is its own subtree, `layers/<i>/...` (`embed`, `final_norm`, `lm_head` beside),
+so a converter writes, and an exporter reads, one layer at a time. In memory the model holds the
+layers stacked (`layers/...` with a leading `layers` axis, for scan): `restore_params` allocates each
+stacked parameter on its target sharding and fills it a layer at a time (each process reads only its
+devices' part of that layer), so a restore holds the device shards plus one layer's tensors.
+Checkpoints of the earlier stacked layout (and training steps, which store the stacked state) restore
+as before, straight onto the target sharding.
 
 A training checkpoint (`RUN_DIR/checkpoints/STEP`, written by `python -m qwq_jax.train`) loads the
 same way: its float32 master weights are the `params` of its `state` item, and the model's config
@@ -14,14 +21,17 @@ asks it before loading, so a wrong path is one line naming the command that fixe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from qwq_jax.config import QwenConfig
 from qwq_jax.model import Qwen2, abstract_model, as_dtype
@@ -63,9 +73,121 @@ def param_shardings(cfg: QwenConfig, mesh: Mesh | None = None, rules: str | Mapp
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
 
 
+def per_layer(params: Mapping) -> dict:
+    """The on-disk form of a parameter tree: stacked `layers` leaves split into `layers/<i>/...`."""
+    params = dict(params)
+    if "layers" in params:
+        stacked = params["layers"]
+        num_layers = jax.tree.leaves(stacked)[0].shape[0]
+        params["layers"] = {str(i): jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}
+    return params
+
+
 def save_params(path: str | os.PathLike, params: Mapping) -> None:
-    """Write a parameter tree (nested dict of arrays) as an Orbax checkpoint at `path`."""
-    _ocp().save(os.fspath(path), dict(params))
+    """Write a parameter tree (nested dict of arrays, layers stacked) as a checkpoint at `path`.
+
+    Holds the whole tree: for small models and tests (`python -m convert` writes a layer at a time).
+    """
+    _ocp().save(os.fspath(path), per_layer(params))
+
+
+def stored_layers(path: str | os.PathLike) -> int | None:
+    """How many per-layer subtrees the checkpoint at `path` stores (None: the stacked layout)."""
+    tree = _ocp().pytree_metadata(os.fspath(path)).metadata
+    layers = tree.get("layers") if isinstance(tree, Mapping) else None
+    if isinstance(layers, Mapping) and layers and all(k.isdigit() for k in layers):
+        return len(layers)
+    return None
+
+
+RESTORE_GROUP_BYTES = 64 * 2**20  # layers restored per Orbax call: one, or a few small ones up to this
+
+
+def _drop_layer_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer of an array stacked with `sharding` (the leading axis dropped)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+    if isinstance(sharding, SingleDeviceSharding):
+        return sharding
+    raise ValueError(f"cannot restore a stacked parameter onto {type(sharding).__name__}; "
+                     "use a NamedSharding or SingleDeviceSharding")
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: dict, layer: dict, i: jax.Array) -> dict:
+    """stacked[k][i] = layer[k] for every k, in place (the stacked buffers are donated)."""
+    return {k: jax.lax.dynamic_update_index_in_dim(stacked[k], layer[k].astype(stacked[k].dtype), i, 0)
+            for k in stacked}
+
+
+def _restore_stacked(path: str, target: dict[str, jax.ShapeDtypeStruct], num_layers: int) -> dict:
+    """Stacked leaves (flat `rest -> ShapeDtypeStruct` under `layers`) from per-layer subtrees.
+
+    Each stacked array is allocated on its target sharding, then filled a layer at a time (a few small
+    layers per Orbax call, up to RESTORE_GROUP_BYTES, so small models do not pay Orbax's per-call cost
+    per layer): the layers are restored onto the stacked sharding less its leading axis (each device
+    reads only its part), written into place (the stacked buffers are donated: no second copy) and freed.
+    """
+    ocp = _ocp()
+    depths = {v.shape[0] for v in target.values()}
+    if depths != {num_layers}:
+        raise CheckpointError(f"{path}: the checkpoint stores {num_layers} layers, the config asks for "
+                              f"{', '.join(map(str, sorted(depths)))}")
+    shardings = {k: v.sharding for k, v in target.items()}
+    stacked = jax.jit(lambda: {k: jnp.zeros(v.shape, v.dtype) for k, v in target.items()},
+                      out_shardings=shardings)()
+    one = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype, sharding=_drop_layer_axis(v.sharding))
+           for k, v in target.items()}
+    layer_bytes = sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize for v in one.values())
+    per_call = max(1, RESTORE_GROUP_BYTES // max(layer_bytes, 1))
+    for first in range(0, num_layers, per_call):
+        layers = range(first, min(first + per_call, num_layers))
+        restored = ocp.load(path, {"layers": {str(i): _unflatten(one) for i in layers}})["layers"]
+        for i in layers:
+            stacked = _set_layer(stacked, _flatten(restored.pop(str(i))), jnp.int32(i))
+        del restored
+        release_host_memory()
+    return stacked
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_host_memory() -> None:
+    """Hand freed host buffers back to the OS. Orbax/TensorStore read and write on worker threads whose
+    glibc arenas keep freed buffers (hundreds of MB by the end of a restore); trimming after each group
+    of layers keeps resident memory at what is live."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _unflatten(flat: Mapping) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
 class CheckpointError(FileNotFoundError):
@@ -168,7 +290,26 @@ def restore_params(path: str | os.PathLike, target: Mapping) -> dict:
         if inspect_path(path).kind == "training_step":
             state = ocp.load_checkpointables(os.fspath(path.absolute()), {"state": {"params": dict(target)}})
             return state["state"]["params"]  # the optimizer state beside them is not read
-        return ocp.load(os.fspath(path), dict(target))
+        num_layers = stored_layers(path)
+        if num_layers is None:  # the earlier stacked layout
+            return ocp.load(os.fspath(path), dict(target))
+        flat = _flatten(target)
+        rest = {k: v for k, v in flat.items() if not k.startswith("layers.")}
+        out = {}
+        for k, v in rest.items():  # one at a time: the embedding and lm_head are the largest tensors
+            out.update(_flatten(ocp.load(os.fspath(path), _unflatten({k: v}))))
+            release_host_memory()
+        stacked = {k[len("layers."):]: v for k, v in flat.items() if k.startswith("layers.")}
+        if stacked:
+            out.update({f"layers.{k}": v for k, v in
+                        _restore_stacked(os.fspath(path), stacked, num_layers).items()})
+        return _unflatten(out)
+
+
+def restore_stored(path: str | os.PathLike, target: Mapping) -> dict:
+    """Restore leaves of `target` named as they lie on disk (e.g. `{"layers": {"3": {...}}}`), as they are."""
+    with _partial_load_context():
+        return _ocp().load(os.fspath(path), dict(target))
 
 
 def read_config(path: str | os.PathLike) -> QwenConfig:

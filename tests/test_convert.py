@@ -18,11 +18,12 @@ from transformers import Qwen2ForCausalLM
 
 import sharding as sh
 from convert.__main__ import main as convert_main
+from convert.hf import HFSource
 from convert.safetensors_io import SafetensorsFile
 from convert.synthetic import write_random_hf_checkpoint
 from helpers import hf_logits, hf_model
 from qwq_jax import QwenConfig, forward, load
-from qwq_jax.checkpoint import param_shardings, restore_params
+from qwq_jax.checkpoint import param_shardings, restore_params, stored_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = np.random.default_rng(0).integers(0, 512, (2, 130)).astype(np.int32)
@@ -71,7 +72,13 @@ def test_hf_to_orbax_to_load_matches_hf_logits(tmp_path_factory, tmp_path, prese
 def test_restore_onto_2x4_mesh_equals_unsharded(tmp_path_factory, tmp_path):
     src, _ = hf_dir(tmp_path_factory, "tiny", seed=1)
     assert convert_main(["hf", str(src), str(tmp_path / "out"), "--quiet"]) == 0
+    assert stored_layers(tmp_path / "out") == 2  # one subtree per layer on disk
     want = np.asarray(forward(load(tmp_path / "out"), jnp.asarray(TOKENS)))
+    two = sh.make_mesh("fsdp=2", devices=jax.devices()[:2])
+    model = load(tmp_path / "out", mesh=two, rules="train")
+    assert len(model.layers.mlp.up_proj[...].sharding.device_set) == 2
+    got = forward(model, sh.put_global(TOKENS, sh.batch_sharding(two, "train")))
+    assert np.abs(np.asarray(got) - want).max() <= 1e-5
     for rules in ("generate", "train"):
         mesh = sh.make_mesh("fsdp=2,tensor=4")
         model = load(tmp_path / "out", mesh=mesh, rules=rules)
@@ -81,13 +88,14 @@ def test_restore_onto_2x4_mesh_equals_unsharded(tmp_path_factory, tmp_path):
         assert np.abs(np.asarray(got) - want).max() <= 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_export_hf_is_bit_identical_and_loads_in_transformers(tmp_path_factory, tmp_path, dtype):
-    src, ref = hf_dir(tmp_path_factory, "tiny", sharded=True, dtype=dtype, seed=2)
+@pytest.mark.parametrize("preset,dtype", [("tiny", torch.float32), ("tiny", torch.bfloat16),
+                                          ("tiny-tied", torch.bfloat16)])
+def test_export_hf_is_bit_identical_and_loads_in_transformers(tmp_path_factory, tmp_path, preset, dtype):
+    src, ref = hf_dir(tmp_path_factory, preset, sharded=True, dtype=dtype, seed=2)
     out, exp = tmp_path / "out", tmp_path / "exported"
     assert convert_main(["hf", str(src), str(out), "--quiet"]) == 0  # keeps the source dtype
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype)[6:]
-    assert convert_main(["export-hf", str(out), str(exp), "--max-shard-size", "200KB", "--quiet"]) == 0
+    assert convert_main(["export-hf", str(out), str(exp), "--max-shard-size", "100KB", "--quiet"]) == 0
     assert (exp / "model.safetensors.index.json").is_file()
     source, exported = all_tensors(src), all_tensors(exp)
     assert set(source) == set(exported)
@@ -137,6 +145,65 @@ def test_two_processes_convert_like_one(tmp_path):
     single, multi = restore_params(tmp_path / "single", target), restore_params(tmp_path / "multi", target)
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stacked_layout_of_earlier_versions_still_loads(tmp_path_factory, tmp_path):
+    """Checkpoints written before the per-layer layout (layers stacked on disk) restore as before."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    src, _ = hf_dir(tmp_path_factory, "tiny", seed=4)
+    assert convert_main(["hf", str(src), str(tmp_path / "new"), "--quiet"]) == 0
+    target = param_shardings(QwenConfig.preset("tiny"), None, dtype="float32")
+    params = restore_params(tmp_path / "new", target)
+    ocp.save(tmp_path / "old", params)  # what the converter wrote before: one stacked array per parameter
+    (tmp_path / "old" / "config.json").write_bytes((tmp_path / "new" / "config.json").read_bytes())
+    assert stored_layers(tmp_path / "old") is None
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restore_params(tmp_path / "old", target))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    mesh = sh.make_mesh("fsdp=2,tensor=4")
+    got = forward(load(tmp_path / "old", mesh=mesh), sh.put_global(TOKENS, sh.batch_sharding(mesh, "generate")))
+    want = forward(load(tmp_path / "new", mesh=mesh), sh.put_global(TOKENS, sh.batch_sharding(mesh, "generate")))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+_RSS_CHILD = """
+import json, sys
+import jax
+from convert.hf import HFSource, convert_source
+jax.devices()
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+idle = kib("VmRSS")
+convert_source(HFSource(sys.argv[1]), sys.argv[2], progress=False, group_bytes=int(sys.argv[3]))
+print(json.dumps({"above": (kib("VmHWM") - idle) * 1024}))
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_flat_in_depth(tmp_path):
+    """Converting 48 layers peaks within 15% of converting 12 (same layer size; each in a fresh process,
+    peak = the kernel's high-water mark VmHWM, exact), and within 1 GiB + 2x the largest tensor."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    group = 24 * 2**20  # per partial save (the default is 256 MiB; these models are smaller than that)
+    procs, largest = {}, {}
+    for layers in (12, 48):  # both children at once: each measures only itself
+        cfg = QwenConfig(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_layers=layers, num_heads=8,
+                         num_kv_heads=2, head_dim=64, dtype="bfloat16")
+        src = write_random_hf_checkpoint(cfg, tmp_path / f"src{layers}", dtype="bfloat16")
+        source = HFSource(src)
+        largest[layers] = max(source.nbytes(n) for n in source.names())
+        procs[layers] = subprocess.Popen([sys.executable, "-c", _RSS_CHILD, str(src), str(tmp_path / f"out{layers}"),
+                                          str(group)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env=env)
+    above = {}
+    for layers, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        above[layers] = json.loads(out.strip().splitlines()[-1])["above"]
+        assert above[layers] <= 2**30 + 2 * largest[layers]
+    print({k: f"{v / 2**20:.0f} MiB" for k, v in above.items()})
+    assert abs(above[48] - above[12]) < 0.15 * above[12], above
 
 
 # ---- bad input: exit 1, one line naming the problem, OUT absent or untouched ----------------

@@ -465,6 +465,61 @@ def test_tiny_gguf_tied_and_rope_scaling(tmp_path):
     _expect_error(tmp_path / "af.gguf", "qwen2.rope.scaling.attn_factor is not supported")
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_tiny_gguf_converts_bit_equal(tmp_path, tied):
+    """GGUF -> ours: every restored parameter equals the dequantized source tensor in our layout, bit for bit."""
+    from gguf.constants import GGMLQuantizationType as Q
+
+    from convert.__main__ import main as convert_main
+    from convert.names import flatten, state_from_hf
+    from qwq_jax.checkpoint import param_shardings, restore_params, stored_layers
+
+    types = {"attn_q.weight": Q.Q8_0, "attn_k.weight": Q.Q4_K, "ffn_up.weight": Q.Q6_K, "token_embd.weight": Q.F16}
+    write_tiny_gguf(tmp_path / "t.gguf", types=types, tied=tied)
+    src = GGUFSource(tmp_path / "t.gguf")
+    assert convert_main(["gguf", str(tmp_path / "t.gguf"), str(tmp_path / "out"), "--quiet"]) == 0
+    assert stored_layers(tmp_path / "out") == src.config.num_layers
+    want = flatten(state_from_hf(src.config, {n: src.read(n) for n in src.names()}))
+    got = flatten(restore_params(tmp_path / "out", param_shardings(src.config, None, dtype="float32")))
+    assert set(got) == set(want)
+    for path, w in want.items():
+        np.testing.assert_array_equal(np.asarray(got[path]), w, err_msg=path)
+
+
+@pytest.mark.slow
+def test_demo_checkpoint_equals_gguf(source, demo_checkpoint):
+    """GGUF -> ours on the demo model (the checkpoint `sample --demo` uses): the embedding, lm_head, final
+    norm and every parameter of the first and last layers equal the dequantized GGUF bit for bit."""
+    import jax
+
+    from convert.names import flatten, hf_names, rules_for, unflatten
+    from qwq_jax.checkpoint import param_shardings, restore_params, restore_stored, stored_layers
+
+    cfg = source.config
+    targets = flatten(param_shardings(cfg, None, dtype="float32"))
+    per_layer = stored_layers(demo_checkpoint) is not None  # a cache converted before: layers stacked
+    got = {}
+    for rule in rules_for(cfg):
+        if not rule.per_layer:
+            got[rule.hf] = flatten(restore_params(demo_checkpoint, unflatten({rule.ours: targets[rule.ours]})))[rule.ours]
+            continue
+        for i in (0, cfg.num_layers - 1):
+            t = targets[rule.ours]
+            if per_layer:
+                key = f"layers.{i}.{rule.ours[len('layers.'):]}"
+                one = jax.ShapeDtypeStruct(t.shape[1:], t.dtype, sharding=t.sharding)
+                got[rule.hf.format(layer=i)] = flatten(restore_stored(demo_checkpoint, unflatten({key: one})))[key]
+            else:
+                got[rule.hf.format(layer=i)] = flatten(restore_params(demo_checkpoint, unflatten(
+                    {rule.ours: t})))[rule.ours][i]
+    lookup = {name: rule for name, rule, _ in hf_names(cfg)}
+    for name, ours in got.items():
+        ours = np.asarray(ours)
+        want = lookup[name].to_ours(source.read(name), ours.shape)
+        # bit for bit (a uint32 view: much faster than assert_array_equal on 136M values)
+        assert ours.shape == want.shape and np.array_equal(ours.view(np.uint32), want.view(np.uint32)), name
+
+
 def _expect_error(path: Path, match: str) -> None:
     with pytest.raises(ConversionError, match=match) as info:
         GGUFSource(path)
