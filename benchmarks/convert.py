@@ -111,8 +111,11 @@ def main() -> None:
     parser.add_argument("--no-export", dest="export", action="store_false", help="skip export-hf")
     parser.add_argument("--gguf", default=None, help="also convert this GGUF file (e.g. the demo model)")
     parser.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: hidden 256, 2 and 8 layers, no 1.5B shape")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tiny:
+        args.layers, args.hidden, args.real = [2, 8], 256, False
     if args.child:
         child(*args.child)
         return

@@ -382,3 +382,13 @@ def test_sandbox_tiny():
     for row in modes.values():
         assert "error" not in row and row["runs"] == 3 and 0 < row["min_ms"] <= row["p50_ms"] <= row["p90_ms"]
     assert lines[-1]["summary"] and lines[-1]["isolation"] == modes["strongest"]["isolation"]
+
+
+def test_convert_tiny():
+    """benchmarks/convert.py: HF -> ours and export-hf of two synthetic depths, each against a plain copy."""
+    lines = run_bench("convert.py")
+    rows = [x for x in lines if "mb_per_s" in x]
+    assert len(rows) == 4, lines  # (hf, export-hf) x 2 depths
+    for r in rows:
+        assert r["mb_per_s"] > 0 and r["plain_copy_mb_per_s"] > 0 and r["peak_rss_above_idle_mb"] > 0, r
+        assert r["within_bound"], r
