@@ -19,6 +19,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from qwq_jax.checkpoint import flatten, unflatten
 from qwq_jax.config import QwenConfig
 
 
@@ -165,26 +166,4 @@ def hf_from_state(cfg: QwenConfig, state: dict) -> dict[str, np.ndarray]:
     for name, rule, layer in hf_names(cfg):
         x = np.asarray(flat[rule.ours])
         out[name] = rule.to_hf(x if layer is None else x[layer])
-    return out
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
-def unflatten(flat: Mapping[str, object]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
     return out

@@ -142,9 +142,9 @@ def _restore_stacked(path: str, target: dict[str, jax.ShapeDtypeStruct], num_lay
     per_call = max(1, RESTORE_GROUP_BYTES // max(layer_bytes, 1))
     for first in range(0, num_layers, per_call):
         layers = range(first, min(first + per_call, num_layers))
-        restored = ocp.load(path, {"layers": {str(i): _unflatten(one) for i in layers}})["layers"]
+        restored = ocp.load(path, {"layers": {str(i): unflatten(one) for i in layers}})["layers"]
         for i in layers:
-            stacked = _set_layer(stacked, _flatten(restored.pop(str(i))), jnp.int32(i))
+            stacked = _set_layer(stacked, flatten(restored.pop(str(i))), jnp.int32(i))
         del restored
         release_host_memory()
     return stacked
@@ -169,17 +169,19 @@ def release_host_memory() -> None:
         trim(0)
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
+def flatten(tree: Mapping, prefix: str = "") -> dict:
+    """A nested mapping as {"a.b.c": leaf}."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
 
 
-def _unflatten(flat: Mapping) -> dict:
+def unflatten(flat: Mapping) -> dict:
+    """The inverse of `flatten`."""
     out: dict = {}
     for path, value in flat.items():
         node = out
@@ -293,17 +295,17 @@ def restore_params(path: str | os.PathLike, target: Mapping) -> dict:
         num_layers = stored_layers(path)
         if num_layers is None:  # the earlier stacked layout
             return ocp.load(os.fspath(path), dict(target))
-        flat = _flatten(target)
+        flat = flatten(target)
         rest = {k: v for k, v in flat.items() if not k.startswith("layers.")}
         out = {}
         for k, v in rest.items():  # one at a time: the embedding and lm_head are the largest tensors
-            out.update(_flatten(ocp.load(os.fspath(path), _unflatten({k: v}))))
+            out.update(flatten(ocp.load(os.fspath(path), unflatten({k: v}))))
             release_host_memory()
         stacked = {k[len("layers."):]: v for k, v in flat.items() if k.startswith("layers.")}
         if stacked:
             out.update({f"layers.{k}": v for k, v in
                         _restore_stacked(os.fspath(path), stacked, num_layers).items()})
-        return _unflatten(out)
+        return unflatten(out)
 
 
 def restore_stored(path: str | os.PathLike, target: Mapping) -> dict:

@@ -10,7 +10,9 @@ output axes), stacked over `layers` like every layer weight, as `LoRAParam` vari
 zero, so a new adapter leaves the model's outputs exactly as the base's; `A` starts normal with
 std 1/sqrt(fan_in). Filters on `LoRAParam` pick the adapters alone (gradients, the optimizer, what
 a LoRA checkpoint saves); `merge` folds them into a float base (`W + (alpha/r) A B`) for
-export or for an engine that runs plain weights.
+export or for an engine that runs plain weights; `attach` puts new adapters on a loaded (or
+quantized) base, which is how `python -m qwq_jax.train` builds a LoRA run ([lora], qwq_jax/rl/grpo.py
+trains it).
 """
 
 from __future__ import annotations
@@ -134,3 +136,34 @@ def merge(model: Any) -> Any:
         out[path] = value
     new_state = nnx.from_flat_state([(p, v.replace(out[p])) for p, v in nnx.to_flat_state(target)])
     return nnx.merge(graphdef, new_state)
+
+
+def attach(model: Any, lora: LoraConfig, seed: int = 0, mesh: Any = None, rules: Any = "train") -> Any:
+    """`model`'s weights (float or int8, shared, not copied) with new adapters on `lora.targets`: the
+    LoRA model to train on a loaded (or quantized) base. The adapters are those `Qwen2(..., lora=lora)`
+    draws with `nnx.Rngs(seed)` (B = 0), laid out by `rules` on `mesh` when given; no base weight is
+    initialised to draw them (the compiler drops the unused draws)."""
+    from qwq_jax.model import Qwen2
+
+    if getattr(model, "lora", None) is not None:
+        raise ValueError("attach: the model already has LoRA adapters")
+
+    def make():
+        return Qwen2(model.config, rngs=nnx.Rngs(seed), param_dtype=model.embed[...].dtype, dtype=model.dtype,
+                     remat=model.remat, attention_backend=model.attention_backend, quant=model.quant, lora=lora)
+
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    shardings = None
+    if mesh is not None:
+        from sharding import state_shardings
+
+        shardings = state_shardings(nnx.state(nnx.eval_shape(make), LoRAParam), mesh, rules)
+    adapters = jax.jit(lambda: nnx.state(make(), LoRAParam), out_shardings=shardings)()
+    pure = nnx.to_pure_dict(nnx.state(model))
+    for path, value in nnx.to_flat_state(adapters):
+        holder = pure
+        for key in path[:-1]:
+            holder = holder[key]
+        holder[path[-1]] = value.get_value() if hasattr(value, "get_value") else value.value
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)

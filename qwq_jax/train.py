@@ -6,7 +6,7 @@ GRPO / DAPO / Dr.GRPO fine-tuning with verifiable rewards; the same command runs
     # multi-host: add --coordinator HOST:PORT --num-processes N --process-id I (or QWQ_* env,
     # or --distributed on TPU pods / SLURM), identical otherwise on every host.
 
-The config is TOML (or JSON) with sections [model], [data], [rl], [rewards], [sandbox], [run]; every key
+The config is TOML (or JSON) with sections [model], [data], [rl], [lora], [rewards], [sandbox], [run]; every key
 has a default (see the dataclasses below) and `--set` overrides any of them. The whole config is
 checked before anything loads (`validate`). Outputs under `run.output_dir`: `metrics.jsonl` (one
 line per step), `tensorboard/` event files, `checkpoints/STEP` (Orbax: params, optimizer state,
@@ -18,6 +18,10 @@ finished run (its newest checkpoint at `run.steps`) says so and exits.
 A training checkpoint loads like a converted one: `python -m qwq_jax.sample --checkpoint
 RUN/checkpoints/STEP`, `python -m convert export-hf RUN/checkpoints/STEP OUT`, `qwq_jax.load(...)`
 (the float32 master weights; `qwq_jax.checkpoint.load_tokenizer` gives its tokenizer).
+
+LoRA ([lora] rank >= 1): adapters on a frozen base (model.dtype, or int8 with model.quantize =
+"int8": QLoRA) are all that is trained; a checkpoint then holds the adapters and their optimizer
+state only (megabytes), and --resume rebuilds the base from model.path.
 """
 
 from __future__ import annotations
@@ -46,9 +50,20 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "preset:tiny"      # a `python -m convert` output dir, or preset:NAME (random weights)
     tokenizer: str | None = None   # dir with tokenizer.json; default: the checkpoint dir ("bytes" for presets)
-    dtype: str = "bfloat16"        # compute dtype (master weights are float32)
+    dtype: str = "bfloat16"        # compute dtype (master weights are float32; a LoRA run's frozen base is held in it)
+    quantize: str | None = None    # "int8": the frozen base of a LoRA run in weight-only int8 (QLoRA); needs [lora]
     remat: str = "full"            # activation checkpointing policy (qwq_jax.model.REMAT_POLICIES)
     attention: str = "auto"        # attention backend (qwq_jax.attention): auto = cuDNN / splash / xla by platform
+
+
+@dataclasses.dataclass
+class LoraSection:
+    """LoRA adapters (qwq_jax/lora.py): rank 0 = off (full fine-tuning); rank >= 1 trains only the
+    adapters, y = x W + (alpha / rank) x A B on each target, on the frozen base."""
+    rank: int = 0
+    alpha: float | None = None      # default: 2 x rank (scale 2)
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"])
 
 
 @dataclasses.dataclass
@@ -101,6 +116,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     rl: dict = dataclasses.field(default_factory=dict)  # GRPOConfig fields (not total_steps / seed: see run)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
     sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -111,12 +127,26 @@ class TrainConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"[rl]: {e}") from None
 
+    def lora_config(self, rank: int | None = None):
+        """The `lora.LoraConfig` of [lora] (with `rank` in place of lora.rank when given), or None
+        (rank 0: full fine-tuning)."""
+        from qwq_jax.lora import LoraConfig
+
+        rank = self.lora.rank if rank is None else rank
+        if not rank:
+            return None
+        alpha = self.lora.alpha if self.lora.alpha is not None else 2.0 * rank
+        try:
+            return LoraConfig(rank=rank, alpha=alpha, targets=tuple(self.lora.targets))
+        except ValueError as e:
+            raise ConfigError(f"[lora]: {e}") from None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "rewards": RewardsConfig, "sandbox": SandboxConfig,
-            "run": RunConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraSection, "rewards": RewardsConfig,
+            "sandbox": SandboxConfig, "run": RunConfig}
 
 
 def _check_type(where: str, value: Any, hint: Any) -> Any:
@@ -178,7 +208,8 @@ def _check_values(cfg: TrainConfig) -> None:
     for key, value, low in (("data.prompts_per_step", d.prompts_per_step, 1), ("data.max_prompt_tokens",
                             d.max_prompt_tokens, 1), ("data.eval_every", d.eval_every, 0), ("data.eval_size",
                             d.eval_size, 1), ("rewards.workers", r.workers, 1), ("run.steps", run.steps, 1),
-                            ("run.save_every", run.save_every, 0), ("run.keep", run.keep, 1)):
+                            ("run.save_every", run.save_every, 0), ("run.keep", run.keep, 1),
+                            ("lora.rank", cfg.lora.rank, 0)):
         if value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value}")
     g = cfg.grpo()  # validates [rl] (run.steps checked above: it is GRPOConfig.total_steps)
@@ -186,6 +217,14 @@ def _check_values(cfg: TrainConfig) -> None:
                               ("model.dtype", m.dtype, DTYPES), ("rl.mu_dtype", g.mu_dtype, (None, *DTYPES))):
         if value not in known:
             raise ConfigError(f"{key}={value!r}; known: {', '.join(k for k in known if k)}")
+    from qwq_jax.model import QUANT_MODES
+
+    cfg.lora_config(rank=max(cfg.lora.rank, 1))  # validates [lora], also when off
+    if m.quantize is not None and m.quantize not in QUANT_MODES:
+        raise ConfigError(f"model.quantize={m.quantize!r}; known: {', '.join(QUANT_MODES)} (or unset)")
+    if m.quantize is not None and not cfg.lora.rank:
+        raise ConfigError(f"model.quantize={m.quantize!r} needs LoRA ([lora] rank >= 1): only adapters train on a "
+                          "quantized base")
     for key, value in (("rewards.timeout", r.timeout), ("rewards.code_timeout", r.code_timeout)):
         if not value > 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
@@ -312,17 +351,28 @@ def build_model(cfg: TrainConfig, mesh):
 
     m = cfg.model
     qcfg, tok_dir = _model_source(cfg)
+    lora = cfg.lora_config()
     try:
         check_backend(m.attention)
     except ValueError as e:
         raise ConfigError(f"model.attention={m.attention!r}: {e}") from None
     if m.path.startswith("preset:"):
-        model = init_sharded(lambda: Qwen2(qcfg, rngs=nnx.Rngs(cfg.run.seed), param_dtype=jnp.float32,
+        param_dtype = m.dtype if lora is not None else jnp.float32  # a frozen base is held in the compute dtype
+        model = init_sharded(lambda: Qwen2(qcfg, rngs=nnx.Rngs(cfg.run.seed), param_dtype=param_dtype,
                                            dtype=m.dtype, remat=m.remat, attention_backend=m.attention),
                              mesh, "train")
+        if m.quantize is not None:
+            from qwq_jax.quant import quantize
+
+            model = quantize(model, m.quantize, donate=True)
     else:
+        extra = {"dtype": m.dtype, "quant": m.quantize} if lora is not None else {}
         model = checkpoint.load(m.path, mesh=mesh, rules="train", compute_dtype=m.dtype, remat=m.remat,
-                                attention_backend=m.attention)
+                                attention_backend=m.attention, **extra)
+    if lora is not None:
+        from qwq_jax.lora import attach
+
+        model = attach(model, lora, seed=cfg.run.seed, mesh=mesh, rules="train")
     tokenizer = ByteTokenizer() if tok_dir is None else Tokenizer.from_dir(tok_dir)
     return model, tokenizer
 
@@ -500,9 +550,28 @@ class Checkpoints:
                                                               meta=args.JsonRestore()))
         return out["state"], out["meta"]
 
+    def meta(self, step: int) -> dict:
+        """The JSON metadata of checkpoint `step` alone (no arrays read)."""
+        return self.manager.restore(step, args=self.ocp.args.Composite(meta=self.ocp.args.JsonRestore()))["meta"]
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _check_resumable(cfg: TrainConfig, ckpt: Checkpoints, step: int) -> None:
+    """ConfigError (before any weight loads) where checkpoint `step` is of another run: its seed or
+    its [lora] (adapters of another shape, or none) differ from `cfg`'s."""
+    meta = ckpt.meta(step)
+    problem = None
+    if meta.get("seed") != cfg.run.seed:
+        problem = f"run.seed={meta.get('seed')}, the config says {cfg.run.seed}"
+    saved_lora = (meta.get("config") or {}).get("lora", {"rank": 0})
+    if (saved_lora.get("rank") or cfg.lora.rank) and saved_lora != cfg.to_dict()["lora"]:
+        problem = f"[lora] {saved_lora}, the config says {cfg.to_dict()['lora']}"
+    if problem:
+        ckpt.close()
+        raise ConfigError(f"the checkpoint was written with {problem}: resuming would not continue the same run")
 
 
 def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
@@ -534,6 +603,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                   f"to train further, raise run.steps (e.g. --set run.steps={cfg.run.steps * 2}); to sample from "
                   f"it: python -m qwq_jax.sample --checkpoint {out / 'checkpoints' / str(latest)}", flush=True)
         return []
+    if latest is not None:
+        _check_resumable(cfg, ckpt, latest)
     try:
         mesh = make_mesh(cfg.run.mesh)
     except ValueError as e:
@@ -572,9 +643,6 @@ def run(cfg: TrainConfig, resume: bool = False) -> list[dict]:
     if latest is not None:
         with phase(f"restoring {out / 'checkpoints' / str(latest)}", lead):
             state, meta = ckpt.restore(latest, trainer.abstract_state())
-        if meta.get("seed") != cfg.run.seed:
-            raise ConfigError(f"the checkpoint was written with run.seed={meta.get('seed')}, the config says "
-                              f"{cfg.run.seed}: resuming would not continue the same run")
         trainer.load_state(state, meta["step"])
         stream.position = int(meta["data_position"])
     log = MetricsLog(out, lead, trainer.step_count if latest is not None else None)
@@ -628,7 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = OneLineParser(prog="python -m qwq_jax.train", description="\n\n".join(__doc__.split("\n\n")[1:3]),
                             epilog=_help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="TOML or JSON config file (sections model, data, rl, rewards, sandbox, run)")
+    parser.add_argument("--config", help="TOML or JSON config file (sections model, data, rl, lora, rewards, sandbox, "
+                        "run)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set rl.loss=dapo --set run.steps=10")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -663,11 +732,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _help_epilog() -> str:
     """The config sections and their keys (from the dataclasses), and where the defaults are."""
     lines = ["config sections and keys (defaults: `--print-config` prints the resolved config; the",
-             "dataclasses ModelConfig, DataConfig, RewardsConfig, SandboxConfig, RunConfig in",
+             "dataclasses ModelConfig, DataConfig, LoraSection, RewardsConfig, SandboxConfig, RunConfig in",
              "qwq_jax/train.py and GRPOConfig in qwq_jax/rl/grpo.py document each key):"]
     keys = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
     keys["rl"] = list(RL_FIELDS)
-    for name in ("model", "data", "rl", "rewards", "sandbox", "run"):
+    for name in ("model", "data", "rl", "lora", "rewards", "sandbox", "run"):
         lines += textwrap.wrap(", ".join(keys[name]), 100, initial_indent=f"  [{name}] ".ljust(12),
                                subsequent_indent=" " * 12)
     lines += ["", "after training: python -m qwq_jax.sample --checkpoint RUN_DIR/checkpoints/STEP --prompt ...",

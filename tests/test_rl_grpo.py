@@ -131,3 +131,81 @@ def test_abstract_trainer_lowers_the_same_update():
     ref = rows * c * 4 if one.ref_params is not None else 0
     got = one.lower_update(rows, prompt_len).compile().memory_analysis().argument_size_in_bytes
     assert 0 <= got - (3 * 4 * params + batch + ref) <= 64  # + optimizer step counters (scalars)
+
+
+# ---- LoRA: adapters on a frozen base (float or int8) ---------------------------------------------
+def _lora_model(quant=None):
+    """Rank-4 adapters on every target of a tiny base whose lm_head is made 16x larger: a random
+    init's logits have std ~0.1 (near uniform whatever the hidden state, so adapters inside the
+    decoder could not steer them); these have ~2, as a trained model's."""
+    from qwq_jax.lora import LoraConfig, attach
+    from qwq_jax.quant import quantize
+
+    base = init_model(CFG, seed=0, param_dtype=jnp.float32, dtype=jnp.float32)
+    base.lm_head.set_value(base.lm_head[...] * 16)
+    return attach(quantize(base) if quant else base, LoraConfig(rank=4, alpha=8.0), seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_lora_mean_reward_rises_on_a_frozen_base(quant):
+    """Only the adapters train (the trainer's params and AdamW state are theirs alone); the base,
+    float32 or int8, is bit-for-bit unchanged, and the engine rolls out from the very arrays the
+    update reads plus the current adapters (its log-probs equal the update's: logp_gap)."""
+    import jax
+    from flax import nnx
+
+    from qwq_jax.lora import TARGETS, LoRAParam
+
+    model = _lora_model(quant)
+    base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Not(LoRAParam))))
+    trainer = GRPOTrainer(model, GRPOConfig(group_size=8, max_tokens=6, learning_rate=5e-2, total_steps=6, seed=0,
+                                            kl_beta=0.0), reward)
+    history = [trainer.step(make_prompts(step)) for step in range(6)]
+    rewards = [m["reward_mean"] for m in history]
+    first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
+    print(f"LoRA on the {quant or 'float32'} base: mean reward {first:.3f} -> {last:.3f} ({np.round(rewards, 3)})")
+    assert last > first + 0.3
+    assert max(m["logp_gap"] for m in history) < 1e-4
+
+    names = {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(trainer.params)}
+    assert names == {f"{t}_lora_{m}" for t in TARGETS for m in "ab"}
+    adapters = sum(x.size for x in jax.tree.leaves(trainer.params))
+    assert sum(x.size for x in jax.tree.leaves(trainer.opt_state)) <= 2 * adapters + 8  # AdamW's mu, nu + counts
+    frozen = dict(trainer.frozen, layers=jax.tree.map(lambda *xs: np.stack(xs), *trainer.frozen["layers"]))
+    for path, want in jax.tree_util.tree_leaves_with_path(base):
+        got = np.asarray(_at(frozen, path))
+        assert got.dtype == want.dtype and np.array_equal(got, want), path
+    q_proj = trainer.frozen["layers"][1]["attn"]["q_proj"]
+    assert q_proj.dtype == (jnp.int8 if quant else jnp.float32)
+    assert trainer.engine.layer_params[1]["attn"]["q_proj"][...] is q_proj  # the same buffer, no copy
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
+def test_lora_update_takes_the_adapters_in_float32_and_the_base_as_it_is():
+    """The compiled LoRA update's arguments: the adapters' float32 masters and AdamW moments, the
+    frozen base once as it is (int8 matmul weights with float32 scales, bf16 rest), the batch; no
+    float32 copy of the base, no optimizer state for it."""
+    import jax
+
+    from qwq_jax.lora import LoraConfig
+
+    model = init_model(CFG, seed=0, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, quant="int8",
+                       lora=LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")))
+    trainer = GRPOTrainer(model, GRPOConfig(group_size=4, max_tokens=4, kl_beta=0.0), reward)
+    adapters = sum(x.size for x in jax.tree.leaves(trainer.params))
+    assert {x.dtype for x in jax.tree.leaves(trainer.params)} == {jnp.dtype(jnp.float32)}
+    assert sum(x.size for x in jax.tree.leaves(trainer.opt_state)) <= 2 * adapters + 8
+    base = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.frozen))
+    int8 = [x for x in jax.tree.leaves(trainer.frozen) if x.dtype == jnp.int8]
+    assert len(int8) == 7 * CFG.num_layers  # every matmul weight, one array per layer
+    rows, prompt_len, c = 8, 5, 4
+    batch = 2 * rows * (prompt_len + c) * 4 + 2 * rows * c * 4 + 2 * rows * 4
+    assert trainer.loss_cfg.tis_cap is None  # the engine reads the same int8 weights: no TIS by default
+    got = trainer.lower_update(rows, prompt_len).compile().memory_analysis().argument_size_in_bytes
+    assert 0 <= got - (3 * 4 * adapters + base + batch) <= 64

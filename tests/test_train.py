@@ -18,6 +18,7 @@ import pytest
 
 from qwq_jax import QwenConfig, init_model
 from qwq_jax.generate import Completion
+from qwq_jax.lora import LoraConfig
 from qwq_jax.rl.data import DataError, PromptStream, load_jsonl, synthetic_examples
 from qwq_jax.rl.grpo import GRPOConfig, GRPOTrainer
 from qwq_jax.train import ConfigError, Rewards, RewardsConfig, SandboxConfig, load_config, main
@@ -36,6 +37,9 @@ def test_config_file_and_overrides():
     assert g.loss == "dapo" and g.micro_batches == 4 and g.total_steps == 7 and g.seed == cfg.run.seed
     assert g.group_size == 4 and g.max_tokens == 16  # from the file
     assert load_config(None).model.path == "preset:tiny"
+    lora = load_config(TINY, ["lora.rank=8", 'lora.targets=["q_proj", "v_proj"]', 'model.quantize="int8"'])
+    assert lora.lora_config() == LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))  # alpha: 2 x rank
+    assert load_config(TINY).lora_config() is None  # rank 0: full fine-tuning
 
 
 @pytest.mark.parametrize("name, devices", [("qwq32b_grpo_v5p64", 32), ("qwq32b_grpo_8xh100", 8)])
@@ -61,6 +65,11 @@ def test_ready_qwq32b_configs_are_consistent(name, devices):
     ("steps=3", "expected section.key=value"),
     ("rl.group_size=0", "group_size must be >= 1"),
     ("model.attention=flash3", "model.attention='flash3'; known: xla, "),
+    ('model.quantize="int8"', r"model.quantize='int8' needs LoRA \(\[lora\] rank >= 1\)"),
+    ('model.quantize="int4"', "model.quantize='int4'; known: int8"),
+    ("lora.rank=-1", "lora.rank must be >= 0"),
+    ('lora.targets=["qkv"]', r"\[lora\]: lora targets \['qkv'\] must be a non-empty subset of q_proj"),
+    ("lora.alpha=0", r"\[lora\]: lora alpha=0.0 must be a number > 0"),
 ])
 def test_config_errors_name_the_problem(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -297,6 +306,30 @@ def _read_tensorboard(directory: Path) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
+def _kill_after_a_checkpoint(cmd, env, out: Path) -> int:
+    """Run `cmd` and SIGKILL it as soon as a checkpoint is complete and training has gone past it;
+    the number of steps it had logged."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            done = [int(p.name) for p in (out / "checkpoints").glob("[0-9]*") if p.name.isdigit()
+                    and (p / "_CHECKPOINT_METADATA").exists()]
+            logged = (out / "metrics.jsonl").exists() and len(_metrics(out))
+            if done and logged and logged > min(done):
+                break
+            assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+            time.sleep(0.02)
+        else:
+            pytest.fail("no checkpoint within 300 s")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return len(_metrics(out))
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     steps = ["run.steps=14", "run.save_every=3", "run.keep=2", "data.eval_every=7", "data.eval_size=4"]
@@ -309,26 +342,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     assert len({m["loss"] for m in want}) > 10 and max(abs(m["loss"]) for m in want) > 1e-4
 
     # Same run, SIGKILLed as soon as a checkpoint is complete (and training has gone past it).
-    proc = subprocess.Popen(_train_cmd(cut, *steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            done = [int(p.name) for p in (cut / "checkpoints").glob("[0-9]*") if p.name.isdigit()
-                    and (p / "_CHECKPOINT_METADATA").exists()]
-            logged = (cut / "metrics.jsonl").exists() and len(_metrics(cut))
-            if done and logged and logged > min(done):
-                break
-            assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
-            time.sleep(0.02)
-        else:
-            pytest.fail("no checkpoint within 300 s")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = len(_metrics(cut))
+    killed_at = _kill_after_a_checkpoint(_train_cmd(cut, *steps), env, cut)
     assert killed_at < 14
 
     # Without --resume the run refuses to touch the checkpoints; with it, it continues.
@@ -349,6 +363,50 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     assert sorted(loss) == list(range(1, 15))
     np.testing.assert_allclose([loss[s] for s in range(1, 15)], [m["loss"] for m in got], rtol=1e-6)
     assert "train/reward_custom_mean" in tb
+
+
+@pytest.mark.slow
+def test_lora_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    """QLoRA (rank-4 adapters on an int8 base), SIGKILLed and resumed: every step's metrics equal the
+    uninterrupted run's (the base is rebuilt from model.path, adapters and AdamW state restored).
+    Its checkpoints hold the adapters and their optimizer state, nothing of the base."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from qwq_jax.lora import TARGETS
+    from qwq_jax.train import run
+
+    steps = ["run.steps=8", "run.save_every=3", "run.keep=2", "lora.rank=4", "lora.alpha=8", 'model.quantize="int8"']
+    env = _env(2)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _run(_train_cmd(full, *steps), env)
+    want = _metrics(full)
+    assert [m["step"] for m in want] == list(range(1, 9)) and max(m["grad_norm"] for m in want) > 0
+    killed_at = _kill_after_a_checkpoint(_train_cmd(cut, *steps), env, cut)
+    assert killed_at < 8
+    _run(_train_cmd(cut, *steps) + ["--resume"], env)
+    got = _metrics(cut)
+    assert [m["step"] for m in got] == list(range(1, 9))
+    print(f"killed after step {killed_at}, resumed from the checkpoint of step {3 * (killed_at // 3)}")
+    for a, b in zip(want, got):
+        for key in ("loss", "reward_mean", "kl", "grad_norm", "data_position", "logp_gap"):
+            assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
+
+    state_dir = cut / "checkpoints" / "8" / "state"
+    state = ocp.StandardCheckpointer().restore(state_dir.absolute())
+    names = {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(state["params"])}
+    assert names == {f"{t}_lora_{m}" for t in TARGETS for m in "ab"}
+    adapters = sum(np.asarray(x).size for x in jax.tree.leaves(state["params"]))
+    arrays = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
+    assert arrays <= 3 * 4 * adapters + 64  # float32 adapters, AdamW's mu and nu, step counters
+    on_disk = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
+    full_ft = 3 * 4 * sum(x.size for x in jax.tree.leaves(nnx.state(init_model(CFG))))  # masters + mu + nu
+    print(f"LoRA checkpoint: {adapters} adapter weights, {on_disk} bytes on disk; full fine-tuning's arrays: "
+          f"{full_ft} bytes")
+    assert arrays < full_ft / 16 and on_disk < arrays + 256 * 1024  # + Orbax's metadata files (~100-130 KB)
+    with pytest.raises(ConfigError, match=r"written with \[lora\] .*'rank': 4.*'rank': 8"):  # before any weight loads
+        run(load_config(TINY, [*RUN_SETTINGS, *steps, "lora.rank=8", f"run.output_dir={json.dumps(str(cut))}",
+                               "run.steps=9"]), resume=True)
 
 
 @pytest.mark.slow

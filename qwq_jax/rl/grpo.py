@@ -19,6 +19,16 @@ model's dtype laid out by the `generate` rules, one array per layer (or, with
 Micro-batches are strided (rows i, i+n, i+2n, ...) so each is spread evenly over the batch
 shards, and every loss term is normalised by the whole batch's denominators, so any number of
 micro-batches gives the same update as one (see `losses.batch_normalizers`).
+
+LoRA (a model with `model.lora`, qwq_jax/lora.py): only the adapters are trained. They are the
+float32 masters, the optimizer's parameters and, with its state, all a checkpoint holds
+(`state()`); the base stays frozen as the model holds it (the compute dtype, or int8: QLoRA),
+split once into one array per layer (`split_layers`), which the update's forward and the rollout
+engine both read in place: no float32 copy, no optimizer state, nothing synced but the adapters
+(cast to the model's adapter dtype after each update). The KL reference is the base itself (the
+initial adapters, B = 0). `compute_copy` then only says whether the adapters are cast to the
+compute dtype once per update ("split", "step") or used as float32 ("micro_batch"); `rollout_weights`
+does not apply.
 """
 
 from __future__ import annotations
@@ -34,7 +44,8 @@ import optax
 from flax import nnx
 
 from qwq_jax.generate import Completion, Engine
-from qwq_jax.model import Qwen2, as_dtype, drop_axes
+from qwq_jax.lora import LoRAParam
+from qwq_jax.model import Qwen2, as_dtype, drop_axes, split_layers
 from qwq_jax.rl.losses import (TIS_CAP, LossConfig, batch_normalizers, check_tis_cap, dynamic_sampling_keep,
                                group_advantages, overlong_penalty, policy_loss, tis_default)
 from qwq_jax.sampling import SamplingParams
@@ -154,6 +165,14 @@ def _unstrided(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
+def _merge_trees(a: Mapping, b: Mapping) -> dict:
+    """Two nested dicts with disjoint leaves (a frozen base and its adapters) as one."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge_trees(out[k], v) if k in out else v
+    return out
+
+
 def _gather_rows(x: np.ndarray) -> np.ndarray:
     """Sum over processes of a host array (each process filled only its own rows)."""
     if jax.process_count() == 1:
@@ -169,14 +188,21 @@ class GRPOTrainer:
     The trainer keeps its own copies of the weights: `model` may be deleted by the caller.
     `trainer.params` / `trainer.opt_state` are nested dicts / optax states of global arrays;
     `state()` and `load_state()` give and take both (for checkpoints), with `step_count`.
+    With LoRA (`model.lora`) `params` are the adapters alone and `trainer.frozen` the base, whose
+    arrays the trainer takes over (split per layer, the model's stacks deleted: do not use `model`
+    afterwards).
     """
 
     def __init__(self, model: Qwen2, config: GRPOConfig, reward_fn: RewardFn, tokenizer: Any = None,
                  reference: Qwen2 | None = None, mesh: Any = None):
+        self.lora = getattr(model, "lora", None)
         for name, m in (("model", model), ("reference", reference)):
-            if m is not None and getattr(m, "quant", None) is not None:
+            if m is not None and getattr(m, "quant", None) is not None and (m is reference or self.lora is None):
                 raise ValueError(f"GRPOTrainer: the {name} is {m.quant} weight-only quantized (qwq_jax.quant), "
-                                 "which is for inference; train the float model (bfloat16 or float32)")
+                                 "which is for inference; train the float model (bfloat16 or float32), or LoRA "
+                                 "adapters on the quantized one (qwq_jax.lora.attach)")
+        if self.lora is not None and reference is not None:
+            raise ValueError("GRPOTrainer: a LoRA run's KL reference is its frozen base; pass no reference")
         self.config = config
         self.loss_cfg = config.loss_config()  # final once the engine exists (whether TIS is on by default)
         self.reward_fn = reward_fn
@@ -189,14 +215,16 @@ class GRPOTrainer:
         if self.abstract and mesh is None:
             raise ValueError("GRPOTrainer on an abstract model needs a mesh (where the update would run)")
         self._state_def = jax.tree.structure(state)
-        pure = nnx.to_pure_dict(state)
+        self._layers_def = jax.tree.structure(state["layers"])
+        trainable = nnx.state(model, LoRAParam) if self.lora is not None else state
+        pure = nnx.to_pure_dict(trainable)
         self._pure_def = jax.tree.structure(pure)
         self._engine_dtypes = [x.dtype for x in jax.tree.leaves(pure)]
         if mesh is not None:
             from sharding import state_shardings
 
-            self.param_shardings = self._pure(state_shardings(state, mesh, "train"))
-            self._engine_shardings = state_shardings(state, mesh, "generate")
+            self.param_shardings = self._pure(state_shardings(trainable, mesh, "train"))
+            self._engine_shardings = state_shardings(trainable, mesh, "generate")
         else:
             self.param_shardings = self._engine_shardings = None
         self.params = self._build(lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t), pure,
@@ -205,7 +233,7 @@ class GRPOTrainer:
         self.opt_shardings = self._optimizer_shardings()
         self.opt_state = self._build(self.optimizer.init, self.params, self.opt_shardings)
         self.ref_params = None
-        if self.loss_cfg.kl_beta > 0:
+        if self.loss_cfg.kl_beta > 0:  # LoRA: the initial adapters (B = 0), i.e. the frozen base
             ref = self._pure(nnx.state(reference)) if reference is not None else self.params
             self.ref_params = self._build(lambda t: jax.tree.map(lambda x: x.astype(model.dtype), t), ref,
                                           self.param_shardings)
@@ -214,8 +242,12 @@ class GRPOTrainer:
         self._num_layers = model.config.num_layers
         self._compute_dtype = jnp.dtype(model.dtype)
         self.loss_cfg = config.loss_config(engine_differs=self._engine_differs())
-        if config.rollout_weights == "split":
-            self._layers_def = jax.tree.structure(state["layers"])
+        self.frozen = None  # LoRA: the base, its layers one tree per layer (read in place by update and engine)
+        if self.lora is not None:
+            base = nnx.to_pure_dict(nnx.state(model, nnx.Not(LoRAParam)))
+            self.frozen = dict(base, layers=split_layers(base["layers"], donate=True))
+            self._to_engine_lora = jax.jit(self._lora_engine_fn)
+        elif config.rollout_weights == "split":
             split_shardings = None
             if mesh is not None:
                 rest = self._pure(self._engine_shardings)
@@ -227,6 +259,8 @@ class GRPOTrainer:
                                out_shardings=(self.param_shardings, self.opt_shardings, None))
         self._grads = jax.jit(self._grads_fn)
         self._prepare = jax.jit(self._prepare_fn, static_argnames=("prompt_len",))
+        if self.lora is not None and not self.abstract:
+            self.sync_engine()  # the engine's own arrays were the model's stacks, now split
 
     # ---- trees and shardings ----------------------------------------------------------------
     def _build(self, fn, tree, shardings):
@@ -253,13 +287,19 @@ class GRPOTrainer:
         any use, so the forward is unchanged, and the gradient of the copy, accumulated in float32,
         is the gradient of the master (the cast's transpose is that same conversion). The embedding
         stays float32: the model casts only its gathered rows, and its gradient sums repeated tokens.
-        "micro_batch": the masters themselves."""
-        if self.config.compute_copy == "micro_batch":
-            return params
+        "micro_batch": the masters themselves. LoRA: the adapters, one tree per layer (as the frozen
+        base), cast unless "micro_batch"."""
         dt = self._compute_dtype
 
         def cast(x):
             return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
+
+        if self.lora is not None:
+            keep = self.config.compute_copy == "micro_batch"
+            return {"layers": [jax.tree.map(lambda x, i=i: x[i] if keep else cast(x[i]), params["layers"])
+                               for i in range(self._num_layers)]}
+        if self.config.compute_copy == "micro_batch":
+            return params
 
         out = {k: v if k in ("embed", "layers") else jax.tree.map(cast, v) for k, v in params.items()}
         if self.config.compute_copy == "split":  # a list: one tree of arrays per layer
@@ -268,8 +308,13 @@ class GRPOTrainer:
             out["layers"] = jax.tree.map(cast, params["layers"])
         return out
 
-    def _logprobs(self, compute, masters, tokens, segments, prompt_len: int):
-        """`completion_logprobs` of the model on `compute` (`_compute_params(masters)`)."""
+    def _logprobs(self, compute, masters, tokens, segments, prompt_len: int, frozen=None):
+        """`completion_logprobs` of the model on `compute` (`_compute_params(masters)`); LoRA: on the
+        frozen base plus the adapters `compute`, layer by layer."""
+        if frozen is not None:
+            layers = self._lora_layers(frozen, compute["layers"])
+            return completion_logprobs(self._model(dict(frozen, layers=layers[0])), tokens, segments, prompt_len,
+                                       layers=layers)
         if isinstance(compute["layers"], list):  # split: the stacked masters only give the graph its shapes
             return completion_logprobs(self._model(dict(compute, layers=masters["layers"])), tokens, segments,
                                        prompt_len, layers=compute["layers"])
@@ -277,13 +322,19 @@ class GRPOTrainer:
 
     def _engine_differs(self) -> bool:
         """Whether the rollout engine's numerics differ from the update's: another compute or KV-cache
-        dtype, int8 weights or an int8 KV cache (`tis_default`; TIS is then on unless `tis = false`)."""
+        dtype, int8 weights or an int8 KV cache (`tis_default`; TIS is then on unless `tis = false`). A
+        LoRA run's int8 base is no difference: the update reads the very same weights."""
         e = self.engine
-        int8 = e.kv_int8 or any(x.dtype == jnp.int8 for x in jax.tree.leaves(e.params))
+        int8 = e.kv_int8 or (self.lora is None and any(x.dtype == jnp.int8 for x in jax.tree.leaves(e.params)))
         return tis_default(self._compute_dtype, [e.compute_dtype, e.cache_dtype], int8=int8)
 
     def _model(self, params) -> Qwen2:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self._state_def, jax.tree.leaves(params)))
+
+    @staticmethod
+    def _lora_layers(frozen, adapters: Sequence[Any]) -> list[dict]:
+        """Per-layer trees of the whole model: the frozen base's layer i with adapters[i]."""
+        return [_merge_trees(b, a) for b, a in zip(frozen["layers"], adapters)]
 
     def _optimizer_shardings(self):
         if self.mesh is None:
@@ -303,7 +354,8 @@ class GRPOTrainer:
         return put_global(x, batch_sharding(self.mesh, "train", x.ndim))
 
     def state(self) -> dict:
-        """{"params", "opt_state"}: the arrays a checkpoint holds (with `step_count` beside them)."""
+        """{"params", "opt_state"}: the arrays a checkpoint holds (with `step_count` beside them); with
+        LoRA the adapters and their optimizer state only (the frozen base is the model's source)."""
         return {"params": self.params, "opt_state": self.opt_state}
 
     def abstract_state(self) -> dict:
@@ -315,18 +367,23 @@ class GRPOTrainer:
         self.step_count = int(step_count)
 
     # ---- jitted pieces ----------------------------------------------------------------------
-    def _prepare_fn(self, params, ref_params, tokens, segments, mask, behaviour_logp, prompt_len: int):
+    def _prepare_fn(self, params, ref_params, tokens, segments, mask, behaviour_logp, prompt_len: int, frozen=None):
         """Rollout-policy log-probs (recomputed by the training forward), reference log-probs,
         and the mean |training - engine| log-prob gap over real tokens (a numerics health check).
-        Runs per micro-batch (strided, as the update), so it never holds more than the update."""
+        Runs per micro-batch (strided, as the update), so it never holds more than the update.
+        `frozen` (here and in `_grads_fn`, `_update_fn`): a LoRA run's frozen base, else None."""
         n = self.config.micro_batches
         compute = self._compute_params(params)
 
         def one(_, mb):
             tok, seg = mb
-            old, _ = self._logprobs(compute, params, tok, seg, prompt_len)
-            ref = completion_logprobs(self._model(ref_params), tok, seg, prompt_len)[0] if ref_params is not None \
-                else jnp.zeros_like(old)
+            old, _ = self._logprobs(compute, params, tok, seg, prompt_len, frozen)
+            if ref_params is None:
+                ref = jnp.zeros_like(old)
+            elif frozen is not None:
+                ref = self._logprobs(self._compute_params(ref_params), ref_params, tok, seg, prompt_len, frozen)[0]
+            else:
+                ref = completion_logprobs(self._model(ref_params), tok, seg, prompt_len)[0]
             return None, (old, ref)
 
         _, (old_logp, ref_logp) = jax.lax.scan(one, None, (_strided(tokens, n), _strided(segments, n)))
@@ -334,7 +391,7 @@ class GRPOTrainer:
         gap = jnp.sum(jnp.abs(old_logp - behaviour_logp) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         return old_logp, (ref_logp if ref_params is not None else None), gap
 
-    def _grads_fn(self, params, batch, ref_logp):
+    def _grads_fn(self, params, batch, ref_logp, frozen=None):
         """Summed gradients and metrics over the micro-batches of `batch` (= the full-batch ones)."""
         cfg, lcfg = self.config, self.loss_cfg
         prompt_len = batch["tokens"].shape[1] - batch["mask"].shape[1]
@@ -345,7 +402,7 @@ class GRPOTrainer:
         split["ref_logp"] = _strided(ref_logp, n)
 
         def loss_fn(p, mb):
-            logp, entropy = self._logprobs(p, params, mb["tokens"], mb["segments"], prompt_len)
+            logp, entropy = self._logprobs(p, params, mb["tokens"], mb["segments"], prompt_len, frozen)
             loss, metrics = policy_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["mask"], lcfg,
                                         row_weight=mb["row_weight"], normalizers=norms,
                                         behaviour_logp=mb.get("behaviour_logp"))
@@ -371,8 +428,8 @@ class GRPOTrainer:
             grads["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *grads["layers"])
         return grads, metrics
 
-    def _update_fn(self, params, opt_state, batch, ref_logp):
-        grads, metrics = self._grads_fn(params, batch, ref_logp)
+    def _update_fn(self, params, opt_state, batch, ref_logp, frozen=None):
+        grads, metrics = self._grads_fn(params, batch, ref_logp, frozen)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -382,9 +439,15 @@ class GRPOTrainer:
     def sync_engine(self) -> None:
         """Give the rollout engine the current weights: a copy in the model dtype and `generate`
         layout, one array per layer (rollout_weights="split"), or the fp32 master arrays themselves
-        (rollout_weights="master")."""
+        (rollout_weights="master"). LoRA: the frozen base's per-layer arrays themselves, with a copy of
+        the adapters in the model's adapter dtype."""
         self._check_concrete("sync_engine")
-        if self.config.rollout_weights == "master":
+        if self.frozen is not None:
+            layers = self._lora_layers(self.frozen, self._to_engine_lora(self.params))
+            self.engine.params = jax.tree.unflatten(self._state_def, jax.tree.leaves(dict(self.frozen,
+                                                                                          layers=layers[0])))
+            self.engine.layer_params = [jax.tree.unflatten(self._layers_def, jax.tree.leaves(lp)) for lp in layers]
+        elif self.config.rollout_weights == "master":
             self.engine.params = jax.tree.unflatten(self._state_def, jax.tree.leaves(self.params))
         else:
             rest, layers = self._to_engine_split(self.params)
@@ -398,6 +461,12 @@ class GRPOTrainer:
                                                    zip(jax.tree.leaves(params), self._engine_dtypes)])
         stacked = cast.pop("layers")
         return cast, [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self._num_layers)]
+
+    def _lora_engine_fn(self, params):
+        """The engine's adapters: `params` in the model's adapter dtypes, one tree per layer."""
+        cast = jax.tree.unflatten(self._pure_def, [x.astype(d) for x, d in
+                                                   zip(jax.tree.leaves(params), self._engine_dtypes)])
+        return [jax.tree.map(lambda x, i=i: x[i], cast["layers"]) for i in range(self._num_layers)]
 
     def _generate(self, prompts: Sequence[Sequence[int]], params, n: int) -> list[list[Completion]]:
         """The engine's completions, every row in a slot of its own and a page pool just big enough
@@ -518,7 +587,7 @@ class GRPOTrainer:
         prompt_len = batch["tokens"].shape[1] - batch["mask"].shape[1]
         behaviour = arrays["behaviour_logp"] if self.loss_cfg.tis_cap is not None else arrays.pop("behaviour_logp")
         old_logp, ref_logp, gap = self._prepare(self.params, self.ref_params, arrays["tokens"], arrays["segments"],
-                                                arrays["mask"], behaviour, prompt_len=prompt_len)
+                                                arrays["mask"], behaviour, prompt_len=prompt_len, frozen=self.frozen)
         arrays["old_logp"] = old_logp
         return arrays, ref_logp, float(gap)
 
@@ -552,18 +621,20 @@ class GRPOTrainer:
             raise ValueError(f"{rows} rows do not split into micro_batches={self.config.micro_batches}")
         spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))  # noqa: E731
         arrays, ref = self.batch_shapes(rows, prompt_len, completion_len)
-        return self._update.lower(jax.tree.map(spec, self.params), jax.tree.map(spec, self.opt_state), arrays, ref)
+        return self._update.lower(jax.tree.map(spec, self.params), jax.tree.map(spec, self.opt_state), arrays, ref,
+                                  frozen=jax.tree.map(spec, self.frozen))
 
     def gradients(self, batch: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, float]]:
         """The (summed over micro-batches) gradient of the loss on a host batch, and its metrics."""
         arrays, ref_logp, _ = self._device_batch(batch)
-        grads, metrics = self._grads(self.params, arrays, ref_logp)
+        grads, metrics = self._grads(self.params, arrays, ref_logp, frozen=self.frozen)
         return grads, {k: float(v) for k, v in metrics.items()}
 
     def update(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         """One optimizer step on a host batch (from `make_batch`)."""
         arrays, ref_logp, gap = self._device_batch(batch)
-        self.params, self.opt_state, m = self._update(self.params, self.opt_state, arrays, ref_logp)
+        self.params, self.opt_state, m = self._update(self.params, self.opt_state, arrays, ref_logp,
+                                                      frozen=self.frozen)
         self.step_count += 1
         metrics = {k: float(v) for k, v in m.items()}
         metrics["logp_gap"] = gap
