@@ -197,12 +197,13 @@ def get_topology(name: str | None = None, devices: int | None = None, hbm_gib: f
 
 # ---- parameters: exact per-device counts ----------------------------------------------------------
 @functools.lru_cache(maxsize=16)
-def _param_table(cfg: Any, quant: str | None = None
+def _param_table(cfg: Any, quant: str | None = None, lora: Any = None
                  ) -> tuple[Any, tuple[tuple[str, tuple[int, ...], tuple[str | None, ...]], ...]]:
-    """(abstract state, ((path, shape, logical axes), ...)) of the model `cfg` declares."""
+    """(abstract state, ((path, shape, logical axes), ...)) of the model `cfg` declares (with LoRA
+    adapters for a `lora.LoraConfig`)."""
     from flax import nnx
 
-    state = nnx.state(abstract_model(cfg, quant=quant))
+    state = nnx.state(abstract_model(cfg, quant=quant, lora=lora))
     return state, tuple(_logical_specs(state))
 
 
@@ -212,14 +213,16 @@ def _abstract_mesh(sizes: dict[str, int]):
     return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
 
 
-def param_elements(cfg: Any, rules: str, sizes: dict[str, int], quant: str | None = None) -> dict[str, int]:
+def param_elements(cfg: Any, rules: str, sizes: dict[str, int], quant: str | None = None,
+                   lora: Any = None) -> dict[str, int]:
     """Elements of each parameter held by one device (path -> count) under `rules` on a mesh of `sizes`
-    (of the int8 weight-only model with `quant="int8"`: its matmul weights and their scales).
+    (of the int8 weight-only model with `quant="int8"`: its matmul weights and their scales; with a
+    `lora.LoraConfig`, its adapters too: paths with `_lora_`).
 
     Raises ValueError, naming the parameter and a mesh that works, when a mesh axis does not divide
     a dimension mapped to it.
     """
-    state, table = _param_table(cfg, quant)
+    state, table = _param_table(cfg, quant, lora)
     amesh = _abstract_mesh(sizes)
     out = {}
     for path, shape, logical in table:
@@ -388,7 +391,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
          rollout_batch: int | None = None, rollout_len: int | None = None, prefill_chunk: int | None = None,
          rollout_weights: str = GRPOConfig.rollout_weights, attention: str = "xla", headroom: float = 0.10,
          aot: bool | None = False, quantize: str | None = None, compute_copy: str = GRPOConfig.compute_copy,
-         layer_loop: str = LAYER_LOOP) -> Plan:
+         layer_loop: str = LAYER_LOOP, lora_rank: int = 0, lora_targets: Sequence[str] | None = None) -> Plan:
     """Per-device memory of `task` ("generate" or "train") for `cfg` (a QwenConfig or preset name).
 
     seq: generate: the cache length (prompt + new tokens); train: the row width (prompt +
@@ -402,18 +405,23 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
     `GRPOConfig.compute_copy`): "split" / "step" hold a compute-dtype copy of every weight but the
     embedding table (train rules) through the update, "micro_batch" none. aot: True compiles the
     task's programs for the topology (TPUs: needs libtpu; H100/H200: JAX's CUDA plugin), None does
-    so when that is installed, False never (the analytic count only). quantize (generate only):
-    "int8" counts the int8 weight-only model of `qwq_jax.quant` (the rest of it in param_dtype).
+    so when that is installed, False never (the analytic count only). quantize: "int8" counts the
+    int8 weight-only model of `qwq_jax.quant` (the rest of it in param_dtype); for training only
+    with LoRA (its frozen base). lora_rank (train): LoRA adapters of that rank on `lora_targets`
+    (default all seven projections; `[lora]` of the train config): float32 masters, AdamW state,
+    gradients and the reference (the initial adapters) are the adapters' alone, the frozen base is
+    held once in the compute dtype (or int8), train rules, and the rollout engine reads it in place.
     """
     cfg = _config(cfg)
     topo = topology if isinstance(topology, Topology) else get_topology(topology)
-    _check(task, seq, batch, remat, attention, micro_batches, headroom, quantize)
+    _check(task, seq, batch, remat, attention, micro_batches, headroom, quantize, lora_rank)
     if mesh is None:
         best = best_mesh(cfg, task, topo, seq, batch, remat=remat, param_dtype=param_dtype,
                          compute_dtype=compute_dtype, mu_dtype=mu_dtype, reference=reference,
                          micro_batches=micro_batches, rollout_batch=rollout_batch, rollout_len=rollout_len,
                          prefill_chunk=prefill_chunk, rollout_weights=rollout_weights, attention=attention,
-                         headroom=headroom, quantize=quantize, compute_copy=compute_copy, layer_loop=layer_loop)
+                         headroom=headroom, quantize=quantize, compute_copy=compute_copy, layer_loop=layer_loop,
+                         lora_rank=lora_rank, lora_targets=lora_targets)
         mesh = best.mesh
     sizes = parse_mesh_spec(mesh, topo.devices)
     rollout_len = seq if rollout_len is None else rollout_len
@@ -448,15 +456,29 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
                         rollout_batch=rollout_batch, rollout_len=rollout_len, prefill_chunk=chunk,
                         rollout_weights=rollout_weights, compute_copy=compute_copy, rows_per_device=rows,
                         micro_batch_rows_per_device=mb)
-        master = param_bytes(cfg, "train", sizes, "float32")
-        persistent = {"params": master,
-                      "optimizer": param_bytes(cfg, "train", sizes, mu_dtype) + master,
-                      "reference": param_bytes(cfg, "train", sizes, compute_dtype) if reference else 0,
-                      "engine_params": param_bytes(cfg, "generate", sizes, param_dtype)
-                      if rollout_weights != "master" else 0}  # split: one array per layer
-        # The update's (and the log-prob pass's) compute-dtype copy: every weight but the embedding.
-        copy = 0 if compute_copy == "micro_batch" else \
-            sum(n for p, n in param_elements(cfg, "train", sizes).items() if p != "embed") * c
+        if lora_rank:
+            lora = _lora_config(lora_rank, lora_targets)
+            adapters = sum(n for p, n in param_elements(cfg, "train", sizes, quantize, lora).items() if "_lora_" in p)
+            master = adapters * 4
+            settings.update(lora_rank=lora_rank, lora_targets=list(lora.targets), quantize=quantize,
+                            lora_adapter_elements=adapters)
+            # The frozen base as stored (compute dtype, or int8), train rules; the engine decodes from it in
+            # place with a copy of the adapters; the KL reference is the initial adapters.
+            persistent = {"params": master, "optimizer": adapters * _itemsize(mu_dtype) + master,
+                          "reference": adapters * c if reference else 0,
+                          "base": param_bytes(cfg, "train", sizes, compute_dtype, quantize),
+                          "engine_params": adapters * _itemsize(param_dtype)}
+            copy = 0 if compute_copy == "micro_batch" else adapters * c
+        else:
+            master = param_bytes(cfg, "train", sizes, "float32")
+            persistent = {"params": master,
+                          "optimizer": param_bytes(cfg, "train", sizes, mu_dtype) + master,
+                          "reference": param_bytes(cfg, "train", sizes, compute_dtype) if reference else 0,
+                          "engine_params": param_bytes(cfg, "generate", sizes, param_dtype)
+                          if rollout_weights != "master" else 0}  # split: one array per layer
+            # The update's (and the log-prob pass's) compute-dtype copy: every weight but the embedding.
+            copy = 0 if compute_copy == "micro_batch" else \
+                sum(n for p, n in param_elements(cfg, "train", sizes).items() if p != "embed") * c
         # One layer's weights split over `tensor` only (as gathered for compute), and the output head.
         gathered = param_elements(cfg, "train", {"data": 1, "fsdp": 1, "tensor": tensor})
         layer = sum(n for p, n in gathered.items() if p.startswith("layers.")) // L
@@ -468,14 +490,15 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
         rollout = _generation(cfg, rollout_batch, rollout_len, chunk, tensor, c)  # slots replicated
         phases = {
             # Decoding from the master weights casts (and gathers) each layer's weights as it goes.
-            "rollout": dict(persistent, **rollout, layer_weights=weights if rollout_weights == "master" else 0),
+            "rollout": dict(persistent, **rollout,
+                            layer_weights=weights if rollout_weights == "master" and not lora_rank else 0),
             "logprobs": dict(persistent, compute_copy=copy, layer_weights=weights, logits=2 * mb * seq * v * 4 + 2 * rows * seq * 4,
                              activations=sum(full.values()) + _per_call(cfg, mb, seq, seq)),
             "update": dict(persistent, compute_copy=copy, gradients=master * (2 if micro_batches > 1 else 1),
                            layer_weights=weights + layer * 4, logits=3 * mb * seq * v * 4,
                            activations=(L - 1) * saved + 2 * sum(full.values()) + _per_call(cfg, mb, seq, seq)),
         }
-    order = ("params", "optimizer", "gradients", "reference", "engine_params", "compute_copy", "layer_weights",
+    order = ("params", "optimizer", "gradients", "reference", "base", "engine_params", "compute_copy", "layer_weights",
              "kv_cache",
              "activations", "logits")
     phases = {p: {k: cats.get(k, 0) for k in order} for p, cats in phases.items()}
@@ -487,20 +510,33 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
                   hbm_bytes=topo.hbm_bytes, headroom=headroom, capacity_bytes=capacity, fits=total <= capacity,
                   notes=notes)
     _add_notes(result, cfg, topo)
-    if aot is not False:
+    if lora_rank:
+        if aot:
+            result.notes.append("AOT: the LoRA trainer is not compiled for the target yet; analytic count used")
+    elif aot is not False:
         _try_aot(result, cfg, topo, aot)
     return result
 
 
+def _lora_config(rank: int, targets: Sequence[str] | None):
+    from qwq_jax.lora import TARGETS, LoraConfig
+
+    return LoraConfig(rank=rank, alpha=float(rank), targets=tuple(targets) if targets else TARGETS)
+
+
 def _check(task: str, seq: int, batch: int, remat: str, attention: str, micro_batches: int,
-           headroom: float, quantize: str | None = None) -> None:
+           headroom: float, quantize: str | None = None, lora_rank: int = 0) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     if quantize is not None and quantize not in QUANT_BYTES:
         raise ValueError(f"unknown quantization {quantize!r} (known: {', '.join(QUANT_BYTES)})")
-    if quantize is not None and task != "generate":
-        raise ValueError(f"quantize={quantize!r} is for generation: training (and its rollouts) use the float "
-                         "weights")
+    if not isinstance(lora_rank, int) or lora_rank < 0:
+        raise ValueError(f"lora_rank must be an int >= 0 (0: no LoRA), got {lora_rank!r}")
+    if lora_rank and task != "train":
+        raise ValueError("lora_rank is for training (generation runs whatever weights it is given)")
+    if quantize is not None and task != "generate" and not lora_rank:
+        raise ValueError(f"quantize={quantize!r} trains only with LoRA (an int8 frozen base, --lora-rank): full "
+                         "training and its rollouts use the float weights")
     if remat not in REMAT_SAVES:
         raise ValueError(f"unknown remat policy {remat!r} (known: {', '.join(REMAT_SAVES)})")
     if attention not in ATTENTION:
@@ -560,7 +596,8 @@ def best_mesh(cfg: Any, task: str, topology: str | Topology, seq: int, batch: in
     aot = kwargs.pop("aot", False)
     kwargs.pop("mesh", None)
     _check(task, seq, batch, kwargs.get("remat", ModelConfig.remat), kwargs.get("attention", "xla"),
-           kwargs.get("micro_batches", GRPOConfig.micro_batches), kwargs.get("headroom", 0.10), kwargs.get("quantize"))
+           kwargs.get("micro_batches", GRPOConfig.micro_batches), kwargs.get("headroom", 0.10), kwargs.get("quantize"),
+           kwargs.get("lora_rank", 0))
     plans, errors = [], []
     for sizes in mesh_candidates(topo.devices, topo.devices_per_host):
         try:
@@ -754,6 +791,7 @@ _DESCRIBE = {
     "optimizer": "AdamW mu ({}) + nu (float32)",
     "gradients": "float32 gradients (+ accumulator with micro-batches)",
     "reference": "frozen reference model ({})",
+    "base": "LoRA's frozen base ({}), train rules, read in place by the engine",
     "engine_params": "rollout engine's weights ({}), generate rules",
     "compute_copy": "the update's {} copy of the weights but the embedding (compute_copy={})",
     "layer_weights": "current layers' gathered weights + lm_head",
@@ -765,6 +803,10 @@ _DESCRIBE = {
 
 def _describe(p: Plan, cat: str) -> str:
     s = p.settings
+    if cat == "base":
+        return _DESCRIBE[cat].format(f"{s['quantize']} weight-only matmuls" if s.get("quantize") else s["compute_dtype"])
+    if cat == "params" and s.get("lora_rank"):
+        return f"LoRA adapters (rank {s['lora_rank']}), float32 masters"
     if cat == "params":
         if s.get("quantize"):
             return _DESCRIBE[cat].format(f"{s['quantize']} weight-only matmuls, the rest {s['param_dtype']}", p.task)
@@ -772,7 +814,11 @@ def _describe(p: Plan, cat: str) -> str:
     if cat == "optimizer":
         return _DESCRIBE[cat].format(s["mu_dtype"])
     if cat == "reference":
+        if s.get("lora_rank"):
+            return f"KL reference: the initial adapters ({s['compute_dtype']})"
         return _DESCRIBE[cat].format(s["compute_dtype"])
+    if cat == "engine_params" and s.get("lora_rank"):
+        return f"rollout engine's adapters ({s['param_dtype']}); it reads the base in place"
     if cat == "engine_params":
         return _DESCRIBE[cat].format(s["param_dtype"])
     if cat == "compute_copy":
@@ -858,6 +904,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quantize", choices=list(QUANT_BYTES), default=None,
                     help="generate: int8 weight-only matmul weights (qwq_jax.quant; python -m qwq_jax.sample "
                          "--quantize int8)")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="train: LoRA adapters of this rank on a frozen base (0: full fine-tuning; with "
+                         "--quantize int8 the base is int8: QLoRA)")
+    ap.add_argument("--lora-targets", nargs="+", default=None,
+                    help="train: the projections with adapters (default: q k v o gate up down)")
     ap.add_argument("--mu-dtype", choices=list(DTYPE_BYTES), default="float32", help="train: AdamW first moment")
     ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                     help="train: keep a frozen reference model (KL term)")
@@ -897,7 +948,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       rollout_batch=args.rollout_batch, rollout_len=args.rollout_len,
                       prefill_chunk=args.prefill_chunk, rollout_weights=args.rollout_weights,
                       compute_copy=args.compute_copy, layer_loop=args.layer_loop,
-                      attention=args.attention, headroom=args.headroom, quantize=args.quantize)
+                      attention=args.attention, headroom=args.headroom, quantize=args.quantize,
+                      lora_rank=args.lora_rank, lora_targets=args.lora_targets)
         best = best_mesh(cfg, args.task, topo, args.seq, args.batch, **kwargs)
         mesh = args.mesh if args.mesh is not None else best.mesh
         result = plan(cfg, args.task, topo, args.seq, args.batch, mesh=mesh, aot=args.aot, **kwargs)

@@ -226,6 +226,34 @@ def test_train_categories_by_hand():
         plan(TINY, "train", topo, 64, 6, mesh=mesh, micro_batches=2)
 
 
+def test_lora_train_categories_by_hand():
+    """LoRA (rank 2, all seven projections) on the tiny model, fsdp=2 x tensor=4, train rules: only the
+    adapters are masters / AdamW state / gradients / reference / engine copy; the base is held once in
+    bf16 (or int8 with quantize)."""
+    L, E, I, H, K, D, r, f, t = 2, 64, 160, 8, 4, 8, 2, 2, 4
+    per_target = {  # A (contracted axes, lora) + B (lora, output axes); embed over fsdp, heads / mlp over tensor
+        "q": E * r // f + r * H * D // t, "k": E * r // f + r * K * D // t, "v": E * r // f + r * K * D // t,
+        "o": H * D * r // t + r * E // f, "gate": E * r // f + r * I // t, "up": E * r // f + r * I // t,
+        "down": I * r // t + r * E // f}
+    a = L * sum(per_target.values())
+    p = plan(TINY, "train", custom(8), 64, 8, mesh="fsdp=2,tensor=4", lora_rank=2)
+    upd = p.phases["update"]
+    assert p.settings["lora_adapter_elements"] == a
+    assert (upd["params"], upd["optimizer"], upd["gradients"]) == (4 * a, 8 * a, 4 * a)
+    assert (upd["reference"], upd["engine_params"], upd["compute_copy"]) == (2 * a, 2 * a, 2 * a)
+    assert upd["base"] == 19168 * 2  # the tiny model's train-rules elements per device (above), in bf16
+    assert p.phases["rollout"]["base"] == upd["base"] and plan(TINY, "train", custom(8), 64, 8,
+                                                                 mesh="fsdp=2,tensor=4").phases["update"]["base"] == 0
+    q = plan(TINY, "train", custom(8), 64, 8, mesh="fsdp=2,tensor=4", lora_rank=2, quantize="int8")
+    assert q.phases["update"]["base"] == param_bytes(TINY, "train", {"data": 1, "fsdp": 2, "tensor": 4}, "bfloat16",
+                                                     "int8") < upd["base"]
+    assert "rank 2" in planner.format_plan(q)
+    with pytest.raises(ValueError, match="trains only with LoRA"):
+        plan(TINY, "train", custom(8), 64, 8, mesh="fsdp=2,tensor=4", quantize="int8")
+    with pytest.raises(ValueError, match="lora_rank is for training"):
+        plan(TINY, "generate", custom(8), 64, 8, lora_rank=2)
+
+
 def test_full_remat_saves_one_activation_per_layer():
     # With remat "full" each extra layer adds exactly its saved input [rows, seq, hidden] in bf16.
     topo, mesh = custom(8), "fsdp=2,tensor=4"

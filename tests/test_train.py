@@ -42,7 +42,8 @@ def test_config_file_and_overrides():
     assert load_config(TINY).lora_config() is None  # rank 0: full fine-tuning
 
 
-@pytest.mark.parametrize("name, devices", [("qwq32b_grpo_v5p64", 32), ("qwq32b_grpo_8xh100", 8)])
+@pytest.mark.parametrize("name, devices", [("qwq32b_grpo_v5p64", 32), ("qwq32b_grpo_8xh100", 8),
+                                           ("qwq32b_lora_8xh100", 8), ("qwq32b_qlora_h200", 1)])
 def test_ready_qwq32b_configs_are_consistent(name, devices):
     """The shipped 32B configs parse, and their batches split over their meshes' batch shards."""
     from sharding import parse_mesh_spec
@@ -54,6 +55,16 @@ def test_ready_qwq32b_configs_are_consistent(name, devices):
     assert rows % g.micro_batches == 0 and (rows // g.micro_batches) % (sizes["data"] * sizes["fsdp"]) == 0
     assert qcfg.num_kv_heads % sizes["tensor"] == 0 and qcfg.hidden_size % sizes["fsdp"] == 0
     assert cfg.model.remat == "full" and g.max_tokens + cfg.data.max_prompt_tokens <= qcfg.max_position_embeddings
+    if "lora" in name:  # and the planner's analytic verdict for them: they fit
+        from qwq_jax.plan import plan
+
+        lora = cfg.lora_config()
+        assert lora is not None and lora.rank == 64
+        p = plan(qcfg, "train", "h200x1" if devices == 1 else "h100x8", g.max_tokens + cfg.data.max_prompt_tokens,
+                 rows, mesh=cfg.run.mesh, micro_batches=g.micro_batches, lora_rank=lora.rank,
+                 quantize=cfg.model.quantize, prefill_chunk=cfg.data.max_prompt_tokens,
+                 attention="flash" if devices == 1 else "xla")
+        assert p.fits, p.total
 
 
 @pytest.mark.parametrize("override, message", [
