@@ -60,8 +60,12 @@ def test_mean_reward_rises(loss):
     assert last > first + 0.25
     for m in history:
         for key in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "reward_std", "response_length",
-                    "tokens_per_s", "step_s"):
+                    "tokens_per_s", "step_s", "rollout_tokens_per_s"):
             assert np.isfinite(m[key]), key
+        # The step's time split: its phases, each positive, add up to no more than the step.
+        phases = [m[k] for k in ("generate_s", "reward_s", "logprob_s", "update_s")]
+        assert all(t > 0 for t in phases) and sum(phases) <= m["step_s"]
+        assert m["generate_s"] + m["reward_s"] <= m["rollout_s"]
 
 
 def test_rollout_weight_layouts_train_the_same():

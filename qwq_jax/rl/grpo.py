@@ -239,6 +239,7 @@ class GRPOTrainer:
                                           self.param_shardings)
         self.engine = Engine(model, tokenizer, mesh=mesh, rules="generate")
         self.step_count = 0
+        self._times: dict[str, float] = {}  # the last step's phases (see `step`)
         self._num_layers = model.config.num_layers
         self._compute_dtype = jnp.dtype(model.dtype)
         self.loss_cfg = config.loss_config(engine_differs=self._engine_differs())
@@ -510,10 +511,16 @@ class GRPOTrainer:
         base = cfg.seed * 1_000_003 + self.step_count * 7919 * max(len(prompts), 1) * cfg.group_size
         sps = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                               n=cfg.group_size, seed=(base + i * cfg.group_size) % 2**31) for i in range(len(prompts))]
+        t0 = time.perf_counter()
         outs = self._generate(prompts, sps, cfg.group_size)
         completions = [c for group in outs for c in group]
         indices = [i // cfg.group_size for i in range(len(completions))]
-        return completions, self.score(self.reward_fn, indices, completions)
+        t1 = time.perf_counter()
+        scores = self.score(self.reward_fn, indices, completions)
+        tokens = sum(len(c.token_ids) for c in completions)
+        self._times.update(generate_s=t1 - t0, reward_s=time.perf_counter() - t1,
+                           rollout_tokens_per_s=tokens / max(t1 - t0, 1e-9))
+        return completions, scores
 
     def evaluate(self, prompts: Sequence[Sequence[int]], reward_fn: RewardFn, max_tokens: int | None = None
                  ) -> dict[str, float]:
@@ -632,12 +639,15 @@ class GRPOTrainer:
 
     def update(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         """One optimizer step on a host batch (from `make_batch`)."""
-        arrays, ref_logp, gap = self._device_batch(batch)
+        t0 = time.perf_counter()
+        arrays, ref_logp, gap = self._device_batch(batch)  # the log-prob pass (`gap` waits for it)
+        t1 = time.perf_counter()
         self.params, self.opt_state, m = self._update(self.params, self.opt_state, arrays, ref_logp,
                                                       frozen=self.frozen)
         self.step_count += 1
         metrics = {k: float(v) for k, v in m.items()}
         metrics["logp_gap"] = gap
+        self._times.update(logprob_s=t1 - t0, update_s=time.perf_counter() - t1)
         return metrics
 
     def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:
@@ -648,7 +658,9 @@ class GRPOTrainer:
         batch, stats = self.make_batch(prompts, completions, rewards["reward"])
         metrics = self.update(batch)
         step_s = time.perf_counter() - t0
-        metrics.update(stats, step=self.step_count, rollout_s=t_rollout, step_s=step_s,
+        # The step's time split: rollout_s = generate_s (the engine) + reward_s (scoring); then
+        # logprob_s (the old / reference log-prob pass) and update_s (gradients and the optimizer).
+        metrics.update(stats, **self._times, step=self.step_count, rollout_s=t_rollout, step_s=step_s,
                        tokens_per_s=float(batch["mask"].sum()) / max(step_s, 1e-9))
         for name, values in rewards.items():
             key = "reward" if name == "reward" else f"reward_{name}"
