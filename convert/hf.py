@@ -29,13 +29,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from tqdm import tqdm
 
 from convert.names import Rule, check_names, flatten, hf_names, param_shapes, rules_for, unflatten
 from convert.safetensors_io import SafetensorsFile, write_safetensors
 from convert.source import ConversionError, Source
-from qwq_jax.checkpoint import (TOKENIZER_FILES, inspect_path, param_shardings, read_config,
+from qwq_jax.checkpoint import (TOKENIZER_FILES, inspect_path, load, lora_run, param_shardings, read_config,
                                  release_host_memory, restore_params, restore_stored, stored_layers, tokenizer_dir)
 from qwq_jax.cli import phase
 from qwq_jax.config import QwenConfig
@@ -368,7 +369,8 @@ def convert_source(source: Source, out: str | os.PathLike, *, dtype: str | None 
 def export_hf(ckpt: str | os.PathLike, hfdir: str | os.PathLike, *, overwrite: bool = False,
               max_shard_bytes: int = 5 * 10**9, progress: bool = True) -> dict:
     """Write the checkpoint at `ckpt` (a converted one, or a training step `RUN/checkpoints/STEP`: its
-    float32 master weights) as a HF model directory (safetensors shards + index)."""
+    float32 master weights; a LoRA run's step: its base with the adapters merged, in float32) as a HF
+    model directory (safetensors shards + index)."""
     start = time.perf_counter()
     ckpt, hfdir = Path(ckpt).absolute(), Path(hfdir).absolute()
     try:
@@ -377,6 +379,18 @@ def export_hf(ckpt: str | os.PathLike, hfdir: str | os.PathLike, *, overwrite: b
         raise ConversionError(str(e)) from None
     if hfdir.exists() and not overwrite:
         raise ConversionError(f"{hfdir} already exists (pass --overwrite to replace it)")
+    merged = None
+    if lora_run(ckpt) is not None:
+        # A LoRA run's step holds adapters only: qwq_jax.load rebuilds its base (the run's model.path;
+        # an int8 base dequantized) and merges the adapters, W + (alpha/r) A B, in float32. The whole
+        # merged model is then in memory (not a layer group at a time as below).
+        try:
+            with phase(f"merging the LoRA adapters of {ckpt} into their base", enabled=progress):
+                model = load(ckpt, merge_lora=True, dtype=cfg.dtype)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConversionError(str(e)) from None
+        merged = flatten(nnx.to_pure_dict(nnx.state(model)))
+        del model
     np_dtype = np.dtype(as_dtype(cfg.dtype))
     targets = flatten(param_shardings(cfg, None, "generate", cfg.dtype))
     names = list(hf_names(cfg))
@@ -419,7 +433,9 @@ def export_hf(ckpt: str | os.PathLike, hfdir: str | os.PathLike, *, overwrite: b
 
     def restore_group(group: tuple) -> dict[str, np.ndarray]:
         """The arrays of `group` on the host, keyed by their on-disk path (the stacked path if stacked)."""
-        if per_layer is None:
+        if merged is not None:
+            restored = {group[0]: merged[group[0]]}
+        elif per_layer is None:
             restored = restore_params(ckpt, unflatten({group[0]: targets[group[0]]}))
         elif group[0] != "layers":
             restored = restore_stored(ckpt, unflatten({group[0]: targets[group[0]]}))

@@ -16,6 +16,10 @@ same way: its float32 master weights are the `params` of its `state` item, and t
 and tokenizer are found through its `meta` item. `inspect_path` says what any path is (ours, a
 training step or run, a Hugging Face directory, a GGUF file, empty, missing); every entry point
 asks it before loading, so a wrong path is one line naming the command that fixes it.
+
+A step of a LoRA run holds its adapters alone: `load` rebuilds the run's base from its model.path
+(`lora_run` reads what the trainer built it from), restores the adapters onto it and merges them
+(`lora.merge`) unless the base is int8; sample, serve and export-hf all go through it.
 """
 
 from __future__ import annotations
@@ -357,8 +361,121 @@ def load_tokenizer(path: str | os.PathLike):
     return ByteTokenizer() if where is None else Tokenizer.from_dir(where)
 
 
+def lora_run(path: str | os.PathLike) -> dict | None:
+    """For a training step of a LoRA run ([lora] rank >= 1: its `state` holds the adapters alone):
+    {"lora": LoraConfig, "base": model.path, "dtype": model.dtype, "quantize": model.quantize,
+    "seed": run.seed}, what the trainer built its frozen base from; None for any other path."""
+    info = inspect_path(path)
+    if info.kind != "training_step":
+        return None
+    config = _training_meta(info.path).get("config") or {}
+    section = config.get("lora") or {}
+    rank = section.get("rank") or 0
+    if not rank:
+        return None
+    from qwq_jax.lora import LoraConfig
+
+    alpha = section.get("alpha")
+    lora = LoraConfig(rank=int(rank), alpha=float(alpha) if alpha is not None else 2.0 * rank,
+                      targets=tuple(section.get("targets") or ()))
+    model = config.get("model") or {}
+    return {"lora": lora, "base": str(model.get("path", "preset:tiny")), "dtype": model.get("dtype", "bfloat16"),
+            "quantize": model.get("quantize"), "seed": int((config.get("run") or {}).get("seed", 0))}
+
+
+def _lora_base(step: Path, run: dict, mesh: Mesh | None, rules: str | Mapping, compute_dtype: Any,
+               model_kwargs: dict) -> Qwen2:
+    """The frozen base of a LoRA run, built as `python -m qwq_jax.train` built it (model.path in
+    model.dtype, quantized with model.quantize; a preset drawn with run.seed), without adapters."""
+    base = run["base"]
+    kwargs = dict(model_kwargs, dtype=compute_dtype)
+    if base.startswith("preset:"):
+        try:
+            qcfg = QwenConfig.preset(base.split(":", 1)[1])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{step}: the LoRA run's base model.path={base!r}: {e}") from None
+
+        def factory():
+            return Qwen2(qcfg, rngs=nnx.Rngs(run["seed"]), param_dtype=as_dtype(run["dtype"]), **kwargs)
+
+        if mesh is not None:
+            from sharding import init_sharded
+
+            model = init_sharded(factory, mesh, rules)
+        else:
+            graphdef, _ = nnx.split(nnx.eval_shape(factory))
+            model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(factory()))())
+        if run["quantize"] is not None:
+            from qwq_jax.quant import quantize
+
+            model = quantize(model, run["quantize"], donate=True)
+        return model
+    problem = describe_problem(inspect_path(base), "a qwq-jax checkpoint")
+    if problem is not None:
+        raise CheckpointError(f"{step} holds LoRA adapters only; its base, the run's model.path {base!r}, is needed "
+                              f"to load it and is not usable here: {problem}")
+    return load(base, mesh=mesh, dtype=run["dtype"], rules=rules, compute_dtype=compute_dtype,
+                quant=run["quantize"], **model_kwargs)
+
+
+def _load_lora_step(step: Path, run: dict, mesh: Mesh | None, dtype: Any, rules: str | Mapping, compute_dtype: Any,
+                    quant: str | None, merge: bool | None, model_kwargs: dict) -> Qwen2:
+    """`load` of a LoRA run's training step: its base rebuilt (`_lora_base`), its trained adapters (float32
+    in `state.params`) attached, then merged into the weights unless `merge` is False (None: merged
+    unless the base is int8)."""
+    from qwq_jax.lora import LoRAParam, attach
+    from qwq_jax.lora import merge as merge_lora
+
+    int8_base = run["quantize"] is not None
+    if merge is None:
+        merge = not int8_base
+    if dtype is not None:
+        param_dtype = as_dtype(dtype)
+    else:  # merged: float32 (the sum of a base and float32 adapters); else the base as the run held it
+        param_dtype = jnp.dtype(jnp.float32) if merge else as_dtype(run["dtype"])
+    compute = as_dtype(compute_dtype) if compute_dtype is not None else param_dtype
+    model = _lora_base(step, run, mesh, rules, compute, model_kwargs)
+    model = attach(model, run["lora"], mesh=mesh, rules=rules)
+    adapters = nnx.state(model, LoRAParam)
+    if mesh is None:
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, adapters)
+    else:
+        from sharding import state_shardings
+
+        shardings = state_shardings(adapters, mesh, rules)
+    # float32, as trained (the masters): merged in float32, or cast to the compute dtype by the matmul
+    target = nnx.to_pure_dict(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s),
+                                           adapters, shardings))
+    try:
+        restored = restore_params(step, target)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{step}: its adapters do not match the run's [lora] {run['lora']} ({e})") from None
+    nnx.replace_by_pure_dict(adapters, restored)
+    nnx.update(model, adapters)
+    if merge:
+        model = merge_lora(model, dtype=param_dtype)
+        if quant is not None:
+            from qwq_jax.quant import quantize
+
+            model = quantize(model, quant, donate=True)
+    elif quant is not None and quant != run["quantize"]:
+        raise ValueError(f"{step}: quant={quant!r} on a LoRA model whose base is {run['quantize'] or 'float'}; "
+                         "merge the adapters first (merge_lora=True)")
+    elif dtype is not None:  # the base's float parameters (not int8 weights, scales or adapters) in `dtype`
+        def cast(path, var):
+            value = var.get_value()
+            if str(path[-1]).endswith("_scale") or not jnp.issubdtype(value.dtype, jnp.floating):
+                return var
+            return var.replace(value.astype(param_dtype))
+
+        state = nnx.state(model, nnx.Not(LoRAParam))
+        nnx.update(model, nnx.from_flat_state([(p, cast(p, v)) for p, v in nnx.to_flat_state(state)]))
+    return model
+
+
 def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: Any = None, rules: str | Mapping = "generate",
-         compute_dtype: Any = None, **model_kwargs: Any) -> Qwen2:
+         compute_dtype: Any = None, merge_lora: bool | None = None, **model_kwargs: Any) -> Qwen2:
     """The model stored at `path` (a `python -m convert` output or a training step), optionally sharded
     on `mesh`.
 
@@ -368,8 +485,19 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: Any = None, r
     go to `Qwen2` (remat, attention_backend); with `quant="int8"` the restored weights are then
     quantized (`qwq_jax.quant`, the float matmul weights freed one by one: peak memory is the float
     model plus one int8 weight). A path that is not a checkpoint raises CheckpointError.
+
+    A training step of a LoRA run holds its adapters alone: its base is rebuilt as the trainer built it
+    (the run's model.path in model.dtype, int8 with model.quantize; CheckpointError naming model.path
+    when that is gone), the adapters restored onto it, and by default merged into its weights
+    (`lora.merge`: `W + (alpha/r) A B` in float32, or `dtype`). An int8 base (QLoRA) is kept as it is,
+    the adapters beside it, unless `merge_lora=True` (then dequantized and merged: what export-hf
+    writes); `merge_lora=False` keeps any base with its adapters (`model.lora`), in model.dtype
+    unless `dtype` is given.
     """
     quant = model_kwargs.pop("quant", None)
+    run = lora_run(path) if inspect_path(path).kind == "training_step" else None
+    if run is not None:
+        return _load_lora_step(Path(path), run, mesh, dtype, rules, compute_dtype, quant, merge_lora, model_kwargs)
     cfg = read_config(path)
     param_dtype = as_dtype(dtype if dtype is not None else cfg.dtype)
     model_kwargs["dtype"] = as_dtype(compute_dtype) if compute_dtype is not None else param_dtype

@@ -18,6 +18,7 @@ trains it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
 from typing import Any
 
@@ -105,34 +106,52 @@ def weight_delta(a: jnp.ndarray, b: jnp.ndarray, contract: int, scale: float, st
 CONTRACT = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
 
 
-def merge(model: Any) -> Any:
-    """A model without adapters whose float weights are `W + (alpha/r) A B` (the model is unchanged).
-    Raises ValueError for an int8 base (its weights cannot hold the sum)."""
-    from qwq_jax.model import Qwen2
+def merge(model: Any, dtype: Any = None) -> Any:
+    """A model without adapters whose float weights are `W + (alpha/r) A B` (the model is unchanged),
+    computed in float32 and stored in `dtype` (default: the base's float dtype; every parameter is
+    cast to it). An int8 base (QLoRA) merges only with a float `dtype` given: its weights are first
+    dequantized (`q * scale`, qwq_jax.quant.dequantize), so the merged model holds what the int8
+    matmul computes, up to `dtype`'s rounding. Else ValueError (int8 cannot hold the sum)."""
+    from qwq_jax.model import Qwen2, as_dtype
 
     if getattr(model, "lora", None) is None:
         raise ValueError("merge: the model has no LoRA adapters")
-    if model.quant is not None:
-        raise ValueError("merge: an int8 base cannot hold the merged weights; dequantize it first")
-    param_dtype = model.embed[...].dtype
+    if model.quant is not None and dtype is None:
+        raise ValueError("merge: an int8 base cannot hold the merged weights; dequantize it first "
+                         "(merge(model, dtype=jnp.float32) does)")
+    param_dtype = as_dtype(dtype) if dtype is not None else model.embed[...].dtype
     plain = nnx.eval_shape(lambda: Qwen2(model.config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=model.dtype,
                                          remat=model.remat, attention_backend=model.attention_backend))
     state = nnx.state(model)
     graphdef, target = nnx.split(plain)
     flat = dict(nnx.to_flat_state(state))
+
+    def get(var):
+        return var.get_value() if hasattr(var, "get_value") else var.value
+
+    @functools.partial(jax.jit, static_argnums=(4, 5))
+    def merged(w, scale, a, b, contract, out_dtype):
+        if scale is None:
+            w = w.astype(jnp.float32)
+        else:  # int8 [layers, *in, *out] x float32 scale [layers, *out]
+            w = w.astype(jnp.float32) * jnp.expand_dims(scale, tuple(range(1, 1 + contract)))
+        if a is not None:
+            w = w + weight_delta(a.astype(jnp.float32), b.astype(jnp.float32), contract, model.lora.scale, stacked=1)
+        return w.astype(out_dtype)
+
     out = {}
     for path, var in nnx.to_flat_state(target):
-        value = flat[path].get_value() if hasattr(flat[path], "get_value") else flat[path].value
+        value = get(flat[path])
         name = path[-1]
         parent = path[:-1]
         a = flat.get(parent + (f"{name}_lora_a",))
-        if a is not None:
-            b = flat[parent + (f"{name}_lora_b",)]
-            av = a.get_value() if hasattr(a, "get_value") else a.value
-            bv = b.get_value() if hasattr(b, "get_value") else b.value
-            value = (value.astype(jnp.float32) + weight_delta(av.astype(jnp.float32), bv.astype(jnp.float32),
-                                                              CONTRACT[name], model.lora.scale,
-                                                              stacked=1)).astype(value.dtype)
+        scale = flat.get(parent + (f"{name}_scale",))
+        if a is not None or scale is not None:
+            value = merged(value, None if scale is None else get(scale), None if a is None else get(a),
+                           None if a is None else get(flat[parent + (f"{name}_lora_b",)]), CONTRACT[name],
+                           jnp.dtype(param_dtype))
+        elif value.dtype != param_dtype and jnp.issubdtype(value.dtype, jnp.floating):
+            value = value.astype(param_dtype)
         out[path] = value
     new_state = nnx.from_flat_state([(p, v.replace(out[p])) for p, v in nnx.to_flat_state(target)])
     return nnx.merge(graphdef, new_state)

@@ -496,6 +496,77 @@ def test_training_checkpoint_samples_and_exports_to_transformers(tmp_path, capsy
     assert not np.allclose(np.asarray(init(jnp.asarray(tokens, jnp.int32))), ours, atol=1e-3)
 
 
+
+@pytest.mark.slow
+def test_lora_checkpoint_samples_and_exports_merged_to_transformers(tmp_path, capsys):
+    """One QLoRA step (rank-4 adapters on an int8 base, float32 compute) -> RUN/checkpoints/1, which
+    holds the adapters alone. `qwq_jax.load` rebuilds the base as the trainer did and runs int8 base +
+    adapters (the same logits as train.build_model's model with the saved adapters); `python -m qwq_jax.sample
+    --checkpoint` samples it; `python -m convert export-hf` writes the base dequantized with the adapters
+    merged, whose transformers float32 logits equal ours within 1e-4. A step whose base is gone is one line."""
+    import shutil
+
+    import torch
+    from flax import nnx
+    from transformers import AutoModelForCausalLM
+
+    import qwq_jax
+    from convert.__main__ import main as convert_main
+    from qwq_jax import checkpoint, sample
+    from qwq_jax.lora import LoRAParam
+    from qwq_jax.train import build_model
+    from sharding import make_mesh
+
+    out = tmp_path / "run"
+    sets = [*RUN_SETTINGS, "run.steps=1", "rl.max_tokens=4", "rl.warmup_steps=0", "lora.rank=4", "lora.alpha=8",
+            'model.quantize="int8"', f"run.output_dir={json.dumps(str(out))}"]
+    assert main(["--config", str(TINY)] + [a for s in sets for a in ("--set", s)]) == 0
+    capsys.readouterr()
+    step = out / "checkpoints" / "1"
+
+    model = qwq_jax.load(step)  # an int8 base keeps its adapters beside it (merge_lora=True merges)
+    assert model.quant == "int8" and model.lora is not None and model.lora.rank == 4
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 24)), jnp.int32)
+    ours = np.asarray(model(tokens))
+    # The trainer's own model (train.build_model) with the saved adapters: the same base, the same logits.
+    trained, _ = build_model(load_config(TINY, sets), make_mesh("fsdp=-1", jax.devices()[:1]))
+    adapters = nnx.state(trained, LoRAParam)
+    nnx.replace_by_pure_dict(adapters, checkpoint.restore_params(step, nnx.to_pure_dict(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), adapters))))
+    nnx.update(trained, adapters)
+    np.testing.assert_array_equal(ours, np.asarray(trained(tokens)))
+    base = checkpoint._lora_base(step, checkpoint.lora_run(step), None, "generate", jnp.float32, {})
+    assert np.abs(ours - np.asarray(base(tokens))).max() > 1e-3  # the step trained the adapters
+
+    assert sample.main(["--checkpoint", str(step), "--raw", "--prompt", "12+7=", "--max-tokens", "4", "--json",
+                        "--temperature", "0", "--layer-loop", "scan"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) >= 1
+
+    assert convert_main(["export-hf", str(step), str(tmp_path / "hf"), "--quiet"]) == 0
+    capsys.readouterr()
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor(np.asarray(tokens))).logits.numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+
+    # The base is the run's model.path: gone, every entry point says so in one line.
+    orphan = tmp_path / "orphan"
+    shutil.copytree(step, orphan)
+    meta = json.loads((orphan / "meta" / "metadata").read_text())
+    meta["config"]["model"]["path"] = str(tmp_path / "deleted_base")
+    (orphan / "meta" / "metadata").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds LoRA adapters only; its base, the run's "
+                       r"model.path '.*deleted_base', .* does not exist"):
+        qwq_jax.load(orphan)
+    assert convert_main(["export-hf", str(orphan), str(tmp_path / "hf2"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "deleted_base" in err and not (tmp_path / "hf2").exists()
+    assert sample.main(["--checkpoint", str(orphan), "--prompt", "1", "--max-tokens", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "deleted_base" in err
+
 def test_readme_training_commands_run_in_sequence():
     """The README's training block: every fresh run has its own output dir, every --resume continues
     an earlier one, and the sample / export-hf lines name a checkpoint those runs write."""
