@@ -148,11 +148,11 @@ def check_vs_xla(args, trainer, cfg, dtype, arrays, prompt_len: int) -> dict:
 
     from qwq_jax.rl.grpo import completion_logprobs
 
-    state = jax.tree.unflatten(trainer._state_def, jax.tree.leaves(trainer.params))
+    state = trainer.weights.as_state(trainer.params)
     n = args.micro_batches
     tokens, segments, mask = arrays["tokens"][::n], arrays["segments"][::n], arrays["mask"][::n]
     logps = []
-    for graphdef in (trainer.graphdef, graphdef_with_attention(cfg, dtype, "xla", args.remat)):
+    for graphdef in (trainer.weights.graphdef, graphdef_with_attention(cfg, dtype, "xla", args.remat)):
         fn = jax.jit(lambda st, tok, seg: completion_logprobs(nnx.merge(graphdef, st), tok, seg, prompt_len)[0])
         logps.append(fn(state, tokens, segments))
     diff = jnp.abs(logps[0] - logps[1]) * mask
@@ -173,7 +173,9 @@ def run_hf(args, layers: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.99), fused=device == "cuda")
 
     prompts, completions, rewards = synthetic_rows(args, cfg.vocab_size)
-    p_len, n = args.prompt_len, args.micro_batches
+    from qwq_jax.rl.grpo import prompt_bucket
+
+    p_len, n = prompt_bucket(args.prompt_len), args.micro_batches  # the width make_batch pads ours to
     rows = len(completions)
     tokens = np.zeros((rows, p_len + args.completion_len), np.int64)
     segments = np.ones_like(tokens)
@@ -251,7 +253,10 @@ def main() -> None:
     summary = {}
     for impl, res in results.items():
         cfg = preset_config(args.preset, res["layers"])
-        rows, width = args.prompts * args.group_size, args.prompt_len + args.completion_len - 1  # model input
+        from qwq_jax.rl.grpo import prompt_bucket
+
+        # model input: make_batch pads prompts to their bucket (HF gets the same width)
+        rows, width = args.prompts * args.group_size, prompt_bucket(args.prompt_len) + args.completion_len - 1
         model_flops = 3 * forward_flops(cfg, rows, width, logit_positions=width)
         recompute = args.remat in RECOMPUTING
         hw_flops = model_flops + (forward_flops(cfg, rows, width, 0) if recompute else 0)

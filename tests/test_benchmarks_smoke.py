@@ -392,3 +392,15 @@ def test_convert_tiny():
     for r in rows:
         assert r["mb_per_s"] > 0 and r["plain_copy_mb_per_s"] > 0 and r["peak_rss_above_idle_mb"] > 0, r
         assert r["within_bound"], r
+
+
+def test_grpo_step_tiny():
+    """A whole GRPO step's split on the tiny model (ours only: the peer revision is for manual runs)."""
+    lines = run_bench("grpo_step.py", "--prompts", "2", "--group-size", "4", "--max-tokens", "8", "--warmup", "0",
+                      "--iters", "1")
+    (row,) = [x for x in lines if "impl" in x]
+    assert row["impl"] == "ours" and row["model"] == "tiny" and lines[-1]["summary"]
+    assert row["prefill_tokens_computed"] == row["prompt_tokens"]  # each group prefills its prompt once
+    assert 0 < row["generated_tokens"] <= 2 * 4 * 8 and row["rollout_tokens_per_s"] > 0
+    phases = [row[k] for k in ("generate_s", "reward_s", "logprob_s", "update_s")]
+    assert all(t >= 0 for t in phases) and sum(phases) <= row["step_s"] * 1.01

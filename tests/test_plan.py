@@ -97,7 +97,7 @@ def test_int8_weight_only_param_bytes_by_hand():
     p = plan(QWQ, "generate", "h100x1", 65536, 1, mesh="tensor=1", quantize="int8")
     assert p.phases["generate"]["params"] == one and p.settings["quantize"] == "int8" and p.fits
     assert not plan(QWQ, "generate", "h100x1", 65536, 1, mesh="tensor=1").fits  # bf16 weights: no room
-    with pytest.raises(ValueError, match="is for generation"):
+    with pytest.raises(ValueError, match="trains only with LoRA"):
         plan(QWQ, "train", "h100x8", 1024, 8, quantize="int8")
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         plan(QWQ, "generate", "h100x8", 1024, 8, quantize="int4")
@@ -424,6 +424,6 @@ def test_cli_table_and_bad_input(capsys):
                       (["--topology", "h100x8", "--task", "train", "--batch", "4", "--mesh", "fsdp=8"],
                        "does not split"),
                       (["--topology", "h100x8", "--seq", "0"], "seq must be >= 1"),
-                      (["--topology", "h100x8", "--task", "train", "--quantize", "int8"], "is for generation")]:
+                      (["--topology", "h100x8", "--task", "train", "--quantize", "int8"], "trains only with LoRA")]:
         assert main(argv) == 2, argv
         assert msg in capsys.readouterr().err

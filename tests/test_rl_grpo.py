@@ -213,3 +213,52 @@ def test_lora_update_takes_the_adapters_in_float32_and_the_base_as_it_is():
     assert trainer.loss_cfg.tis_cap is None  # the engine reads the same int8 weights: no TIS by default
     got = trainer.lower_update(rows, prompt_len).compile().memory_analysis().argument_size_in_bytes
     assert 0 <= got - (3 * 4 * adapters + base + batch) <= 64
+
+
+def test_rollouts_are_the_engines_own_and_prefill_each_prompt_once():
+    """A rollout is the engine's generate on the trainer's weights: each group equals the same requests run
+    on an engine of their own (fixed seeds), and a group of 4 computes its prompt's prefill once (pages shared)."""
+    from qwq_jax.generate import Engine
+
+    model = init_model(CFG, seed=3, param_dtype=jnp.float32, dtype=jnp.float32)
+    trainer = GRPOTrainer(model, GRPOConfig(group_size=4, max_tokens=8, temperature=1.0, seed=7), reward)
+    seen = []
+    generate = trainer.engine.generate
+    trainer.engine.generate = lambda prompts, params: seen.append(params) or generate(prompts, params)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (5, 19, 40)]  # within, across, over pages
+    before = trainer.engine.stats()["prefill_tokens_computed"]
+    completions, _ = trainer.rollout(prompts)
+    computed = trainer.engine.stats()["prefill_tokens_computed"] - before
+    assert computed == sum(map(len, prompts)), (computed, list(map(len, prompts)))
+    (params,) = seen
+    assert [p.n for p in params] == [4, 4, 4] and len({p.seed for p in params}) == 3
+    direct = Engine(model, max_num_seqs=2).generate(prompts, params)  # fewer slots: the groups take turns
+    assert [c.token_ids for c in completions] == [c.token_ids for group in direct for c in group]
+    assert len({tuple(c.token_ids) for c in completions}) > 3  # sampled: the group's members differ
+
+
+def test_prompt_widths_are_bucketed_so_steps_reuse_one_compiled_update():
+    """Update batches pad prompts to a bucket (powers of two from 16, then multiples of 1024): two steps
+    whose longest prompts differ (5 and 11 tokens) run one compiled update, and the padding changes nothing."""
+    from qwq_jax.generate import Completion
+    from qwq_jax.rl.grpo import prompt_bucket
+
+    assert [prompt_bucket(n) for n in (1, 16, 17, 100, 1024, 1025, 2048, 3000)] == \
+        [16, 16, 32, 128, 1024, 2048, 2048, 3072]
+    model = init_model(CFG, seed=2, param_dtype=jnp.float32, dtype=jnp.float32)
+    cfg = GRPOConfig(group_size=2, max_tokens=4, kl_beta=0.0, learning_rate=1e-3)
+    trainer = GRPOTrainer(model, cfg, reward)
+    comps = [Completion([65, 3, 70], "stop", 0, logprobs=[0.0] * 3), Completion([9, 80], "stop", 0, logprobs=[0.0] * 2)]
+    for prompt in ([70, 71, 72, 73, 74], list(range(80, 91))):
+        batch, _ = trainer.make_batch([prompt], comps, np.array([1.0, 0.0]))
+        assert batch["tokens"].shape == (2, 16 + 4) and (batch["segments"][:, : 16 - len(prompt)] == 0).all()
+        trainer.update(batch)
+    assert trainer._update._cache_size() == 1 and trainer._prepare._cache_size() == 1
+    # The same update as with the unpadded width: the padding is masked.
+    arrays, _, _ = trainer._device_batch(batch)
+    logp, _ = trainer._logprobs(trainer.weights.compute(trainer.params), trainer.params, arrays["tokens"],
+                                arrays["segments"], 16)
+    tight, _ = trainer._logprobs(trainer.weights.compute(trainer.params), trainer.params, arrays["tokens"][:, 5:],
+                                 arrays["segments"][:, 5:], 11)
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(tight), atol=1e-6)

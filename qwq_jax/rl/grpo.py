@@ -12,23 +12,17 @@ under "reward" (the others are logged as components). It must accept empty lists
 multi-process run each process scores its own share of the completions and the results are
 gathered, so a slow reward (code execution) is spread over the hosts.
 
-Sharding: with `mesh`, the fp32 master weights and AdamW state are laid out by the `train`
-rules (FSDP over `fsdp`, tensor parallel over `tensor`); the rollout engine gets a copy in the
-model's dtype laid out by the `generate` rules, one array per layer (or, with
-`rollout_weights="master"`, decodes from the masters); batches are split over `data` x `fsdp`.
-Micro-batches are strided (rows i, i+n, i+2n, ...) so each is spread evenly over the batch
-shards, and every loss term is normalised by the whole batch's denominators, so any number of
-micro-batches gives the same update as one (see `losses.batch_normalizers`).
-
-LoRA (a model with `model.lora`, qwq_jax/lora.py): only the adapters are trained. They are the
-float32 masters, the optimizer's parameters and, with its state, all a checkpoint holds
-(`state()`); the base stays frozen as the model holds it (the compute dtype, or int8: QLoRA),
-split once into one array per layer (`split_layers`), which the update's forward and the rollout
-engine both read in place: no float32 copy, no optimizer state, nothing synced but the adapters
-(cast to the model's adapter dtype after each update). The KL reference is the base itself (the
-initial adapters, B = 0). `compute_copy` then only says whether the adapters are cast to the
-compute dtype once per update ("split", "step") or used as float32 ("micro_batch"); `rollout_weights`
-does not apply.
+The trainer reads as rollout -> score -> update: `rollout` syncs the engine and samples
+`group_size` completions per prompt, `score` runs the reward, `make_batch` turns them into a
+host batch (group advantages, DAPO's dynamic sampling and overlong shaping) and `update` runs the
+jitted optimizer step. The weights it reads and writes are laid out by `WeightCopies`
+(qwq_jax/rl/weights.py: the fp32 masters and their `train` sharding, the compute copy of an
+update, the rollout engine's copy, the KL reference and a LoRA run's frozen base); the trainer
+holds the masters (`params`, only the adapters with LoRA) and the AdamW state beside them, both
+all a checkpoint holds (`state()`). Batches are split over `data` x `fsdp`. Micro-batches are
+strided (rows i, i+n, i+2n, ...) so each is spread evenly over the batch shards, and every loss
+term is normalised by the whole batch's denominators, so any number of micro-batches gives the
+same update as one (see `losses.batch_normalizers`).
 """
 
 from __future__ import annotations
@@ -41,20 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from qwq_jax.generate import Completion, Engine
-from qwq_jax.lora import LoRAParam
-from qwq_jax.model import Qwen2, as_dtype, drop_axes, split_layers
+from qwq_jax.model import Qwen2, as_dtype
 from qwq_jax.rl.losses import (TIS_CAP, LossConfig, batch_normalizers, check_tis_cap, dynamic_sampling_keep,
-                               group_advantages, overlong_penalty, policy_loss, tis_default)
+                               group_advantages, overlong_penalty, policy_loss)
+from qwq_jax.rl.weights import COMPUTE_COPIES, ROLLOUT_WEIGHTS, WeightCopies
 from qwq_jax.sampling import SamplingParams
 
 RewardFn = Callable[[Sequence[int], Sequence[Completion]], "Mapping[str, Sequence[float]] | Sequence[float]"]
-
-
-ROLLOUT_WEIGHTS = ("split", "master")
-COMPUTE_COPIES = ("split", "step", "micro_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,17 +71,11 @@ class GRPOConfig:
     tis_cap: float = TIS_CAP         # the TIS truncation C: weights min(exp(old_logp - engine_logp), C)
     dynamic_sampling: bool | None = None  # drop all-equal groups (default: on for dapo)
     overlong_buffer: int = 0         # DAPO soft overlong punishment buffer (0: off)
-    rollout_weights: str = "split"   # split: a model-dtype copy in the generate layout, one array per
-                                     # layer (Engine layer_loop="split": decode reads each weight and its
-                                     # layer's KV cache in place); master: decode straight from the fp32
-                                     # master weights (no copy; 2x weight reads, stacked)
-    compute_copy: str = "split"      # split: the float32 masters (all but the embedding table) cast to the
-                                     # compute dtype once per update, each layer's weights an array of their
-                                     # own (straight-line layers: no weight slices of the stacks copied per
-                                     # micro-batch, benchmarks/gpu_aot.py), shared by the micro-batches;
-                                     # step: that copy stacked [L, ...] (a lax.scan over layers: compiles
-                                     # faster); micro_batch: every micro-batch casts each weight where it is
-                                     # used (forward, remat recompute, backward: least memory, most traffic)
+    rollout_weights: str = "split"   # what the engine decodes from (qwq_jax/rl/weights.py): split, a model-dtype
+                                     # copy in the generate layout, one array per layer; master, the fp32 masters
+    compute_copy: str = "split"      # what the update runs on (qwq_jax/rl/weights.py): split, the masters cast
+                                     # to the compute dtype once per update, one array per layer; step, that
+                                     # copy stacked [L, ...]; micro_batch, each weight cast where it is used
     seed: int = 0
 
     def __post_init__(self):
@@ -137,6 +120,18 @@ class GRPOConfig:
                                        weight_decay=self.weight_decay, mu_dtype=mu_dtype))
 
 
+def prompt_bucket(longest: int) -> int:
+    """The width of an update batch's prompt part when its longest prompt has `longest` tokens: the next
+    power of two from 16 to 1024, then the next multiple of 1024. Steps whose longest prompts differ
+    then run one compiled update (and log-prob pass) instead of compiling again for each length: at most
+    7 shapes up to 1024 tokens, and a padding of at most 2x (a prompt is a small part of a row that
+    holds `max_tokens` of completion) or 1023 tokens beyond. Left padding is masked (segment 0), so the
+    update is the same whatever the width."""
+    if longest <= 1024:
+        return max(16, 1 << max(longest - 1, 0).bit_length())
+    return -(-longest // 1024) * 1024
+
+
 def completion_logprobs(model: Qwen2, tokens: jax.Array, segments: jax.Array, prompt_len: int,
                         layers: Sequence[Any] | None = None) -> tuple[jax.Array, jax.Array]:
     """Log-probs `[B, T]` of tokens[:, prompt_len:] under `model`, and the per-token entropy `[B, T]`.
@@ -165,14 +160,6 @@ def _unstrided(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _merge_trees(a: Mapping, b: Mapping) -> dict:
-    """Two nested dicts with disjoint leaves (a frozen base and its adapters) as one."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge_trees(out[k], v) if k in out else v
-    return out
-
-
 def _gather_rows(x: np.ndarray) -> np.ndarray:
     """Sum over processes of a host array (each process filled only its own rows)."""
     if jax.process_count() == 1:
@@ -185,12 +172,12 @@ def _gather_rows(x: np.ndarray) -> np.ndarray:
 class GRPOTrainer:
     """Rollouts + updates for one model (master weights in float32; compute in `model.dtype`).
 
-    The trainer keeps its own copies of the weights: `model` may be deleted by the caller.
-    `trainer.params` / `trainer.opt_state` are nested dicts / optax states of global arrays;
-    `state()` and `load_state()` give and take both (for checkpoints), with `step_count`.
-    With LoRA (`model.lora`) `params` are the adapters alone and `trainer.frozen` the base, whose
-    arrays the trainer takes over (split per layer, the model's stacks deleted: do not use `model`
-    afterwards).
+    The trainer keeps its own copies of the weights (`weights`, a `WeightCopies`): `model` may be
+    deleted by the caller. `trainer.params` / `trainer.opt_state` are nested dicts / optax states of
+    global arrays; `state()` and `load_state()` give and take both (for checkpoints), with
+    `step_count`. With LoRA (`model.lora`) `params` are the adapters alone and `trainer.frozen` the
+    base, whose arrays the trainer takes over (split per layer, the model's stacks deleted: do not
+    use `model` afterwards).
     """
 
     def __init__(self, model: Qwen2, config: GRPOConfig, reward_fn: RewardFn, tokenizer: Any = None,
@@ -208,54 +195,24 @@ class GRPOTrainer:
         self.reward_fn = reward_fn
         self.tokenizer = tokenizer
         self.mesh = mesh
-        self.graphdef, state = nnx.split(model)
+        self.weights = WeightCopies(model, mesh, compute_copy=config.compute_copy,
+                                    rollout_weights=config.rollout_weights)
         # An abstract model (qwq_jax.model.abstract_model, leaves ShapeDtypeStruct): no weights exist,
         # the trainer's state is shapes placed on `mesh`, and it can only lower its update.
-        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+        self.abstract = self.weights.abstract
         if self.abstract and mesh is None:
             raise ValueError("GRPOTrainer on an abstract model needs a mesh (where the update would run)")
-        self._state_def = jax.tree.structure(state)
-        self._layers_def = jax.tree.structure(state["layers"])
-        trainable = nnx.state(model, LoRAParam) if self.lora is not None else state
-        pure = nnx.to_pure_dict(trainable)
-        self._pure_def = jax.tree.structure(pure)
-        self._engine_dtypes = [x.dtype for x in jax.tree.leaves(pure)]
-        if mesh is not None:
-            from sharding import state_shardings
-
-            self.param_shardings = self._pure(state_shardings(trainable, mesh, "train"))
-            self._engine_shardings = state_shardings(trainable, mesh, "generate")
-        else:
-            self.param_shardings = self._engine_shardings = None
-        self.params = self._build(lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t), pure,
-                                  self.param_shardings)
+        self.params = self.weights.masters(model)
         self.optimizer = config.optimizer()
-        self.opt_shardings = self._optimizer_shardings()
-        self.opt_state = self._build(self.optimizer.init, self.params, self.opt_shardings)
-        self.ref_params = None
-        if self.loss_cfg.kl_beta > 0:  # LoRA: the initial adapters (B = 0), i.e. the frozen base
-            ref = self._pure(nnx.state(reference)) if reference is not None else self.params
-            self.ref_params = self._build(lambda t: jax.tree.map(lambda x: x.astype(model.dtype), t), ref,
-                                          self.param_shardings)
+        self.opt_shardings = self.weights.optimizer_shardings(self.optimizer, self.params)
+        self.opt_state = self.weights.build(self.optimizer.init, self.params, self.opt_shardings)
+        if self.loss_cfg.kl_beta > 0:
+            self.weights.add_reference(self.params, reference)
         self.engine = Engine(model, tokenizer, mesh=mesh, rules="generate")
         self.step_count = 0
         self._times: dict[str, float] = {}  # the last step's phases (see `step`)
-        self._num_layers = model.config.num_layers
-        self._compute_dtype = jnp.dtype(model.dtype)
-        self.loss_cfg = config.loss_config(engine_differs=self._engine_differs())
-        self.frozen = None  # LoRA: the base, its layers one tree per layer (read in place by update and engine)
-        if self.lora is not None:
-            base = nnx.to_pure_dict(nnx.state(model, nnx.Not(LoRAParam)))
-            self.frozen = dict(base, layers=split_layers(base["layers"], donate=True))
-            self._to_engine_lora = jax.jit(self._lora_engine_fn)
-        elif config.rollout_weights == "split":
-            split_shardings = None
-            if mesh is not None:
-                rest = self._pure(self._engine_shardings)
-                stacked = rest.pop("layers")
-                one = jax.tree.map(lambda s, x: drop_axes(s, x.ndim, (0,)), stacked, pure["layers"])
-                split_shardings = (rest, [one] * model.config.num_layers)
-            self._to_engine_split = jax.jit(self._split_fn, out_shardings=split_shardings)
+        self.loss_cfg = config.loss_config(engine_differs=self.weights.engine_differs(self.engine))
+        self.weights.freeze(model)  # LoRA: the base, split per layer (once the engine has been built on it)
         self._update = jax.jit(self._update_fn, donate_argnums=(0, 1),
                                out_shardings=(self.param_shardings, self.opt_shardings, None))
         self._grads = jax.jit(self._grads_fn)
@@ -263,96 +220,20 @@ class GRPOTrainer:
         if self.lora is not None and not self.abstract:
             self.sync_engine()  # the engine's own arrays were the model's stacks, now split
 
-    # ---- trees and shardings ----------------------------------------------------------------
-    def _build(self, fn, tree, shardings):
-        """`fn(tree)` placed on `shardings`: computed, or for an abstract trainer its shapes only."""
-        if not self.abstract:
-            return jax.jit(fn, out_shardings=shardings)(tree)
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(fn, tree), shardings)
+    @property
+    def param_shardings(self) -> Any:
+        """The masters' shardings (`train` rules; None without a mesh)."""
+        return self.weights.param_shardings
 
-    def _check_concrete(self, what: str) -> None:
-        if self.abstract:
-            raise ValueError(f"GRPOTrainer.{what}: this trainer was built on an abstract model (no weights exist); "
-                             "it can only lower its update (lower_update), e.g. to compile for a device this host "
-                             "does not have")
+    @property
+    def ref_params(self) -> dict | None:
+        """The KL reference weights (None when the loss has no KL term)."""
+        return self.weights.ref
 
-    def _pure(self, state_like) -> dict:
-        """A state-shaped tree (nnx.State of anything) as the nested dict the trainer keeps."""
-        return jax.tree.unflatten(self._pure_def, jax.tree.leaves(state_like))
-
-    def _compute_params(self, params) -> dict:
-        """What the micro-batches run on (and differentiate). compute_copy "split" / "step": every
-        float32 master but the embedding table cast to the compute dtype, once per update ("split":
-        the layers as a list of per-layer trees). The model casts each weight to that dtype before
-        any use, so the forward is unchanged, and the gradient of the copy, accumulated in float32,
-        is the gradient of the master (the cast's transpose is that same conversion). The embedding
-        stays float32: the model casts only its gathered rows, and its gradient sums repeated tokens.
-        "micro_batch": the masters themselves. LoRA: the adapters, one tree per layer (as the frozen
-        base), cast unless "micro_batch"."""
-        dt = self._compute_dtype
-
-        def cast(x):
-            return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
-
-        if self.lora is not None:
-            keep = self.config.compute_copy == "micro_batch"
-            return {"layers": [jax.tree.map(lambda x, i=i: x[i] if keep else cast(x[i]), params["layers"])
-                               for i in range(self._num_layers)]}
-        if self.config.compute_copy == "micro_batch":
-            return params
-
-        out = {k: v if k in ("embed", "layers") else jax.tree.map(cast, v) for k, v in params.items()}
-        if self.config.compute_copy == "split":  # a list: one tree of arrays per layer
-            out["layers"] = [jax.tree.map(lambda x, i=i: cast(x[i]), params["layers"]) for i in range(self._num_layers)]
-        else:
-            out["layers"] = jax.tree.map(cast, params["layers"])
-        return out
-
-    def _logprobs(self, compute, masters, tokens, segments, prompt_len: int, frozen=None):
-        """`completion_logprobs` of the model on `compute` (`_compute_params(masters)`); LoRA: on the
-        frozen base plus the adapters `compute`, layer by layer."""
-        if frozen is not None:
-            layers = self._lora_layers(frozen, compute["layers"])
-            return completion_logprobs(self._model(dict(frozen, layers=layers[0])), tokens, segments, prompt_len,
-                                       layers=layers)
-        if isinstance(compute["layers"], list):  # split: the stacked masters only give the graph its shapes
-            return completion_logprobs(self._model(dict(compute, layers=masters["layers"])), tokens, segments,
-                                       prompt_len, layers=compute["layers"])
-        return completion_logprobs(self._model(compute), tokens, segments, prompt_len)
-
-    def _engine_differs(self) -> bool:
-        """Whether the rollout engine's numerics differ from the update's: another compute or KV-cache
-        dtype, int8 weights or an int8 KV cache (`tis_default`; TIS is then on unless `tis = false`). A
-        LoRA run's int8 base is no difference: the update reads the very same weights."""
-        e = self.engine
-        int8 = e.kv_int8 or (self.lora is None and any(x.dtype == jnp.int8 for x in jax.tree.leaves(e.params)))
-        return tis_default(self._compute_dtype, [e.compute_dtype, e.cache_dtype], int8=int8)
-
-    def _model(self, params) -> Qwen2:
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self._state_def, jax.tree.leaves(params)))
-
-    @staticmethod
-    def _lora_layers(frozen, adapters: Sequence[Any]) -> list[dict]:
-        """Per-layer trees of the whole model: the frozen base's layer i with adapters[i]."""
-        return [_merge_trees(b, a) for b, a in zip(frozen["layers"], adapters)]
-
-    def _optimizer_shardings(self):
-        if self.mesh is None:
-            return None
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        abstract = jax.eval_shape(self.optimizer.init, self.params)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        return optax.tree_map_params(self.optimizer, lambda _, s: s, abstract, self.param_shardings,
-                                     transform_non_params=lambda _: replicated)
-
-    def _put_batch(self, x: np.ndarray) -> jax.Array:
-        if self.mesh is None:
-            return jnp.asarray(x)
-        from sharding import batch_sharding, put_global
-
-        return put_global(x, batch_sharding(self.mesh, "train", x.ndim))
+    @property
+    def frozen(self) -> dict | None:
+        """LoRA: the frozen base, its layers one tree per layer (read in place by update and engine)."""
+        return self.weights.frozen
 
     def state(self) -> dict:
         """{"params", "opt_state"}: the arrays a checkpoint holds (with `step_count` beside them); with
@@ -367,107 +248,47 @@ class GRPOTrainer:
         self.params, self.opt_state = state["params"], state["opt_state"]
         self.step_count = int(step_count)
 
-    # ---- jitted pieces ----------------------------------------------------------------------
-    def _prepare_fn(self, params, ref_params, tokens, segments, mask, behaviour_logp, prompt_len: int, frozen=None):
-        """Rollout-policy log-probs (recomputed by the training forward), reference log-probs,
-        and the mean |training - engine| log-prob gap over real tokens (a numerics health check).
-        Runs per micro-batch (strided, as the update), so it never holds more than the update.
-        `frozen` (here and in `_grads_fn`, `_update_fn`): a LoRA run's frozen base, else None."""
-        n = self.config.micro_batches
-        compute = self._compute_params(params)
+    # ---- one step: rollout -> score -> update ---------------------------------------------------
+    def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:
+        """One rollout and one optimizer update; returns metrics (rewards, loss, KL, clip fraction, ...)."""
+        t0 = time.perf_counter()
+        completions, rewards = self.rollout(prompts)
+        t_rollout = time.perf_counter() - t0
+        batch, stats = self.make_batch(prompts, completions, rewards["reward"])
+        metrics = self.update(batch)
+        step_s = time.perf_counter() - t0
+        # The step's time split: rollout_s = generate_s (the engine) + reward_s (scoring); then
+        # logprob_s (the old / reference log-prob pass) and update_s (gradients and the optimizer).
+        metrics.update(stats, **self._times, step=self.step_count, rollout_s=t_rollout, step_s=step_s,
+                       tokens_per_s=float(batch["mask"].sum()) / max(step_s, 1e-9))
+        for name, values in rewards.items():
+            key = "reward" if name == "reward" else f"reward_{name}"
+            metrics[f"{key}_mean"], metrics[f"{key}_std"] = float(values.mean()), float(values.std())
+        return metrics
 
-        def one(_, mb):
-            tok, seg = mb
-            old, _ = self._logprobs(compute, params, tok, seg, prompt_len, frozen)
-            if ref_params is None:
-                ref = jnp.zeros_like(old)
-            elif frozen is not None:
-                ref = self._logprobs(self._compute_params(ref_params), ref_params, tok, seg, prompt_len, frozen)[0]
-            else:
-                ref = completion_logprobs(self._model(ref_params), tok, seg, prompt_len)[0]
-            return None, (old, ref)
+    def rollout(self, prompts: Sequence[Sequence[int]]) -> tuple[list[Completion], dict[str, np.ndarray]]:
+        """`group_size` completions per prompt with the current weights, and their rewards."""
+        cfg = self.config
+        self.sync_engine()
+        base = cfg.seed * 1_000_003 + self.step_count * 7919 * max(len(prompts), 1) * cfg.group_size
+        sps = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                              n=cfg.group_size, seed=(base + i * cfg.group_size) % 2**31) for i in range(len(prompts))]
+        t0 = time.perf_counter()
+        outs = self._generate(prompts, sps, cfg.group_size)
+        completions = [c for group in outs for c in group]
+        indices = [i // cfg.group_size for i in range(len(completions))]
+        t1 = time.perf_counter()
+        scores = self.score(self.reward_fn, indices, completions)
+        tokens = sum(len(c.token_ids) for c in completions)
+        self._times.update(generate_s=t1 - t0, reward_s=time.perf_counter() - t1,
+                           rollout_tokens_per_s=tokens / max(t1 - t0, 1e-9))
+        return completions, scores
 
-        _, (old_logp, ref_logp) = jax.lax.scan(one, None, (_strided(tokens, n), _strided(segments, n)))
-        old_logp, ref_logp = _unstrided(old_logp), _unstrided(ref_logp)
-        gap = jnp.sum(jnp.abs(old_logp - behaviour_logp) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-        return old_logp, (ref_logp if ref_params is not None else None), gap
-
-    def _grads_fn(self, params, batch, ref_logp, frozen=None):
-        """Summed gradients and metrics over the micro-batches of `batch` (= the full-batch ones)."""
-        cfg, lcfg = self.config, self.loss_cfg
-        prompt_len = batch["tokens"].shape[1] - batch["mask"].shape[1]
-        norms = batch_normalizers(batch["mask"], batch["row_weight"], lcfg)
-        n = cfg.micro_batches
-
-        split = {k: _strided(v, n) for k, v in batch.items()}
-        split["ref_logp"] = _strided(ref_logp, n)
-
-        def loss_fn(p, mb):
-            logp, entropy = self._logprobs(p, params, mb["tokens"], mb["segments"], prompt_len, frozen)
-            loss, metrics = policy_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["mask"], lcfg,
-                                        row_weight=mb["row_weight"], normalizers=norms,
-                                        behaviour_logp=mb.get("behaviour_logp"))
-            weighted = mb["mask"] * mb["row_weight"][:, None]
-            ent = jnp.where(norms["tokens"] > 0, jnp.sum(entropy * weighted) / jnp.maximum(norms["tokens"], 1e-9), 0.0)
-            return loss, dict(metrics, entropy=ent)
-
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        compute = self._compute_params(params)
-
-        def accumulate(carry, mb):
-            grads, metrics = carry
-            (_, m), g = grad_fn(compute, mb)
-            grads = jax.tree.map(lambda acc, x: acc + x.astype(acc.dtype), grads, g)
-            return (grads, jax.tree.map(jnp.add, metrics, m)), None
-
-        first = jax.tree.map(lambda x: x[0], split)
-        m_shape = jax.eval_shape(lambda: grad_fn(compute, first)[0][1])
-        zeros = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), compute),
-                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape))
-        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, split)
-        if isinstance(grads["layers"], list):  # split: restack the per-layer sums, once per update
-            grads["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *grads["layers"])
-        return grads, metrics
-
-    def _update_fn(self, params, opt_state, batch, ref_logp, frozen=None):
-        grads, metrics = self._grads_fn(params, batch, ref_logp, frozen)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return params, opt_state, metrics
-
-    # ---- rollouts -----------------------------------------------------------------------------
     def sync_engine(self) -> None:
-        """Give the rollout engine the current weights: a copy in the model dtype and `generate`
-        layout, one array per layer (rollout_weights="split"), or the fp32 master arrays themselves
-        (rollout_weights="master"). LoRA: the frozen base's per-layer arrays themselves, with a copy of
-        the adapters in the model's adapter dtype."""
+        """Give the rollout engine the current weights (`WeightCopies.sync`: a model-dtype copy, one array
+        per layer, the fp32 masters themselves, or a LoRA run's frozen base with its adapters)."""
         self._check_concrete("sync_engine")
-        if self.frozen is not None:
-            layers = self._lora_layers(self.frozen, self._to_engine_lora(self.params))
-            self.engine.params = jax.tree.unflatten(self._state_def, jax.tree.leaves(dict(self.frozen,
-                                                                                          layers=layers[0])))
-            self.engine.layer_params = [jax.tree.unflatten(self._layers_def, jax.tree.leaves(lp)) for lp in layers]
-        elif self.config.rollout_weights == "master":
-            self.engine.params = jax.tree.unflatten(self._state_def, jax.tree.leaves(self.params))
-        else:
-            rest, layers = self._to_engine_split(self.params)
-            # The engine's graph still has `layers`: it holds layer 0's arrays (the same buffers).
-            self.engine.params = jax.tree.unflatten(self._state_def, jax.tree.leaves(dict(rest, layers=layers[0])))
-            self.engine.layer_params = [jax.tree.unflatten(self._layers_def, jax.tree.leaves(lp)) for lp in layers]
-
-    def _split_fn(self, params):
-        """The engine's copy of `params` (model dtypes) as (everything but the layers, one tree per layer)."""
-        cast = jax.tree.unflatten(self._pure_def, [x.astype(d) for x, d in
-                                                   zip(jax.tree.leaves(params), self._engine_dtypes)])
-        stacked = cast.pop("layers")
-        return cast, [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self._num_layers)]
-
-    def _lora_engine_fn(self, params):
-        """The engine's adapters: `params` in the model's adapter dtypes, one tree per layer."""
-        cast = jax.tree.unflatten(self._pure_def, [x.astype(d) for x, d in
-                                                   zip(jax.tree.leaves(params), self._engine_dtypes)])
-        return [jax.tree.map(lambda x, i=i: x[i], cast["layers"]) for i in range(self._num_layers)]
+        self.weights.sync(self.engine, self.params)
 
     def _generate(self, prompts: Sequence[Sequence[int]], params, n: int) -> list[list[Completion]]:
         """The engine's completions, every row in a slot of its own and a page pool just big enough
@@ -504,24 +325,6 @@ class GRPOTrainer:
             result[name] = _gather_rows(full)
         return result
 
-    def rollout(self, prompts: Sequence[Sequence[int]]) -> tuple[list[Completion], dict[str, np.ndarray]]:
-        """`group_size` completions per prompt with the current weights, and their rewards."""
-        cfg = self.config
-        self.sync_engine()
-        base = cfg.seed * 1_000_003 + self.step_count * 7919 * max(len(prompts), 1) * cfg.group_size
-        sps = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                              n=cfg.group_size, seed=(base + i * cfg.group_size) % 2**31) for i in range(len(prompts))]
-        t0 = time.perf_counter()
-        outs = self._generate(prompts, sps, cfg.group_size)
-        completions = [c for group in outs for c in group]
-        indices = [i // cfg.group_size for i in range(len(completions))]
-        t1 = time.perf_counter()
-        scores = self.score(self.reward_fn, indices, completions)
-        tokens = sum(len(c.token_ids) for c in completions)
-        self._times.update(generate_s=t1 - t0, reward_s=time.perf_counter() - t1,
-                           rollout_tokens_per_s=tokens / max(t1 - t0, 1e-9))
-        return completions, scores
-
     def evaluate(self, prompts: Sequence[Sequence[int]], reward_fn: RewardFn, max_tokens: int | None = None
                  ) -> dict[str, float]:
         """Greedy completions (one per prompt) scored by `reward_fn`: mean of each reward."""
@@ -534,7 +337,7 @@ class GRPOTrainer:
         result["eval_response_length"] = float(np.mean([len(c.token_ids) for c in completions]))
         return result
 
-    # ---- batches and updates --------------------------------------------------------------
+    # ---- batches and updates --------------------------------------------------------------------
     def make_batch(self, prompts: Sequence[Sequence[int]], completions: Sequence[Completion],
                    rewards: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Host arrays of one update (prompts right-aligned, completions after them) and batch stats."""
@@ -552,7 +355,7 @@ class GRPOTrainer:
                 raise ValueError(f"micro-batch of {b // n} rows does not split over the {shards} batch shards of "
                                  f"the mesh (data x fsdp); use prompts x group_size / micro_batches divisible by "
                                  f"{shards}")
-        prompt_len = max(len(p) for p in prompts)
+        prompt_len = prompt_bucket(max(len(p) for p in prompts))
         width = prompt_len + cfg.max_tokens
         tokens = np.zeros((b, width), np.int32)
         segments = np.ones((b, width), np.int32)
@@ -586,6 +389,25 @@ class GRPOTrainer:
                  "truncated_fraction": float(np.mean([c.finish_reason == "length" for c in completions]))}
         return batch, stats
 
+    def update(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """One optimizer step on a host batch (from `make_batch`)."""
+        t0 = time.perf_counter()
+        arrays, ref_logp, gap = self._device_batch(batch)  # the log-prob pass (`gap` waits for it)
+        t1 = time.perf_counter()
+        self.params, self.opt_state, m = self._update(self.params, self.opt_state, arrays, ref_logp,
+                                                      frozen=self.frozen)
+        self.step_count += 1
+        metrics = {k: float(v) for k, v in m.items()}
+        metrics["logp_gap"] = gap
+        self._times.update(logprob_s=t1 - t0, update_s=time.perf_counter() - t1)
+        return metrics
+
+    def gradients(self, batch: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, float]]:
+        """The (summed over micro-batches) gradient of the loss on a host batch, and its metrics."""
+        arrays, ref_logp, _ = self._device_batch(batch)
+        grads, metrics = self._grads(self.params, arrays, ref_logp, frozen=self.frozen)
+        return grads, {k: float(v) for k, v in metrics.items()}
+
     def _device_batch(self, batch: Mapping[str, np.ndarray]) -> tuple[dict[str, jax.Array], jax.Array | None, float]:
         """Put a host batch on the mesh and add the rollout / reference log-probs (the engine's own
         log-probs stay in the batch only for truncated importance sampling)."""
@@ -598,6 +420,94 @@ class GRPOTrainer:
         arrays["old_logp"] = old_logp
         return arrays, ref_logp, float(gap)
 
+    def _put_batch(self, x: np.ndarray) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from sharding import batch_sharding, put_global
+
+        return put_global(x, batch_sharding(self.mesh, "train", x.ndim))
+
+    def _check_concrete(self, what: str) -> None:
+        if self.abstract:
+            raise ValueError(f"GRPOTrainer.{what}: this trainer was built on an abstract model (no weights exist); "
+                             "it can only lower its update (lower_update), e.g. to compile for a device this host "
+                             "does not have")
+
+    # ---- the jitted update (log-prob pass, accumulated gradients, optimizer step) ---------------
+    def _prepare_fn(self, params, ref_params, tokens, segments, mask, behaviour_logp, prompt_len: int, frozen=None):
+        """Rollout-policy log-probs (recomputed by the training forward), reference log-probs,
+        and the mean |training - engine| log-prob gap over real tokens (a numerics health check).
+        Runs per micro-batch (strided, as the update), so it never holds more than the update.
+        `frozen` (here and in `_grads_fn`, `_update_fn`): a LoRA run's frozen base, else None."""
+        n = self.config.micro_batches
+        compute = self.weights.compute(params)
+
+        def one(_, mb):
+            tok, seg = mb
+            old, _ = self._logprobs(compute, params, tok, seg, prompt_len, frozen)
+            if ref_params is None:
+                ref = jnp.zeros_like(old)
+            else:  # LoRA: the initial adapters on the frozen base; else the reference's own weights
+                ref = self._logprobs(ref_params if frozen is None else self.weights.compute(ref_params), ref_params,
+                                     tok, seg, prompt_len, frozen)[0]
+            return None, (old, ref)
+
+        _, (old_logp, ref_logp) = jax.lax.scan(one, None, (_strided(tokens, n), _strided(segments, n)))
+        old_logp, ref_logp = _unstrided(old_logp), _unstrided(ref_logp)
+        gap = jnp.sum(jnp.abs(old_logp - behaviour_logp) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return old_logp, (ref_logp if ref_params is not None else None), gap
+
+    def _grads_fn(self, params, batch, ref_logp, frozen=None):
+        """Summed gradients and metrics over the micro-batches of `batch` (= the full-batch ones)."""
+        cfg, lcfg = self.config, self.loss_cfg
+        prompt_len = batch["tokens"].shape[1] - batch["mask"].shape[1]
+        norms = batch_normalizers(batch["mask"], batch["row_weight"], lcfg)
+        n = cfg.micro_batches
+
+        split = {k: _strided(v, n) for k, v in batch.items()}
+        split["ref_logp"] = _strided(ref_logp, n)
+
+        def loss_fn(p, mb):
+            logp, entropy = self._logprobs(p, params, mb["tokens"], mb["segments"], prompt_len, frozen)
+            loss, metrics = policy_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["mask"], lcfg,
+                                        row_weight=mb["row_weight"], normalizers=norms,
+                                        behaviour_logp=mb.get("behaviour_logp"))
+            weighted = mb["mask"] * mb["row_weight"][:, None]
+            ent = jnp.where(norms["tokens"] > 0, jnp.sum(entropy * weighted) / jnp.maximum(norms["tokens"], 1e-9), 0.0)
+            return loss, dict(metrics, entropy=ent)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        compute = self.weights.compute(params)
+
+        def accumulate(carry, mb):
+            grads, metrics = carry
+            (_, m), g = grad_fn(compute, mb)
+            grads = jax.tree.map(lambda acc, x: acc + x.astype(acc.dtype), grads, g)
+            return (grads, jax.tree.map(jnp.add, metrics, m)), None
+
+        first = jax.tree.map(lambda x: x[0], split)
+        m_shape = jax.eval_shape(lambda: grad_fn(compute, first)[0][1])
+        zeros = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), compute),
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape))
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, split)
+        if isinstance(grads["layers"], list):  # split: restack the per-layer sums, once per update
+            grads["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *grads["layers"])
+        return grads, metrics
+
+    def _update_fn(self, params, opt_state, batch, ref_logp, frozen=None):
+        grads, metrics = self._grads_fn(params, batch, ref_logp, frozen)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return params, opt_state, metrics
+
+    def _logprobs(self, compute, masters, tokens, segments, prompt_len: int, frozen=None):
+        """`completion_logprobs` of the model on `compute` (`weights.compute(masters)`); LoRA: on the
+        frozen base plus the adapters `compute`, layer by layer (`WeightCopies.bind`)."""
+        model, layers = self.weights.bind(compute, masters, frozen)
+        return completion_logprobs(model, tokens, segments, prompt_len, layers=layers)
+
+    # ---- ahead-of-time lowering -----------------------------------------------------------------
     def batch_shapes(self, rows: int, prompt_len: int, completion_len: int | None = None
                      ) -> tuple[dict[str, jax.ShapeDtypeStruct], jax.ShapeDtypeStruct | None]:
         """The device batch of an update (`_device_batch`'s arrays and reference log-probs) as
@@ -630,39 +540,3 @@ class GRPOTrainer:
         arrays, ref = self.batch_shapes(rows, prompt_len, completion_len)
         return self._update.lower(jax.tree.map(spec, self.params), jax.tree.map(spec, self.opt_state), arrays, ref,
                                   frozen=jax.tree.map(spec, self.frozen))
-
-    def gradients(self, batch: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, float]]:
-        """The (summed over micro-batches) gradient of the loss on a host batch, and its metrics."""
-        arrays, ref_logp, _ = self._device_batch(batch)
-        grads, metrics = self._grads(self.params, arrays, ref_logp, frozen=self.frozen)
-        return grads, {k: float(v) for k, v in metrics.items()}
-
-    def update(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """One optimizer step on a host batch (from `make_batch`)."""
-        t0 = time.perf_counter()
-        arrays, ref_logp, gap = self._device_batch(batch)  # the log-prob pass (`gap` waits for it)
-        t1 = time.perf_counter()
-        self.params, self.opt_state, m = self._update(self.params, self.opt_state, arrays, ref_logp,
-                                                      frozen=self.frozen)
-        self.step_count += 1
-        metrics = {k: float(v) for k, v in m.items()}
-        metrics["logp_gap"] = gap
-        self._times.update(logprob_s=t1 - t0, update_s=time.perf_counter() - t1)
-        return metrics
-
-    def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:
-        """One rollout and one optimizer update; returns metrics (rewards, loss, KL, clip fraction, ...)."""
-        t0 = time.perf_counter()
-        completions, rewards = self.rollout(prompts)
-        t_rollout = time.perf_counter() - t0
-        batch, stats = self.make_batch(prompts, completions, rewards["reward"])
-        metrics = self.update(batch)
-        step_s = time.perf_counter() - t0
-        # The step's time split: rollout_s = generate_s (the engine) + reward_s (scoring); then
-        # logprob_s (the old / reference log-prob pass) and update_s (gradients and the optimizer).
-        metrics.update(stats, **self._times, step=self.step_count, rollout_s=t_rollout, step_s=step_s,
-                       tokens_per_s=float(batch["mask"].sum()) / max(step_s, 1e-9))
-        for name, values in rewards.items():
-            key = "reward" if name == "reward" else f"reward_{name}"
-            metrics[f"{key}_mean"], metrics[f"{key}_std"] = float(values.mean()), float(values.std())
-        return metrics
