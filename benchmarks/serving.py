@@ -276,7 +276,6 @@ def serve_http(url: str, engine: Any, requests: list[Request], params_of, label:
     import asyncio
     import types
 
-    import httpx
     import openai
     from tqdm import tqdm
 
@@ -299,9 +298,8 @@ def serve_http(url: str, engine: Any, requests: list[Request], params_of, label:
                 bar.update(k)
 
     async def drive() -> Timeline:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(limits=limits, timeout=None) as http:
-            client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, http_client=http)
+        # the client's own HTTP stack (httpx or, from openai 3, httpx2), its default pool (1000 connections)
+        async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=None) as client:
             timeline = Timeline(requests, time.perf_counter())
             await asyncio.gather(*(one(client, r, timeline) for r in requests))
             return timeline

@@ -183,6 +183,7 @@ def test_extract_code():
     assert extract_code("<think>```python\nprint(1)\n```</think>no code") is None
 
 
+@pytest.mark.xdist_group("sandbox")  # runs programs: never beside tests/test_rl_sandbox.py's fork bombs
 def test_code_reward():
     correct = _reply("a, b = map(int, input().split())\nprint(a + b)")
     partial = _reply("a, b = map(int, input().split())\nprint(abs(a) + abs(b))")  # wrong on negatives
@@ -197,6 +198,7 @@ def test_code_reward():
         code_reward([correct], [])
 
 
+@pytest.mark.xdist_group("sandbox")  # runs programs: never beside tests/test_rl_sandbox.py's fork bombs
 def test_code_reward_packages_and_task_data_out_of_reach():
     """Allow-listed packages import; the expected output is compared outside: a program that looks for it
     (here: in the task file it came from, world-readable in the host's temp dir) cannot print it."""
@@ -218,6 +220,7 @@ def test_code_reward_packages_and_task_data_out_of_reach():
         task.unlink(missing_ok=True)
 
 
+@pytest.mark.xdist_group("sandbox")  # runs programs: never beside tests/test_rl_sandbox.py's fork bombs
 def test_code_reward_refuses_a_weaker_sandbox():
     """use_namespaces=False: the sandbox's own switch, as on a host without user namespaces."""
     ok = _reply("a, b = map(int, input().split())\nprint(a + b)")

@@ -21,6 +21,11 @@ import pytest
 from qwq_jax.rl.sandbox import (NOBODY, RUN_DIR, SandboxResult, SandboxUnavailable, check_isolation, run_python,
                                 view_entries)
 
+# Every program here runs as one uid (nobody), and RLIMIT_NPROC counts that uid's processes host-wide: the
+# fork bombs below would make programs of a test running beside them in another worker fail to start.
+# One group: one worker runs these one after another (with the code-reward tests that run programs).
+pytestmark = pytest.mark.xdist_group("sandbox")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

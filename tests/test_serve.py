@@ -25,13 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx  # the test extra's (raw requests); a missing one fails the run rather than skipping it
 import numpy as np
+import openai  # the test extra's: the real client
 import pytest
 
 from _procs import free_port
-
-openai = pytest.importorskip("openai", reason="the `openai` client comes with the test extra")
-httpx = pytest.importorskip("httpx", reason="httpx comes with the `openai` client")
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"

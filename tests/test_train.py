@@ -143,6 +143,7 @@ def test_synthetic_arithmetic_answers_are_right():
         assert int(ex["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
 
 
+@pytest.mark.xdist_group("sandbox")  # runs programs: never beside tests/test_rl_sandbox.py's fork bombs
 def test_rewards_mix_math_code_format():
     r = Rewards(RewardsConfig(math=1.0, format=0.5, code=2.0, workers=1, timeout=10.0, code_timeout=10.0),
                 SandboxConfig(allow_weaker=True))  # the strongest sandbox here all the same
