@@ -640,7 +640,10 @@ class _Uvicorn:
                 return contextlib.nullcontext()
 
         config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
-                                timeout_graceful_shutdown=grace + 5, lifespan="off")
+                                # after `grace` our timer aborts what still runs; its streams then end on their own
+                                # (a final chunk and [DONE]): a busy host needs seconds for that, so uvicorn
+                                # closes connections itself only well after (a CI run saw it cut one at grace + 5)
+                                timeout_graceful_shutdown=grace + 60, lifespan="off")
         self.server, self.runner, self.grace = Quiet(config), runner, grace
 
     def _on_signal(self, *_: Any) -> None:
