@@ -279,6 +279,7 @@ def test_sharded_update_equals_single_device():
 def _env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "QWQ_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # compiling dominates (conftest)
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
     return env
 
