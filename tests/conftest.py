@@ -7,12 +7,6 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The tests' tiny models spend their time in XLA's CPU compiler, not in running: jax's switch for that
-# case (`jax_disable_most_optimizations`: LLVM at -O0, no expensive passes) compiles them about a third
-# faster (a GRPO update: 10 s -> 5 s), here and in every process a test starts. The real demo model is
-# the opposite (its forward runs 1.5x slower unoptimized): `_optimize_for_the_demo_model` below turns
-# optimization back on for the tests that use it, in this process and in the ones they start.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # One persistent XLA compilation cache (qwq_jax/compile_cache.py) for this process, the CLIs it starts
 # as subprocesses, the multi-process workers and the notebook kernels: a program compiled once is
@@ -116,26 +110,23 @@ def demo_checkpoint(demo_path):
         return demo_checkpoint()
 
 
-DEMO_FIXTURES = {"demo_checkpoint", "demo_hf_model"}
-
-
-def demo_env(env: dict | None = None) -> dict:
-    """`env` (default: this process's) for a process that runs the demo model: XLA fully optimizing."""
-    return dict(os.environ if env is None else env, JAX_DISABLE_MOST_OPTIMIZATIONS="0")
-
 
 @pytest.fixture(autouse=True)
-def _optimize_for_the_demo_model(request, monkeypatch):
-    """A test on the real demo model compiles with XLA's full optimization, in-process and in the
-    processes it starts (they copy os.environ): there running dominates, not compiling."""
-    if not DEMO_FIXTURES & set(request.fixturenames):
+def _compile_bound(request, monkeypatch):
+    """Tests marked `compile_bound` (modules of tiny models, where XLA's CPU compiler takes most of the
+    time, not running) compile with jax's switch for that case, `jax_disable_most_optimizations` (LLVM
+    at -O0, no expensive passes), in-process and in the processes they start: a GRPO update of the tiny
+    model compiles in 5 s instead of 10 (the marked modules: ~15% less time in all). Tests that run many
+    steps (servers, training runs, the demo model: its forward is 1.5x slower at -O0) keep full
+    optimization, which is jax's default."""
+    if request.node.get_closest_marker("compile_bound") is None:
         yield
         return
     import jax
 
     before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
+    jax.config.update("jax_disable_most_optimizations", True)
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
     try:
         yield
     finally:

@@ -21,6 +21,8 @@ from qwq_jax.generate import Engine
 from qwq_jax.model import forward
 from qwq_jax.sampling import SamplingParams
 
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+
 B, T, H, K, D = 4, 24, 6, 2, 8  # 3 query heads per KV head
 CPU_BACKENDS = ["xla", "dot_product", "blockwise"]  # "auto" is "xla" on a CPU
 

@@ -28,6 +28,7 @@ def split(lines):
     return rows, ratios
 
 
+@pytest.mark.compile_bound
 def test_prefill_tiny():
     lines = run_bench("prefill.py", "--attention", "blockwise")
     rows, ratios = split(lines)
@@ -61,6 +62,7 @@ def test_train_step_tiny():
     assert lines[-1]["summary"] and lines[-1]["ratio_tokens_per_s"] > 0
 
 
+@pytest.mark.compile_bound
 def test_decode_tiny():
     lines = run_bench("decode.py", "--batch", "4")  # one batch: one decode program per layer loop
     rows, ratios = split(lines)
@@ -156,6 +158,7 @@ def test_random_weights_are_drawn_one_layer_at_a_time():
     assert (np.asarray(model.layers.attn.q_bias[...]) == 0).all()
 
 
+@pytest.mark.compile_bound
 def test_gpu_aot_tiny_compiles_every_setting_for_the_cpu():
     """benchmarks/gpu_aot.py's machinery (abstract engine, lowering, HLO search, memory analysis)
     on the CPU target; the GPU targets need JAX's CUDA plugin, whose absence is a clear error."""

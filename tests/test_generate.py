@@ -12,6 +12,8 @@ from qwq_jax import QwenConfig, forward, init_model
 from qwq_jax.generate import Engine
 from qwq_jax.sampling import SamplingParams
 
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+
 CFG = QwenConfig.preset("tiny")
 
 

@@ -14,6 +14,8 @@ from qwq_jax import lora as lora_lib
 from qwq_jax.lora import LoraConfig, LoRAParam
 from qwq_jax.model import init_model, matmul
 
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+
 CFG = QwenConfig.preset("tiny")
 LORA = LoraConfig(rank=4, alpha=8.0)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12)), jnp.int32)

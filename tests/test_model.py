@@ -10,6 +10,8 @@ from helpers import hf_logits, hf_model, our_model_from_hf
 from qwq_jax import QwenConfig, abstract_model, forward, init_model
 from qwq_jax.model import REMAT_POLICIES
 
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+
 TOL = 1e-4
 BASE = QwenConfig.preset("tiny")
 CASES = {

@@ -14,6 +14,8 @@ import pytest
 from _procs import free_port, wait_all
 from qwq_jax import QwenConfig, forward, init_model
 
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -16,6 +16,8 @@ from qwq_jax.config import QwenConfig
 from qwq_jax.paged_attention import BLOCK_TOKENS, PagePool, pages_per_block, paged_attention, write_pages
 from sharding import make_mesh
 
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+
 L, K, H, D = 2, 2, 4, 8
 CFG = QwenConfig(vocab_size=16, hidden_size=32, intermediate_size=32, num_layers=L, num_heads=H,
                  num_kv_heads=K, head_dim=D)

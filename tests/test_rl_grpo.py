@@ -8,6 +8,8 @@ from qwq_jax import QwenConfig, init_model
 from qwq_jax.rl.grpo import GRPOConfig, GRPOTrainer
 from qwq_jax.sampling import SamplingParams
 
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+
 CFG = QwenConfig.preset("tiny")
 TARGET = 64  # reward: the fraction of completion tokens with id < 64 (1/8 of the vocabulary at random)
 

@@ -22,6 +22,8 @@ from qwq_jax.sampling import (
     token_counts,
 )
 
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+
 NEG_INF = -np.inf
 
 # ---------------------------------------------------------------- numpy references (float64, one row at a time)

@@ -31,7 +31,6 @@ import openai  # the test extra's: the real client
 import pytest
 
 from _procs import free_port
-from conftest import demo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
@@ -114,8 +113,7 @@ def sse(response: httpx.Response) -> list:
 @pytest.fixture(scope="module")
 def demo_server(demo_checkpoint, tmp_path_factory):
     s = Served(["--checkpoint", str(demo_checkpoint), "--served-model-name", "demo", "--max-num-seqs", "2",
-                "--max-model-len", "1024", "--max-waiting", "1"], tmp_path_factory.mktemp("demo") / "server.log",
-               env=demo_env(_env()))
+                "--max-model-len", "1024", "--max-waiting", "1"], tmp_path_factory.mktemp("demo") / "server.log")
     yield s
     assert s.stop() == 0, s.log.read_text()[-2000:]
 

@@ -9,6 +9,8 @@ from flax import nnx
 import sharding as sh
 from qwq_jax import Qwen2, QwenConfig, abstract_model, forward
 
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+
 CFG = QwenConfig.preset("tiny")  # 8 heads, 4 kv heads, mlp 160, vocab 512, embed 64
 
 

@@ -87,6 +87,7 @@ def test_config_errors_name_the_problem(override, message):
         load_config(TINY, [override])
 
 
+@pytest.mark.compile_bound
 def test_model_attention_reaches_the_model_and_platform_errors_name_it():
     import jax
 
@@ -210,6 +211,7 @@ def _batch(trainer, seed=0):
     return batch
 
 
+@pytest.mark.compile_bound
 @pytest.mark.parametrize("loss", ["dapo", "grpo", "dr_grpo"])
 def test_micro_batches_give_the_full_batch_gradient(loss):
     one, four = _trainer(loss, 1, kl_beta=0.1), _trainer(loss, 4, kl_beta=0.1)
@@ -225,6 +227,7 @@ def test_micro_batches_give_the_full_batch_gradient(loss):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.compile_bound
 @pytest.mark.parametrize("compute_copy, dtype", [("step", jnp.bfloat16), ("split", jnp.float32)])
 def test_weights_cast_once_per_step_give_the_per_micro_batch_gradient(compute_copy, dtype):
     """compute_copy "step" (the float32 masters cast to bfloat16 once, shared by the micro-batches)
@@ -253,6 +256,7 @@ def test_weights_cast_once_per_step_give_the_per_micro_batch_gradient(compute_co
         GRPOConfig(compute_copy="once")
 
 
+@pytest.mark.compile_bound
 def test_sharded_update_equals_single_device():
     import sharding
 
@@ -279,7 +283,6 @@ def test_sharded_update_equals_single_device():
 def _env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "QWQ_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # compiling dominates (conftest)
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
     return env
 
@@ -449,6 +452,7 @@ def test_two_processes_agree_with_one(tmp_path):
 
 
 # ---- after training: the checkpoint samples, exports, and the README's commands run in sequence -----
+@pytest.mark.compile_bound
 @pytest.mark.slow
 def test_training_checkpoint_samples_and_exports_to_transformers(tmp_path, capsys):
     """One dr_grpo step (the bar says so) -> RUN/checkpoints/1; --resume on the finished run is one line;
@@ -501,6 +505,7 @@ def test_training_checkpoint_samples_and_exports_to_transformers(tmp_path, capsy
 
 
 
+@pytest.mark.compile_bound
 @pytest.mark.slow
 def test_lora_checkpoint_samples_and_exports_merged_to_transformers(tmp_path, capsys):
     """One QLoRA step (rank-4 adapters on an int8 base, float32 compute) -> RUN/checkpoints/1, which
