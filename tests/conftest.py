@@ -110,7 +110,6 @@ def demo_checkpoint(demo_path):
         return demo_checkpoint()
 
 
-
 @pytest.fixture(autouse=True)
 def _compile_bound(request, monkeypatch):
     """Tests marked `compile_bound` (modules of tiny models, where XLA's CPU compiler takes most of the
