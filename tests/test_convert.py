@@ -181,18 +181,21 @@ print(json.dumps({"above": (kib("VmHWM") - idle) * 1024}))
 
 @pytest.mark.slow
 def test_peak_memory_flat_in_depth(tmp_path):
-    """Converting 48 layers peaks within 15% of converting 12 (same layer size; each in a fresh process,
-    peak = the kernel's high-water mark VmHWM, exact), and within 1 GiB + 2x the largest tensor."""
+    """Converting 48 layers instead of 12 (same layer size, 4x the bytes; each in a fresh process, peak =
+    the kernel's high-water mark VmHWM, exact) raises the peak by under a quarter of the 36 layers' bytes
+    (a converter holding the model would add all of them; per-array bookkeeping adds ~10 MiB here), and
+    each peak stays within 1 GiB + 2x the largest tensor."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     group = 24 * 2**20  # per partial save (the default is 256 MiB; these models are smaller than that)
-    procs, largest = {}, {}
+    procs, largest, total = {}, {}, {}
     for layers in (12, 48):  # both children at once: each measures only itself
         cfg = QwenConfig(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_layers=layers, num_heads=8,
                          num_kv_heads=2, head_dim=64, dtype="bfloat16")
         src = write_random_hf_checkpoint(cfg, tmp_path / f"src{layers}", dtype="bfloat16")
         source = HFSource(src)
         largest[layers] = max(source.nbytes(n) for n in source.names())
+        total[layers] = sum(source.nbytes(n) for n in source.names())
         procs[layers] = subprocess.Popen([sys.executable, "-c", _RSS_CHILD, str(src), str(tmp_path / f"out{layers}"),
                                           str(group)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                          env=env)
@@ -203,7 +206,7 @@ def test_peak_memory_flat_in_depth(tmp_path):
         above[layers] = json.loads(out.strip().splitlines()[-1])["above"]
         assert above[layers] <= 2**30 + 2 * largest[layers]
     print({k: f"{v / 2**20:.0f} MiB" for k, v in above.items()})
-    assert abs(above[48] - above[12]) < 0.15 * above[12], above
+    assert above[48] - above[12] < 0.25 * (total[48] - total[12]), (above, total)
 
 
 # ---- bad input: exit 1, one line naming the problem, OUT absent or untouched ----------------
