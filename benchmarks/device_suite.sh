@@ -54,20 +54,21 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${QWQ_JAX_XLA_CAC
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-# name|seconds allowed (full run)|arguments (full)|arguments (--tiny: each script's --tiny, narrowed)
+# name|seconds allowed (full run)|arguments (full)|arguments (--tiny: the script's CPU smoke settings)
 # The limits add up to 470 s (7 min 50 s), compilation included; each part starts its own process.
 # They are estimates (no GPU was at hand when this was written): a part that overruns is recorded
 # as "timeout" and the others still run; a second run reuses the compiled programs (the cache above).
 DECODE="--impl ours --batch 1 16 64 --prompt-len 128 --new-tokens 64 --layer-loop split --no-inspect-hlo"
-DECODE_TINY="--tiny --impl ours --batch 2 --prompt-len 16 --new-tokens 8 --layer-loop split --no-inspect-hlo"
 SERVING="--preset qwen2.5-1.5b --impl ours hf --arrival all --n 1 16 --requests 32 --groups 2 --prompt-len 128 1024 --output-len 32 256 --max-num-seqs 32 --occupancy-tokens 64"
+# --tiny runs each script's own CPU smoke settings (HF peers included): tests/test_benchmarks_smoke.py
+# runs this suite once and checks every part's records, so these are the benchmarks' smoke runs too.
 PARTS=(
-  "decode_bf16|100|decode.py --preset qwq-32b $DECODE|decode.py $DECODE_TINY"
-  "decode_int8|80|decode.py --preset qwq-32b $DECODE --quantize int8|decode.py $DECODE_TINY --quantize int8"
-  "prefill_8k|65|prefill.py --preset qwq-32b --impl ours --seq 8192 --check-max-seq 0 --iters 3|prefill.py --tiny --impl ours --seq 32 --check-max-seq 0 --iters 1"
-  "grpo_7b|100|train_step.py --preset qwen2.5-7b --impl ours --iters 2|train_step.py --tiny --impl ours --attention blockwise --warmup 1 --iters 1"
+  "decode_bf16|100|decode.py --preset qwq-32b $DECODE|decode.py --tiny --batch 4"
+  "decode_int8|80|decode.py --preset qwq-32b $DECODE --quantize int8|decode.py --tiny --quantize int8 --layer-loop split --impl ours --batch 4"
+  "prefill_8k|65|prefill.py --preset qwq-32b --impl ours --seq 8192 --check-max-seq 0 --iters 3|prefill.py --tiny --attention blockwise"
+  "grpo_7b|100|train_step.py --preset qwen2.5-7b --impl ours --iters 2|train_step.py --tiny --attention blockwise"
   "cudnn_check|35|prefill.py --preset qwen2.5-7b --impl ours --seq 2048 --attention cudnn --layer-loop scan --iters 1|prefill.py --tiny --impl ours --seq 32 --attention blockwise --iters 1"
-  "serving|90|serving.py $SERVING|serving.py --tiny --arrival all"
+  "serving|90|serving.py $SERVING|serving.py --tiny --http"
 )
 # A CPU has no cuDNN: --tiny checks the blockwise backend against xla through the same code
 # (grpo_7b's own check runs with the default backend, cuDNN, on the GPU). --tiny allows each part

@@ -1,7 +1,9 @@
 """A GGUF file (llama.cpp) as a weight source: HF names, HF layouts, dequantized float32.
 
-`GGUFSource(path)` memory-maps the file with `gguf.GGUFReader` and speaks the `Source`
-protocol of `convert/source.py`:
+`GGUFSource(path)` reads the file's header (metadata and tensor directory) with its own small
+parser (`_read_header`: ~0.5 s for a 151k-token vocabulary, where `gguf.GGUFReader` takes ~17 s),
+reads tensor bytes with plain reads and dequantizes them with `gguf.quants`, and speaks the
+`Source` protocol of `convert/source.py`:
 
     hf_config     a HF Qwen2 config.json dict rebuilt from the `qwen2.*` metadata
     names/shape   HF tensor names and HF shapes ([out, in] for linear weights)
@@ -22,6 +24,7 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -80,14 +83,7 @@ class GGUFSource:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._reader = _open_reader(self.path)
-        reader = self._reader
-        try:
-            self._fields = {name: _field_value(f) for name, f in reader.fields.items()
-                            if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                            "tokenizer.ggml.token_type", "tokenizer.ggml.scores")}
-        except UnicodeDecodeError as e:
-            raise ConversionError(f"{self.path}: corrupt GGUF metadata (a string is not UTF-8: {e})") from None
+        self._fields, tensors = _read_header(self.path)
         arch = self._fields.get("general.architecture")
         if arch != "qwen2":
             raise ConversionError(f"{self.path}: GGUF architecture is {arch!r}, only 'qwen2' "
@@ -95,7 +91,7 @@ class GGUFSource:
 
         self._tensors = {}  # HF name -> gguf ReaderTensor
         unknown = []
-        for t in reader.tensors:
+        for t in tensors:
             name = hf_name(t.name)
             if name is None:
                 unknown.append(t.name)
@@ -117,7 +113,7 @@ class GGUFSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         # ggml lists dims fastest-first: reversed, they are the numpy (= HF) shape.
-        return tuple(int(d) for d in reversed(self._tensor(name).shape.tolist()))
+        return tuple(reversed(self._tensor(name).dims))
 
     def dtype(self, name: str) -> np.dtype:
         self._tensor(name)
@@ -251,16 +247,12 @@ class GGUFSource:
     @cached_property
     def _vocab(self) -> tuple[list[str], list[int], list[str]]:
         """(tokens, token types, merges) from the tokenizer metadata."""
-        fields = self._reader.fields
+        fields = self._fields
         if "tokenizer.ggml.tokens" not in fields:
             raise ConversionError(f"{self.path}: GGUF has no tokenizer (tokenizer.ggml.tokens)")
-        try:
-            tokens = _field_value(fields["tokenizer.ggml.tokens"])
-            types = (_field_value(fields["tokenizer.ggml.token_type"]) if "tokenizer.ggml.token_type" in fields
-                     else [TOKEN_NORMAL] * len(tokens))
-            merges = _field_value(fields["tokenizer.ggml.merges"]) if "tokenizer.ggml.merges" in fields else []
-        except UnicodeDecodeError as e:
-            raise ConversionError(f"{self.path}: corrupt tokenizer metadata (not UTF-8: {e})") from None
+        tokens = fields["tokenizer.ggml.tokens"]
+        types = fields.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
+        merges = fields.get("tokenizer.ggml.merges", [])
         if len(types) != len(tokens):
             raise ConversionError(f"{self.path}: tokenizer.ggml.token_type has {len(types)} entries "
                                   f"for {len(tokens)} tokens")
@@ -383,9 +375,33 @@ class GGUFSource:
                                       f"which gguf {_gguf_version()} cannot dequantize") from None
 
 
-def _open_reader(path: Path):
-    """`gguf.GGUFReader` on `path`, with one-line errors for files that are not whole GGUFs."""
-    from gguf import GGUFReader
+class _TensorInfo(NamedTuple):
+    """One entry of a GGUF's tensor directory."""
+
+    name: str
+    dims: tuple[int, ...]  # ggml order: fastest-varying first
+    tensor_type: Any       # gguf.GGMLQuantizationType
+    data_offset: int       # absolute, in bytes from the start of the file
+    n_bytes: int
+
+
+# GGUF metadata value types (the spec's gguf_metadata_value_type) -> struct format of a scalar.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], list[_TensorInfo]]:
+    """A GGUF's metadata (key -> str, int, float, bool or list of those) and tensor directory,
+    parsed from one read of the header (GGUF v2/v3, little-endian); one-line errors for files that
+    are not whole GGUFs."""
+    import mmap
+    import struct
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
@@ -394,39 +410,113 @@ def _open_reader(path: Path):
         magic = fh.read(4)
     if magic != b"GGUF":
         raise ConversionError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    with open(path, "rb") as fh:  # only the header's pages are touched (~10 MB for a 151k vocabulary)
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    pos = 4
+
+    def take(fmt: str):
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise _Truncated(f"{fmt} at byte {pos:,}")
+        value = struct.unpack_from("<" + fmt, buf, pos)
+        pos += n
+        return value if len(value) > 1 else value[0]
+
+    def string(key: str) -> str:
+        nonlocal pos
+        n = take("Q")
+        if pos + n > size:
+            raise _Truncated(f"a string of {n:,} bytes at byte {pos:,}")
+        raw = buf[pos:pos + n]
+        pos += n
+        return decode([raw], key)[0]
+
+    def decode(raw: list[bytes], key: str) -> list[str]:
+        try:
+            return [r.decode("utf-8") for r in raw]
+        except UnicodeDecodeError as e:
+            what = "tokenizer metadata" if key.startswith("tokenizer.") else "GGUF metadata"
+            raise ConversionError(f"{path}: corrupt {what} ({key}: a string is not UTF-8: {e})") from None
+
+    def value(kind: int, key: str):
+        nonlocal pos
+        if kind == _STRING:
+            return string(key)
+        if kind == _ARRAY:
+            inner, count = take("I"), take("Q")
+            if inner == _STRING:  # (a vocabulary: 151k of them; one tight loop)
+                unpack, at, raw = struct.Struct("<Q").unpack_from, pos, []
+                try:
+                    for _ in range(count):
+                        (n,) = unpack(buf, at)
+                        raw.append(buf[at + 8:at + 8 + n])
+                        at += 8 + n
+                except struct.error:
+                    at = size + 1
+                if at > size:
+                    raise _Truncated(f"the {count:,} strings of {key} at byte {pos:,}")
+                pos = at
+                return decode(raw, key)
+            if inner == _ARRAY:  # nested arrays: not used by qwen2; read past, kept as None
+                for _ in range(count):
+                    value(_ARRAY, key)
+                return None
+            fmt = _SCALARS.get(inner)
+            if fmt is None:
+                raise ConversionError(f"{path}: corrupt GGUF metadata ({key}: unknown value type {inner})")
+            n = struct.calcsize(fmt) * count
+            if pos + n > size:
+                raise _Truncated(f"an array of {count:,} values at byte {pos:,}")
+            out = np.frombuffer(buf, "<" + fmt, count, pos).tolist()
+            pos += n
+            return out
+        fmt = _SCALARS.get(kind)
+        if fmt is None:
+            raise ConversionError(f"{path}: corrupt GGUF metadata ({key}: unknown value type {kind})")
+        return take(fmt)
+
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/IndexError/... on short or corrupt files
-        raise ConversionError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != t.n_bytes:
-            raise ConversionError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte {end:,}, "
-                                  f"the file has {size:,}")
-    order = getattr(reader, "endianess", None)
-    if order is not None and getattr(order, "name", "LITTLE") != "LITTLE":
-        raise ConversionError(f"{path}: big-endian GGUF files are not supported")
-    return reader
-
-
-def _field_value(field):
-    """A GGUF metadata value as Python: str, int, float, bool, or a list of those."""
-    from gguf import GGUFValueType
-
-    def scalar(part, kind):
-        if kind == GGUFValueType.STRING:
-            return bytes(part).decode("utf-8")
-        return part[0].item()
-
-    kind = field.types[0]
-    if kind == GGUFValueType.ARRAY:
-        inner = field.types[-1] if len(field.types) > 1 else None
-        if inner == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        if inner == GGUFValueType.ARRAY:
-            return None  # nested arrays: not used by qwen2
-        return [field.parts[i][0].item() for i in field.data]
-    return scalar(field.parts[field.data[0]], kind)
+        version = take("I")
+        if version & 0xFFFF == 0 and version:
+            raise ConversionError(f"{path}: big-endian GGUF files are not supported")
+        if version not in (2, 3):
+            raise ConversionError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_fields = take("Q"), take("Q")
+        fields: dict[str, Any] = {}
+        for _ in range(n_fields):
+            key = string("key")
+            fields[key] = value(take("I"), key)
+        entries = []
+        for _ in range(n_tensors):
+            name = string("tensor name")
+            dims = tuple(int(take("Q")) for _ in range(take("I")))
+            entries.append((name, dims, take("I"), take("Q")))
+    except _Truncated as e:
+        raise ConversionError(f"{path}: truncated or corrupt GGUF file (the header ends before {e})") from None
+    finally:
+        header_end = pos
+        buf.close()
+    alignment = int(fields.get("general.alignment", 32) or 32)
+    data_start = -(-header_end // alignment) * alignment
+    tensors = []
+    for name, dims, kind, offset in entries:
+        try:
+            qtype = GGMLQuantizationType(kind)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise ConversionError(f"{path}: tensor {name} has an unknown GGML type {kind}") from None
+        count = int(np.prod(dims, dtype=np.int64))
+        if count % block:
+            raise ConversionError(f"{path}: truncated or corrupt GGUF file (tensor {name}: {count} values "
+                                  f"are not whole blocks of {block})")
+        n_bytes = count // block * type_size
+        t = _TensorInfo(name, dims, qtype, data_start + offset, n_bytes)
+        if t.data_offset + n_bytes > size:
+            raise ConversionError(f"{path}: truncated GGUF file: tensor {name} ends at byte "
+                                  f"{t.data_offset + n_bytes:,}, the file has {size:,}")
+        tensors.append(t)
+    return fields, tensors
 
 
 def _f32(x) -> float:

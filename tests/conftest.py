@@ -102,6 +102,25 @@ def demo_hf_tokenizer(demo_path):
 
 
 @pytest.fixture(scope="session")
+def demo_tokenizer_dir(demo_path, tmp_path_factory) -> Path:
+    """Only the demo model's tokenizer files (tokenizer.json, tokenizer_config.json,
+    generation_config.json), as the converter writes them from the GGUF: the converted checkpoint's
+    when it is there, else written here without converting the weights (a minute or more on a fresh
+    machine, which another worker may be spending): for tests that need no weights."""
+    from convert.gguf import GGUFSource
+    from qwq_jax.demo import default_cache_dir
+    from qwq_jax.sample import DEMO_NAME
+
+    converted = default_cache_dir() / DEMO_NAME  # the same files, where the checkpoint is already complete
+    if (converted / "config.json").is_file() and (converted / "commit_success.txt").is_file():
+        return converted
+    out = tmp_path_factory.mktemp("demo-tokenizer")  # reading the GGUF's metadata: ~20 s
+    for name, data in GGUFSource(demo_path).extra_files.items():
+        (out / name).write_bytes(data)
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_checkpoint(demo_path):
     """The demo GGUF converted to a float32 qwq-jax checkpoint, once per machine (like `sample --demo`)."""
     from qwq_jax.sample import demo_checkpoint

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,15 +23,37 @@ def run_bench(name: str, *args: str) -> list[dict]:
     return lines
 
 
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> dict:
+    """`benchmarks/device_suite.sh --tiny`, run once: its parts are the decode, int8 decode, prefill,
+    train-step and serving scripts' own smoke runs (`--tiny` and the settings below), whose JSON lines
+    the tests read from the suite's one file (`parts[name]["records"]`)."""
+    tmp = tmp_path_factory.mktemp("device-suite")
+    out = tmp / "suite.json"
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh"), "--tiny", str(out)],
+                       capture_output=True, text=True, timeout=1500, cwd=tmp)
+    return {"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr,
+            "json": json.loads(out.read_text()) if out.exists() else None}
+
+
+def suite_part(suite: dict, name: str) -> list[dict]:
+    """The JSON lines of one part of the suite (what the script printed on stdout)."""
+    assert suite["json"] is not None, suite["stderr"][-3000:]
+    part = suite["json"]["parts"][name]
+    assert part["status"] == "ok", (part.get("stderr_tail"), suite["stderr"][-3000:])
+    assert part["records"], part
+    return part["records"]
+
+
 def split(lines):
     rows = [x for x in lines if "impl" in x]
     ratios = [x for x in lines if "ratio" in x]
     return rows, ratios
 
 
-@pytest.mark.compile_bound
-def test_prefill_tiny():
-    lines = run_bench("prefill.py", "--attention", "blockwise")
+@pytest.mark.xdist_group("device_suite")
+def test_prefill_tiny(suite):
+    lines = suite_part(suite, "prefill_8k")  # prefill.py --tiny --attention blockwise
     rows, ratios = split(lines)
     assert {r["impl"] for r in rows} == {"qwq-jax", "hf-transformers-sdpa"}
     assert len(rows) == 4 and {r["seq"] for r in rows} == {32, 64}
@@ -47,8 +70,9 @@ def test_prefill_tiny():
     assert summary["summary"] and summary["seq"] == [32, 64] and len(summary["ratio_tokens_per_s"]) == 2
 
 
-def test_train_step_tiny():
-    lines = run_bench("train_step.py", "--attention", "blockwise")
+@pytest.mark.xdist_group("device_suite")
+def test_train_step_tiny(suite):
+    lines = suite_part(suite, "grpo_7b")  # train_step.py --tiny --attention blockwise
     rows, ratios = split(lines)
     assert {r["impl"] for r in rows} == {"qwq-jax", "hf-transformers-sdpa"}
     for r in rows:
@@ -62,9 +86,9 @@ def test_train_step_tiny():
     assert lines[-1]["summary"] and lines[-1]["ratio_tokens_per_s"] > 0
 
 
-@pytest.mark.compile_bound
-def test_decode_tiny():
-    lines = run_bench("decode.py", "--batch", "4")  # one batch: one decode program per layer loop
+@pytest.mark.xdist_group("device_suite")
+def test_decode_tiny(suite):
+    lines = suite_part(suite, "decode_bf16")  # decode.py --tiny --batch 4: one decode program per layer loop
     rows, ratios = split(lines)
     assert {r["impl"] for r in rows} == {"qwq-jax", "hf-transformers-sdpa"}
     assert len(rows) == 6  # (our 2 layer loops + hf) x prompt lengths 16, 40 x batch 4
@@ -92,8 +116,9 @@ def test_decode_tiny():
         {"scan": 2, "split": 2}
 
 
-def test_decode_tiny_int8_weights():
-    lines = run_bench("decode.py", "--quantize", "int8", "--layer-loop", "split", "--impl", "ours", "--batch", "4")
+@pytest.mark.xdist_group("device_suite")
+def test_decode_tiny_int8_weights(suite):
+    lines = suite_part(suite, "decode_int8")  # decode.py --tiny --quantize int8 --layer-loop split --impl ours --batch 4
     rows, ratios = split(lines)
     assert len(rows) == 2 and not ratios  # our engine only: no ratio lines
     from qwq_jax import QwenConfig
@@ -250,13 +275,12 @@ def test_layers_that_fit_by_hand_and_by_compiling():
     assert fit["max_layers"] == 3, fit
 
 
-def test_device_suite_tiny_writes_one_json_with_every_part(tmp_path):
+@pytest.mark.xdist_group("device_suite")
+def test_device_suite_tiny_writes_one_json_with_every_part(suite):
     """benchmarks/device_suite.sh --tiny: the GPU suite's every part as a CPU smoke run, one JSON file."""
-    out = tmp_path / "suite.json"
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_suite.sh"), "--tiny", str(out)],
-                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    suite = json.loads(out.read_text())
+    assert suite["returncode"] == 0, suite["stderr"][-3000:]
+    r = SimpleNamespace(stdout=suite["stdout"], stderr=suite["stderr"])
+    suite = suite["json"]
     assert suite["mode"] == "tiny" and suite["device"] == "cpu" and suite["date"]
     parts = suite["parts"]
     assert list(parts) == ["decode_bf16", "decode_int8", "prefill_8k", "grpo_7b", "cudnn_check", "serving"]
@@ -269,7 +293,7 @@ def test_device_suite_tiny_writes_one_json_with_every_part(tmp_path):
         numbers = [v for v in part["figures"].values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         assert numbers and all(v >= 0 for v in numbers), (name, part["figures"])
     figs = {name: part.get("figures", {}) for name, part in parts.items()}
-    assert figs["decode_bf16"]["b2_p16_tokens_per_s"] > 0 and figs["decode_int8"]["b2_p16_tokens_per_s"] > 0
+    assert figs["decode_bf16"]["b4_p16_tokens_per_s"] > 0 and figs["decode_int8"]["b4_p16_tokens_per_s"] > 0
     assert figs["prefill_8k"]["seq32_tokens_per_s"] > 0
     assert figs["grpo_7b"]["step_s"] > 0 and figs["grpo_7b"]["max_abs_logprob_diff_vs_xla"] < 1e-4
     check = figs["cudnn_check"]  # on a CPU the blockwise backend stands in for cuDNN
@@ -285,10 +309,11 @@ def test_device_suite_bad_usage_is_one_line():
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown option --fast" in r.stderr
 
 
-def test_serving_tiny():
+@pytest.mark.xdist_group("device_suite")
+def test_serving_tiny(suite):
     """benchmarks/serving.py: our engine's continuous and static policies and HF generate on the same
     skewed workloads (all at once, Poisson; n=1, groups of 16) and the full-occupancy run."""
-    lines = run_bench("serving.py", "--http")
+    lines = suite_part(suite, "serving")  # serving.py --tiny --http
     rows, ratios = split(lines)
     runs = [("skewed", a, n) for n in (1, 16) for a in ("all", "poisson")] + [("full_occupancy", "all", 1)]
     http = [r for r in rows if r["policy"] == "http"]

@@ -59,20 +59,20 @@ def test_logits_match_transformers_gguf_model(ours, tokenizer, demo_hf_model):
 
 def test_greedy_equals_transformers_generate(ours, demo_checkpoint, tokenizer, demo_hf_model):
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in CHATS.values()]
-    outs = Engine(ours, tokenizer).generate(prompts, SamplingParams(temperature=0.0, max_tokens=32))
+    outs = Engine(ours, tokenizer).generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
     # The same prompts prefilled 32 tokens at a time (several chunks, rows ending mid-chunk) by the
     # model the CLIs build (attention "auto": here blockwise prefill against the cache, the GQA
-    # decode path per token): the same first 16 greedy tokens.
+    # decode path per token): the same first 6 greedy tokens.
     auto = load(demo_checkpoint, attention_backend="auto")
-    chunked = Engine(auto, tokenizer, prefill_chunk=32).generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))
+    chunked = Engine(auto, tokenizer, prefill_chunk=32).generate(prompts, SamplingParams(temperature=0.0, max_tokens=6))
     assert min(len(p) for p in prompts) > 32
     # transformers' greedy choice at every step, from one teacher-forced fp32 forward over prompt +
-    # our tokens (what its `generate` would pick step by step, without 32 sequential calls): our
+    # our tokens (what its `generate` would pick step by step, without 24 sequential calls): our
     # tokens are HF's greedy tokens iff each is the argmax of HF's logits after the ones before it.
     for name, ids, out, out32 in zip(CHATS, prompts, outs, chunked):
-        assert out32[0].token_ids == out[0].token_ids[:16], name
+        assert out32[0].token_ids == out[0].token_ids[:6], name
         new = out[0].token_ids
-        assert len(new) == 32 or (out[0].finish_reason == "stop" and new[-1] in tokenizer.eos_token_ids), name
+        assert len(new) == 24 or (out[0].finish_reason == "stop" and new[-1] in tokenizer.eos_token_ids), name
         with torch.no_grad():
             logits = demo_hf_model(torch.tensor([ids + new[:-1]])).logits[0, len(ids) - 1:].float().numpy()
         print(name, repr(out[0].text[:80]))
@@ -115,14 +115,14 @@ def nnx_layers(model):
 def test_sample_cli_json(demo_checkpoint):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(demo_checkpoint), "--prompt",
-                        "Write a one-line Python hello world.", "--json", "--temperature", "0", "--max-tokens", "24",
+                        "Write a one-line Python hello world.", "--json", "--temperature", "0", "--max-tokens", "8",
                         "--prefill-chunk", "8", "--layer-loop", "split", "--quantize", "int8"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     for key in ("token_ids", "text", "reasoning_content", "content", "finish_reason", "usage", "timings"):
         assert key in out
-    assert out["usage"]["completion_tokens"] == len(out["token_ids"]) <= 24
+    assert out["usage"]["completion_tokens"] == len(out["token_ids"]) <= 8
     assert out["text"].strip() and out["content"] == out["text"] and out["reasoning_content"] is None
     t = out["timings"]
     assert t["decode_tokens_per_s"] == pytest.approx((len(out["token_ids"])) / t["decode_s"], rel=0.01)
@@ -131,7 +131,7 @@ def test_sample_cli_json(demo_checkpoint):
     assert out["sampling"]["family"] == "qwen2.5-instruct"
     assert out["sampling"]["temperature"] == {"value": 0.0, "source": "flag"}
     assert out["sampling"]["top_p"]["value"] == 0.8 and out["sampling"]["top_k"]["value"] == 20
-    assert out["sampling"]["max_tokens"] == {"value": 24, "source": "flag"}
+    assert out["sampling"]["max_tokens"] == {"value": 8, "source": "flag"}
     assert set(out["compile_cache"]) == {"dir", "hits", "misses"}
 
 
@@ -177,7 +177,7 @@ def test_sample_cli_attention_errors_before_loading(tmp_path):
 def test_sample_cli_interactive_keeps_history(demo_checkpoint):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(demo_checkpoint), "--interactive",
-                        "--system", "Answer in one short sentence.", "--temperature", "0", "--max-tokens", "16"],
+                        "--system", "Answer in one short sentence.", "--temperature", "0", "--max-tokens", "10"],
                        input="My name is Ada.\nWhat is my name?\n\n", capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

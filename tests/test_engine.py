@@ -125,7 +125,7 @@ def test_demo_requests_arriving_while_others_decode_equal_transformers_greedy(de
     alone. transformers' choice at each step comes from one teacher-forced forward over prompt + our
     tokens (what its `generate(do_sample=False)` picks step by step: our tokens are its greedy
     tokens iff each is the argmax of its logits after the ones before; cheaper than 8 generates);
-    a row ends at 12 tokens or at an EOS, which must then be transformers' choice too."""
+    a row ends at 8 tokens or at an EOS, which must then be transformers' choice too."""
     import torch
 
     from qwq_jax import load
@@ -138,7 +138,7 @@ def test_demo_requests_arriving_while_others_decode_equal_transformers_greedy(de
     page = 16
     assert len({tuple(p[:page]) for p in ps}) == 1  # the system prompt: one shared first page
     engine = Engine(ours, tok, max_num_seqs=4, chunk=4, page_size=page, prefill_chunk=32, max_model_len=128)
-    sp = SamplingParams(temperature=0.0, max_tokens=12)
+    sp = SamplingParams(temperature=0.0, max_tokens=8)
     reqs = [(p, sp, f"chat-{i}") for i, p in enumerate(ps)]
     seen = {"running": [], "tokens_at_late_adds": []}
     got_tokens = {}
@@ -160,8 +160,8 @@ def test_demo_requests_arriving_while_others_decode_equal_transformers_greedy(de
     for i, new in enumerate(outs):
         c = done[f"chat-{i}"][0]
         assert c.prompt_tokens == len(ps[i])
-        assert (len(new) == 12 and c.finish_reason == "length") or (c.finish_reason == "stop" and new[-1] in eos
-                                                                    and len(new) <= 12), (i, c)
+        assert (len(new) == 8 and c.finish_reason == "length") or (c.finish_reason == "stop" and new[-1] in eos
+                                                                   and len(new) <= 8), (i, c)
     # One right-padded batch through transformers' decoder (causal: the padding after a row is never
     # seen), its lm_head only where a token was chosen (the 151,936-row head would dominate otherwise).
     seqs = [p + new[:-1] for p, new in zip(ps, outs)]

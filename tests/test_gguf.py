@@ -379,7 +379,8 @@ def test_dequantization_matches_transformers_torch_kernels(source):
             continue
         if source.shape(name)[0] > 20000:
             continue  # the embeddings: slow, and covered by the transformers comparison
-        ref = dequant.dequantize(torch.from_numpy(np.array(t.data).reshape(-1)), int(qtype))
+        raw = np.fromfile(source.path, np.uint8, count=t.n_bytes, offset=t.data_offset)  # the packed blocks
+        ref = dequant.dequantize(torch.from_numpy(raw), int(qtype))
         np.testing.assert_allclose(source.read(name).reshape(-1), ref.numpy(), rtol=0, atol=1e-6, err_msg=name)
         checked.add(qtype.name)
     assert checked == {"Q4_K", "Q6_K", "Q8_0"}
@@ -408,6 +409,32 @@ def test_weights_config_and_tokenizer_write_code(source, our_tokenizer, demo_hf_
 
 
 # ---- tiny GGUFs: storage types, metadata, bad input ---------------------------------------
+
+
+def test_header_parser_equals_gguf_reader(tmp_path):
+    """Our header parser (convert/gguf.py `_read_header`) against gguf-py's `GGUFReader` on a tiny
+    GGUF of mixed storage types: every metadata value and every tensor's dims, type, offset, size."""
+    from gguf import GGUFReader, GGUFValueType
+    from gguf.constants import GGMLQuantizationType as Q
+
+    from convert.gguf import _read_header
+
+    write_tiny_gguf(tmp_path / "tiny.gguf", types={"attn_q.weight": Q.Q8_0, "attn_k.weight": Q.Q4_K,
+                                                    "ffn_up.weight": Q.F16})
+    fields, tensors = _read_header(tmp_path / "tiny.gguf")
+    reader = GGUFReader(tmp_path / "tiny.gguf")
+    want = {}
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF."):  # the reader's pseudo-fields (version, counts)
+            continue
+        values = [f.parts[i] for i in f.data]
+        kind = f.types[-1]
+        values = [bytes(v).decode() if kind == GGUFValueType.STRING else v[0].item() for v in values]
+        want[name] = values if f.types[0] == GGUFValueType.ARRAY else values[0]
+    assert fields == want
+    assert [(t.name, t.dims, t.tensor_type, t.data_offset, t.n_bytes) for t in tensors] == \
+        [(t.name, tuple(int(d) for d in t.shape), t.tensor_type, int(t.data_offset), int(t.n_bytes))
+         for t in reader.tensors]
 
 
 def test_tiny_gguf_storage_types(tmp_path):

@@ -20,10 +20,10 @@ CASES = [  # (text, in_think, tools, stops, (reasoning, content) by hand)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(demo_checkpoint):
-    from qwq_jax import checkpoint
+def tokenizer(demo_tokenizer_dir):
+    from qwq_jax.tokenizer import Tokenizer
 
-    return checkpoint.load_tokenizer(demo_checkpoint)
+    return Tokenizer.from_dir(demo_tokenizer_dir)
 
 
 @pytest.mark.parametrize("text,in_think,tools,stops,want", CASES)

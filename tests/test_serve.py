@@ -125,12 +125,12 @@ MESSAGES = [{"role": "user", "content": "Name three prime numbers."}]
 def test_chat_greedy_equals_the_sample_cli_and_counts_like_transformers(demo_server, demo_checkpoint,
                                                                         demo_hf_tokenizer):
     r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(demo_checkpoint), "--prompt",
-                        MESSAGES[0]["content"], "--temperature", "0", "--max-tokens", "24", "--json"],
+                        MESSAGES[0]["content"], "--temperature", "0", "--max-tokens", "12", "--json"],
                        capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     want = json.loads(r.stdout)
     c = demo_server.client
-    got = c.chat.completions.create(model="demo", messages=MESSAGES, temperature=0, max_tokens=24)
+    got = c.chat.completions.create(model="demo", messages=MESSAGES, temperature=0, max_tokens=12)
     assert got.choices[0].message.content == want["content"]
     assert got.choices[0].finish_reason == want["finish_reason"]
     prompt_ids = demo_hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
@@ -139,7 +139,7 @@ def test_chat_greedy_equals_the_sample_cli_and_counts_like_transformers(demo_ser
     assert got.usage.completion_tokens == len(want["token_ids"])
     assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
 
-    chunks = list(c.chat.completions.create(model="demo", messages=MESSAGES, temperature=0, max_tokens=24,
+    chunks = list(c.chat.completions.create(model="demo", messages=MESSAGES, temperature=0, max_tokens=12,
                                             stream=True, stream_options={"include_usage": True}))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == want["content"]
@@ -148,7 +148,7 @@ def test_chat_greedy_equals_the_sample_cli_and_counts_like_transformers(demo_ser
 
     # The same prompt rendered by transformers, through /v1/completions: the same text.
     prompt = demo_hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
-    plain = c.completions.create(model="demo", prompt=prompt, temperature=0, max_tokens=24, logprobs=0)
+    plain = c.completions.create(model="demo", prompt=prompt, temperature=0, max_tokens=12, logprobs=0)
     assert plain.choices[0].text == want["content"]
     assert len(plain.choices[0].logprobs.token_logprobs) == len(want["token_ids"]) - (want["finish_reason"] == "stop")
     assert all(lp <= 0 for lp in plain.choices[0].logprobs.token_logprobs)
@@ -174,7 +174,7 @@ def test_n2_with_a_seed_is_reproducible_streamed_or_not(demo_server):
 def test_full_waiting_queue_is_503_with_retry_after(demo_server):
     async def main():
         async with httpx.AsyncClient(timeout=120) as client:
-            body = {"model": "demo", "prompt": "Count to one hundred:", "max_tokens": 48, "temperature": 0}
+            body = {"model": "demo", "prompt": "Count to one hundred:", "max_tokens": 12, "temperature": 0}
             return await asyncio.gather(*[client.post(demo_server.url + "/v1/completions", json=body)
                                           for _ in range(6)])
 
@@ -188,7 +188,7 @@ def test_full_waiting_queue_is_503_with_retry_after(demo_server):
 
 
 # ------------------------------------------------------------------------------- tiny server
-def _tiny_checkpoint(root: Path, demo_checkpoint: Path) -> Path:
+def _tiny_checkpoint(root: Path, demo_tokenizer_dir: Path) -> Path:
     """The bigram checkpoint described in the module docstring, written as HF files and converted."""
     from safetensors.numpy import save_file
 
@@ -196,8 +196,8 @@ def _tiny_checkpoint(root: Path, demo_checkpoint: Path) -> Path:
 
     src = root / "hf"
     src.mkdir()
-    shutil.copy(demo_checkpoint / "tokenizer.json", src / "tokenizer.json")
-    tok_config = json.loads((demo_checkpoint / "tokenizer_config.json").read_text())
+    shutil.copy(demo_tokenizer_dir / "tokenizer.json", src / "tokenizer.json")
+    tok_config = json.loads((demo_tokenizer_dir / "tokenizer_config.json").read_text())
     tok_config["chat_template"] = TEMPLATE
     (src / "tokenizer_config.json").write_text(json.dumps(tok_config))
     tok = Tokenizer.from_dir(src)
@@ -250,9 +250,9 @@ def _tiny_checkpoint(root: Path, demo_checkpoint: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(demo_checkpoint, tmp_path_factory):
+def tiny(demo_tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-serve")
-    ckpt = _tiny_checkpoint(root, demo_checkpoint)
+    ckpt = _tiny_checkpoint(root, demo_tokenizer_dir)
     s = Served(["--checkpoint", str(ckpt), "--served-model-name", "tiny", "--api-key", KEY, "--max-num-seqs", "8",
                 "--max-model-len", "4096", "--max-waiting", "128", "--shutdown-timeout", "3"],
                root / "server.log", key=KEY)
