@@ -46,6 +46,31 @@ def _machine_lock(name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_GGUF_READERS: dict = {}
+
+
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """transformers' GGUF loader builds a fresh `gguf.GGUFReader` for the config, the weights and the
+    tokenizer (~15 s each for the demo's 151k-token vocabulary): while building its reference copies,
+    one reader per file, parsed once and shared (read-only: a memory map and the parsed fields)."""
+    import gguf
+
+    original = gguf.GGUFReader
+
+    def shared(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in _GGUF_READERS:
+            _GGUF_READERS[key] = original(path, mode)
+        return _GGUF_READERS[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 @pytest.fixture(scope="session")
 def demo_path() -> Path:
     """The demo GGUF, assembled once per machine into the default cache dir (491 MB)."""
@@ -68,8 +93,9 @@ def demo_hf_model(demo_path):
     saved = default_cache_dir() / "demo-hf-f32"
     with _machine_lock("demo-hf"):
         if not (saved / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(str(demo_path.parent), gguf_file=demo_path.name,
-                                                         dtype=torch.float32, attn_implementation="eager")
+            with _one_gguf_parse():
+                model = AutoModelForCausalLM.from_pretrained(str(demo_path.parent), gguf_file=demo_path.name,
+                                                             dtype=torch.float32, attn_implementation="eager")
             tmp = saved.with_name(saved.name + ".tmp")  # (save_pretrained refuses GGUF-loaded models)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -96,7 +122,8 @@ def demo_hf_tokenizer(demo_path):
         if not (saved / "tokenizer_config.json").is_file():
             tmp = saved.with_name(saved.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            AutoTokenizer.from_pretrained(str(demo_path.parent), gguf_file=demo_path.name).save_pretrained(tmp)
+            with _one_gguf_parse():
+                AutoTokenizer.from_pretrained(str(demo_path.parent), gguf_file=demo_path.name).save_pretrained(tmp)
             os.replace(tmp, saved)
     return AutoTokenizer.from_pretrained(str(saved))
 
