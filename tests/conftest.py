@@ -105,6 +105,7 @@ def demo_hf_model(demo_path):
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
                       metadata={"format": "pt"})
             os.replace(tmp, saved)
+            return model.eval()  # the same weights as the copy just written: no need to read them back
     model = AutoModelForCausalLM.from_pretrained(str(saved), dtype=torch.float32, attn_implementation="eager")
     return model.eval()
 

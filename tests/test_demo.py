@@ -41,7 +41,8 @@ def tokenizer(demo_checkpoint):
 
 
 def test_logits_match_transformers_gguf_model(ours, tokenizer, demo_hf_model):
-    """Converted fp32 model vs transformers' model of the same GGUF: 3 prompts of >= 100 tokens."""
+    """Converted fp32 model vs transformers' model of the same GGUF: 3 prompts, their first 100 tokens
+    (one length: one compiled forward)."""
     texts = [
         "def quicksort(xs):\n    " + "# sort the list in place, recursively, using a pivot\n    " * 12,
         "The history of the Roman Empire spans many centuries. " * 12,
@@ -50,6 +51,7 @@ def test_logits_match_transformers_gguf_model(ours, tokenizer, demo_hf_model):
     for text in texts:
         ids = tokenizer.encode(text)
         assert len(ids) >= 100
+        ids = ids[:100]
         want = demo_hf_model(torch.tensor([ids])).logits.float().detach().numpy()
         got = np.asarray(forward(ours, jnp.asarray([ids], jnp.int32)))
         err = np.abs(got - want).max()
@@ -96,7 +98,7 @@ def test_int8_weights_keep_transformers_next_token_predictions(demo_checkpoint, 
     texts = ["def quicksort(xs):\n    " + "# sort the list in place, recursively, using a pivot\n    " * 12,
              "The history of the Roman Empire spans many centuries. " * 12]
     for text in texts:
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(text)[:100]  # one length: one compiled forward
         want = demo_hf_model(torch.tensor([ids])).logits.float().detach().numpy()[0]
         got = np.asarray(forward(qmodel, jnp.asarray([ids], jnp.int32)))[0]
         agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
