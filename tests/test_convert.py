@@ -288,13 +288,22 @@ def test_out_exists_without_overwrite_then_with(good_src, tmp_path, capsys):
     assert load(out).config.num_layers == 2
 
 
-def test_usage_errors_exit_2(good_src, tmp_path):
-    r = run_cli("hf", str(good_src))
-    assert r.returncode == 2 and "(see python -m convert hf --help)" in r.stderr
-    r = run_cli("hf", str(good_src), str(tmp_path / "o"), "--dtype", "int4")
-    assert r.returncode == 2 and "invalid choice: 'int4'" in r.stderr
-    r = run_cli("hf", str(good_src), str(tmp_path / "o"), "--mesh", "tensor=3")
-    assert r.returncode == 2 and "--mesh" in r.stderr and not (tmp_path / "o").exists()
+def test_usage_errors_exit_2(good_src, tmp_path, capsys):
+    """Usage errors in-process through `main` (exit 2, the message on stderr), then one real run of
+    the module from the outside: exit 0 and the summary line."""
+    def usage_error(*args) -> str:
+        try:
+            code = convert_main(list(args))
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2, err
+        return err
+
+    assert "(see python -m convert hf --help)" in usage_error("hf", str(good_src))
+    assert "invalid choice: 'int4'" in usage_error("hf", str(good_src), str(tmp_path / "o"), "--dtype", "int4")
+    assert "--mesh" in usage_error("hf", str(good_src), str(tmp_path / "o"), "--mesh", "tensor=3")
+    assert not (tmp_path / "o").exists()
     r = run_cli("hf", str(good_src), str(tmp_path / "o2"), "--quiet")
     assert r.returncode == 0 and r.stdout.startswith("converted ") and "peak RSS" in r.stdout
 
