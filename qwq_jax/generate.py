@@ -223,6 +223,8 @@ class Engine:
             from jax.sharding import NamedSharding, PartitionSpec
 
             replicated = NamedSharding(mesh, PartitionSpec())
+        elif isinstance(self._one_device_placement(), jax.sharding.NamedSharding):
+            replicated = self._one_device_placement()  # the state comes back as placed: P(), not P(None, None)
         if not isinstance(max_logprobs, int) or max_logprobs < 0:
             raise ValueError(f"max_logprobs={max_logprobs!r} must be an int >= 0")
         self.max_logprobs = max_logprobs  # SamplingParams.logprobs at most (0: only the chosen tokens')
@@ -273,7 +275,7 @@ class Engine:
         self.pool = PagePool.init(self.config, self.num_pages, self.page_size, self.cache_dtype, int8=self.kv_int8,
                                   per_layer=self.layer_loop == "split", mesh=self.mesh, rules=self.rules)
         if self.mesh is None:  # committed, as the programs return it: their second call compiles nothing new
-            self.pool = jax.device_put(self.pool, self._device())
+            self.pool = jax.device_put(self.pool, self._one_device_placement())
         b, v = self.max_num_seqs, self.config.vocab_size
         self.slot_state = SlotState(self._put(np.zeros(b, np.int32)), self._put(np.zeros((b, v), np.int32)),
                                     self._put(np.zeros((b, v), bool)), self._put(np.zeros(b, np.int32)),
@@ -315,12 +317,28 @@ class Engine:
         """A host array onto the engine's device(s), replicated (committed: a second call of a
         program sees the same placement and does not compile again)."""
         if self.mesh is None:
-            return jax.device_put(x, self._device())
+            return jax.device_put(x, self._one_device_placement())
         from jax.sharding import NamedSharding, PartitionSpec
 
         from sharding import put_global
 
         return put_global(np.asarray(x), NamedSharding(self.mesh, PartitionSpec()))
+
+    def _one_device_placement(self) -> jax.sharding.Sharding:
+        """Where an engine without a mesh keeps its own arrays: as its programs return them. Weights
+        placed on a one-device mesh (NamedSharding: `sharding.shard_model`, the benchmarks' models)
+        make the programs return arrays on that mesh; arrays put on the bare device instead differ
+        in placement from the second call on, and every program would compile twice."""
+        if getattr(self, "_placement", None) is None:
+            from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+            leaf = jax.tree.leaves(self.params)[0]
+            on = getattr(leaf, "sharding", None)
+            if isinstance(on, NamedSharding) and on.num_devices == 1:
+                self._placement = NamedSharding(on.mesh, PartitionSpec())
+            else:
+                self._placement = SingleDeviceSharding(self._device())
+        return self._placement
 
     def _device(self) -> Any:
         """The one device of an engine without a mesh: where the weights are (else the default)."""

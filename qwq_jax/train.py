@@ -503,9 +503,8 @@ class MetricsLog:
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in keep))
         self.fh = self.path.open("a")
-        from tensorboardX import SummaryWriter
-
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        writer = _summary_writer_class()
+        self.writer = writer(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -523,6 +522,22 @@ class MetricsLog:
         if self.enabled:
             self.fh.close()
             self.writer.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's `SummaryWriter`, imported without torch: its writer module imports torch when it is
+    installed (3.5 s here, most of a tiny run's start-up) only to accept torch tensors, and we log
+    Python floats. Where torch is already imported it is left alone."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class Checkpoints:

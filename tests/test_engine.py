@@ -370,6 +370,31 @@ def test_no_recompilation_for_new_lengths_counts_and_arrival_times(model, engine
 
 
 @TINY
+def test_weights_on_a_one_device_mesh_compile_each_program_once(model):
+    """Weights placed on a one-device mesh (`sharding.shard_model`, as the benchmarks build theirs) and
+    an engine without a mesh: the pool and slot state sit where the programs return them, so the
+    second and third `generate` compile nothing (they compiled prefill, insert and decode twice when
+    the engine put its arrays on the bare device), and the tokens equal the unsharded engine's."""
+    import jax
+
+    from sharding import make_mesh, shard_model
+
+    placed = shard_model(init_model(CFG, seed=5, param_dtype=jnp.float32, dtype=jnp.float32),
+                         make_mesh("fsdp=1", jax.devices()[:1]), "generate")
+    assert isinstance(placed.embed[...].sharding, jax.sharding.NamedSharding)
+    eng = tiny_engine(placed, prefix_caching=False)
+    ps, sp = prompts([20, 9]), SamplingParams(**GREEDY, max_tokens=6)
+    first = eng.generate(ps, sp)  # `last_timings["compiled"]`: each program traced and compiled (or loaded)
+    assert sorted(c["program"] for c in eng.last_timings["compiled"]) == ["decode", "insert", "prefill"]
+    again = eng.generate(ps, sp)
+    assert eng.last_timings["compiled"] == []
+    eng.generate(prompts([31, 5], seed=1), sp)
+    assert eng.last_timings["compiled"] == []
+    want = tiny_engine(model, prefix_caching=False).generate(ps, sp)
+    assert [o[0].token_ids for o in first] == [o[0].token_ids for o in again] == [o[0].token_ids for o in want]
+
+
+@TINY
 def test_static_policy_same_tokens_and_admits_only_when_the_batch_finished(model, engine):
     """6 greedy requests, 4 slots, max_tokens 10, 24, 14, 18, 6, 5: policy="static" gives the tokens of
     policy="continuous"; it starts requests 4 and 5 only once requests 0..3 have all finished (and
