@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qwq_jax import QwenConfig, init_model
-from qwq_jax.rl.grpo import GRPOConfig, GRPOTrainer
+from qwq_jax.rl.grpo import GRPOConfig, GRPOTrainer, pool_bucket
 from qwq_jax.sampling import SamplingParams
 
 pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
@@ -238,6 +238,14 @@ def test_rollouts_are_the_engines_own_and_prefill_each_prompt_once():
     direct = Engine(model, max_num_seqs=2).generate(prompts, params)  # fewer slots: the groups take turns
     assert [c.token_ids for c in completions] == [c.token_ids for group in direct for c in group]
     assert len({tuple(c.token_ids) for c in completions}) > 3  # sampled: the group's members differ
+    # Shorter prompts in the next rollout, and an evaluation of 2 prompts, run on the first rollout's
+    # slots and pool: nothing compiles again (each of those shapes compiled prefill, insert and decode).
+    trainer.rollout([rng.integers(0, CFG.vocab_size, n).tolist() for n in (3, 7, 4)])
+    assert trainer.engine.last_timings["compiled"] == []
+    trainer.evaluate([[70, 71], [72]], reward, max_tokens=3)
+    assert trainer.engine.last_timings["compiled"] == []
+    assert (trainer.engine.max_num_seqs, trainer.engine.num_pages) == (12, 12 * pool_bucket(3 + 1))
+    assert [pool_bucket(n) for n in (1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 100)] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 128]
 
 
 def test_prompt_widths_are_bucketed_so_steps_reuse_one_compiled_update():

@@ -132,6 +132,17 @@ def prompt_bucket(longest: int) -> int:
     return -(-longest // 1024) * 1024
 
 
+def pool_bucket(pages: int) -> int:
+    """Pages per sequence of a rollout's page pool when each needs `pages`: the next of 1, 2, 3, 4, 6, 8,
+    12, 16, ... (powers of two and 1.5x them). The pool's size is in the shape of the engine's
+    programs: steps whose longest prompts differ by a page or more would each compile prefill, insert
+    and decode again; bucketed, they compile at most twice per doubling, for at most 1.5x the pages."""
+    if pages <= 2:
+        return max(pages, 1)
+    high = 1 << (pages - 1).bit_length()  # the next power of two
+    return high * 3 // 4 if high * 3 // 4 >= pages else high
+
+
 def completion_logprobs(model: Qwen2, tokens: jax.Array, segments: jax.Array, prompt_len: int,
                         layers: Sequence[Any] | None = None) -> tuple[jax.Array, jax.Array]:
     """Log-probs `[B, T]` of tokens[:, prompt_len:] under `model`, and the per-token entropy `[B, T]`.
@@ -209,6 +220,7 @@ class GRPOTrainer:
         if self.loss_cfg.kl_beta > 0:
             self.weights.add_reference(self.params, reference)
         self.engine = Engine(model, tokenizer, mesh=mesh, rules="generate")
+        self._rollout_shape = (0, 0)  # (slots, pages) of the largest rollout so far: see `_generate`
         self.step_count = 0
         self._times: dict[str, float] = {}  # the last step's phases (see `step`)
         self.loss_cfg = config.loss_config(engine_differs=self.weights.engine_differs(self.engine))
@@ -291,14 +303,18 @@ class GRPOTrainer:
         self.weights.sync(self.engine, self.params)
 
     def _generate(self, prompts: Sequence[Sequence[int]], params, n: int) -> list[list[Completion]]:
-        """The engine's completions, every row in a slot of its own and a page pool just big enough
-        for them; the pool is freed afterwards (the update needs the memory, and the next weights
-        make its cached prompts stale)."""
+        """The engine's completions, every row in a slot of its own and a page pool big enough for
+        them; the pool is freed afterwards (the update needs the memory, and the next weights make
+        its cached prompts stale). Slots and pages are the most any call has needed so far (pages per
+        row bucketed by `pool_bucket`): an evaluation of fewer prompts, or a step of shorter ones,
+        runs the programs already compiled instead of compiling for its own shape."""
         sp = params[0] if isinstance(params, (list, tuple)) else params
         engine = self.engine
         longest = max(len(p) for p in prompts) + sp.max_tokens
-        pages = len(prompts) * n * (engine.pages.pages_for(longest) + 1)
-        engine.resize(max_num_seqs=len(prompts) * n, num_pages=pages)
+        slots = max(len(prompts) * n, self._rollout_shape[0])
+        pages = max(slots * pool_bucket(engine.pages.pages_for(longest) + 1), self._rollout_shape[1])
+        self._rollout_shape = (slots, pages)
+        engine.resize(max_num_seqs=slots, num_pages=pages)
         try:
             return engine.generate(prompts, params)
         finally:
