@@ -255,6 +255,7 @@ def test_gpu_aot_tiny_forward_and_train():
         assert r["weight_copies"]["copied_bytes_per_micro_batch"] >= 0
 
 
+@pytest.mark.compile_bound
 def test_layers_that_fit_by_hand_and_by_compiling():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gpu_aot import compiled_layer_fit, layers_that_fit, memory_of

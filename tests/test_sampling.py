@@ -139,6 +139,17 @@ def test_top_p_per_row_on_the_scaled_distribution():
     assert kept[4] < kept[1] < kept[5]  # the nucleus is taken after temperature scaling
 
 
+def test_thresholds_over_the_whole_float_range():
+    """The bisection over the values' order: -inf, huge and tiny magnitudes, -0.0 tied with 0.0 at a
+    top-k boundary, and a top-p so small that only the largest logit stays."""
+    row = [-np.inf, -1e30, -0.0, 0.0, 3.5, -2.0, 1e-30, 7.0]
+    params = [SamplingParams(top_k=3), SamplingParams(top_k=4), SamplingParams(top_k=5), SamplingParams(top_k=7),
+              SamplingParams(top_p=1e-9), SamplingParams(top_p=0.9, top_k=6)]
+    got = check_filter(params, np.array([row] * len(params), np.float32))
+    kept = np.isfinite(got).sum(axis=1)
+    np.testing.assert_array_equal(kept, [3, 5, 5, 7, 1, 1])  # -0.0 and 0.0 tie: both kept at k = 4 and 5
+
+
 def test_min_p_per_row():
     got = check_filter([SamplingParams(min_p=m) for m in (0.0, 0.01, 0.1, 0.5, 1.0)])
     kept = np.isfinite(got).sum(axis=1)
