@@ -163,8 +163,9 @@ class Programs:
         only when a row in `want` asks for them, else zeros); row b draws with the key
         `fold_in(key(seed_b), count_b)`."""
         keys = jax.vmap(lambda seed, k: jax.random.fold_in(jax.random.key(seed), k))(seeds, count.astype(jnp.uint32))
-        if self.replicated is not None:  # whole rows for the vocabulary sort of top-k/top-p: sorting
-            # across `tensor` shards (vocab-sharded logits) made a step on two CPU devices 10x slower
+        if self.replicated is not None:  # whole rows for the top-k/top-p thresholds: a sort across
+            # `tensor` shards (vocab-sharded logits) made a step on two CPU devices 10x slower, and each of
+            # the bisection's 64 row reductions would cross the shards
             logits = jax.lax.with_sharding_constraint(logits, self.replicated)
         token = sample(logits, arrays, keys, counts, prompt_mask).astype(jnp.int32)
         logp = jax.nn.log_softmax(logits, axis=-1)

@@ -416,7 +416,7 @@ def sample(logits: jax.Array, arrays: SamplingArrays, keys: jax.Array, output_co
         drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
         return jnp.where(is_greedy, greedy, drawn.astype(jnp.int32))
 
-    # An all-greedy batch skips the per-row vocabulary sort and the draw (a decode step's largest
+    # An all-greedy batch skips the filters and the draw (a decode step's largest
     # non-matmul cost at small batches).
     return jax.lax.cond(jnp.all(is_greedy), lambda: greedy, draw)
 
