@@ -4,14 +4,16 @@ Builds synthetic bf16 HF checkpoints (12, 48 and 96 layers at hidden 1024, and o
 1.5B shape: hidden 1536, MLP 8960, 28 layers, vocab 151936), and for each, in fresh child processes:
 
   hf         `convert hf SRC OUT --dtype bfloat16` (convert_source, what the CLI runs)
+  restore    `qwq_jax.load(OUT, mesh=fsdp=8)` onto 8 (fake CPU) devices, each holding an eighth
   export-hf  `convert export-hf OUT HF` (safetensors shards written a layer group at a time, fsync'd)
 
 The peer, measured in the same run on the same disk, is a plain copy of the same files (read, write,
-fsync). Memory is the child's peak RSS (the kernel's high-water mark, VmHWM: exact, no sampling) above
-its idle RSS after the same imports and the JAX backend's start; the bound is the issue's: 1 GiB + 2x
-the largest single tensor of the source. `time_s` says where a conversion's time goes (read: source
-reads and layout changes; write: waiting for Orbax beyond the overlapped reads; finalize: Orbax's
-merge and the rename). `--gguf FILE` adds `convert gguf FILE OUT` (dequantized to float32). JSON lines.
+fsync); for the restore, a plain read of the checkpoint's files. Memory is the child's peak RSS (the
+kernel's high-water mark, VmHWM: exact, no sampling) above its idle RSS after the same imports and the
+JAX backend's start; the bound is the issue's: 1 GiB + 2x the largest single tensor of the source for a
+conversion, what the devices hold plus one layer (plus 64 MiB fixed) for a restore. `time_s` says
+where a conversion's time goes (read: source reads and layout changes; write: waiting for Orbax beyond
+the overlapped reads; finalize: Orbax's merge and the rename). `--gguf FILE` adds `convert gguf FILE OUT` (dequantized to float32). JSON lines.
 
     python benchmarks/convert.py                                  # the README's table (~6 GB of files)
     python benchmarks/convert.py --layers 4 8 --hidden 256 --no-real   # quick smoke run
@@ -51,9 +53,21 @@ def child(kind: str, src: str, out: str) -> None:
     from convert.hf import HFSource, convert_source, export_hf
 
     jax.devices()
+    if kind == "restore":
+        import tensorstore  # noqa: F401  (an import, not the restore's memory)
+
+        import qwq_jax
+        from flax import nnx
+        from sharding import make_mesh
+
+        mesh = make_mesh(f"fsdp={len(jax.devices())}")
     idle = _rss_kib("VmRSS")
     start = time.perf_counter()
-    if kind == "hf":
+    if kind == "restore":
+        model = qwq_jax.load(src, mesh=mesh, rules="train")
+        leaves = jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+        summary = {"held_bytes": sum(s.data.nbytes for x in leaves for s in x.addressable_shards)}
+    elif kind == "hf":
         summary = convert_source(HFSource(src), out, dtype="bfloat16", progress=False)
     elif kind == "gguf":
         from convert.gguf import GGUFSource
@@ -63,17 +77,29 @@ def child(kind: str, src: str, out: str) -> None:
         summary = export_hf(src, out, progress=False)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "idle_kib": idle, "peak_kib": _rss_kib("VmHWM"),
-                      "time_s": summary.get("time_s")}))
+                      "time_s": summary.get("time_s"), "held_bytes": summary.get("held_bytes")}))
 
 
 def measure(kind: str, src: Path, out: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    if kind == "restore":  # onto 8 devices (fake CPU ones), each holding an eighth
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={RESTORE_DEVICES}"
     r = subprocess.run([sys.executable, __file__, "--child", kind, str(src), str(out)], capture_output=True,
                        text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"{kind} child failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def plain_read(files: list[Path]) -> float:
+    """MB/s of reading `files` into memory (the restore's peer: the same bytes, nothing else done)."""
+    start, n = time.perf_counter(), 0
+    for f in files:
+        with open(f, "rb") as a:
+            while chunk := a.read(64 << 20):
+                n += len(chunk)
+    return n / 1e6 / (time.perf_counter() - start)
 
 
 def plain_copy(files: list[Path], dst: Path) -> float:
@@ -93,14 +119,29 @@ def plain_copy(files: list[Path], dst: Path) -> float:
 
 
 def row(op: str, label: str, layers: int, nbytes: int, largest: int, m: dict, copy_mb_s: float) -> dict:
+    """One JSON record. For conversions the peer is a plain copy and the bound 1 GiB + 2x the largest
+    tensor; for a restore (`largest` = one layer's bytes) the peer is a plain read of the checkpoint's
+    files and the bound what the devices hold plus one layer plus RESTORE_FIXED_BYTES."""
     above = (m["peak_kib"] - m["idle_kib"]) * 1024
-    bound = 2**30 + 2 * largest
+    bound = m["held_bytes"] + largest + RESTORE_FIXED_BYTES if op == "restore" else 2**30 + 2 * largest
+    peer = "plain_read" if op == "restore" else "plain_copy"
     mb_s = nbytes / 1e6 / m["seconds"]
     return {"bench": "convert", "op": op, "shape": label, "layers": layers, "source_gb": round(nbytes / 1e9, 3),
             "seconds": round(m["seconds"], 2), "mb_per_s": round(mb_s, 1),
-            "plain_copy_mb_per_s": round(copy_mb_s, 1), "vs_plain_copy": round(mb_s / copy_mb_s, 2),
+            f"{peer}_mb_per_s": round(copy_mb_s, 1), f"vs_{peer}": round(mb_s / copy_mb_s, 2),
             "peak_rss_above_idle_mb": round(above / 1e6, 1), "bound_mb": round(bound / 1e6, 1),
             "within_bound": above <= bound, "time_s": m.get("time_s")}
+
+
+RESTORE_DEVICES = 8
+RESTORE_FIXED_BYTES = 64 * 2**20  # TensorStore's threads and index cache, whatever the model
+
+
+def nbytes_per_layer(cfg) -> int:
+    """Bytes of one layer's parameters in bf16 (what a restore may hold beyond the devices' arrays)."""
+    from convert.names import param_shapes
+
+    return sum(math.prod(shape[1:]) * 2 for name, shape in param_shapes(cfg).items() if name.startswith("layers."))
 
 
 def main() -> None:
@@ -145,6 +186,10 @@ def main() -> None:
         print(json.dumps(row("hf", label, cfg.num_layers, nbytes, largest, measure("hf", src, out), copy_mb_s)),
               flush=True)
         shutil.rmtree(src, ignore_errors=True)
+        layer_bytes = nbytes_per_layer(cfg)
+        read_mb_s = plain_read(sorted(p for p in out.rglob("*") if p.is_file()))
+        print(json.dumps(row("restore", label, cfg.num_layers, nbytes, layer_bytes, measure("restore", out, out),
+                             read_mb_s)), flush=True)
         if args.export:
             shutil.rmtree(exported, ignore_errors=True)
             m = measure("export-hf", out, exported)

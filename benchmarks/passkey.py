@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     import qwq_jax
     from qwq_jax import checkpoint
     from qwq_jax.config import RopeScaling
-    from qwq_jax.generate import Engine
+    from qwq_jax.generate import PAGE_SIZE, Engine
     from qwq_jax.sampling import SamplingParams
     from qwq_jax.sample import demo_checkpoint
 
@@ -153,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python benchmarks/passkey.py: error: {e}", file=sys.stderr)
         return 1
     model.config = cfg  # the engine reads the rotary set-up from here
+    longest = max(args.lengths) + args.max_tokens
     engine = Engine(model, tokenizer, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
-                    max_num_seqs=1)  # one prompt at a time: one decode slot
+                    max_num_seqs=1,  # one prompt at a time: one decode slot, a pool for the longest
+                    num_pages=-(-longest // PAGE_SIZE), page_size=PAGE_SIZE)
     original = cfg.original_max_position_embeddings
     rng = np.random.default_rng(args.seed)
     runs = [(n, d) for n in args.lengths for d in args.depths]

@@ -37,7 +37,7 @@ from convert.names import Rule, check_names, flatten, hf_names, param_shapes, ru
 from convert.safetensors_io import SafetensorsFile, write_safetensors
 from convert.source import ConversionError, Source
 from qwq_jax.checkpoint import (TOKENIZER_FILES, inspect_path, load, lora_run, param_shardings, read_config,
-                                 release_host_memory, restore_params, restore_stored, stored_layers, tokenizer_dir)
+                                 read_stored, release_host_memory, restore_params, stored_layers, tokenizer_dir)
 from qwq_jax.cli import phase
 from qwq_jax.config import QwenConfig
 from qwq_jax.model import as_dtype
@@ -434,22 +434,19 @@ def export_hf(ckpt: str | os.PathLike, hfdir: str | os.PathLike, *, overwrite: b
     def restore_group(group: tuple) -> dict[str, np.ndarray]:
         """The arrays of `group` on the host, keyed by their on-disk path (the stacked path if stacked)."""
         if merged is not None:
-            restored = {group[0]: merged[group[0]]}
-        elif per_layer is None:
+            return {group[0]: np.asarray(merged[group[0]])}
+        if per_layer is None:
             restored = restore_params(ckpt, unflatten({group[0]: targets[group[0]]}))
-        elif group[0] != "layers":
-            restored = restore_stored(ckpt, unflatten({group[0]: targets[group[0]]}))
-        else:
-            first = group[1]
-            restored = restore_stored(ckpt, unflatten({
-                f"layers.{i}.{r.ours[len('layers.'):]}": jax.ShapeDtypeStruct(
-                    targets[r.ours].shape[1:], targets[r.ours].dtype, sharding=targets[r.ours].sharding)
-                for i in range(first, min(first + per_group, cfg.num_layers)) for r in rules_for(cfg)
-                if r.per_layer}))
-        out = {k: np.asarray(v) for k, v in flatten(restored).items()}
-        del restored
-        release_host_memory()
-        return out
+            out = {k: np.asarray(v) for k, v in flatten(restored).items()}
+            del restored
+            release_host_memory()
+            return out
+        if group[0] != "layers":
+            return read_stored(ckpt, [group[0]], np_dtype)
+        first = group[1]
+        return read_stored(ckpt, [f"layers.{i}.{r.ours[len('layers.'):]}"
+                                  for i in range(first, min(first + per_group, cfg.num_layers))
+                                  for r in rules_for(cfg) if r.per_layer], np_dtype)
 
     # The next layer group is restored on a worker thread while this one is transposed and written.
     order = list(dict.fromkeys(group_of(name) for name, _, _ in names))

@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from qwq_jax.config import QwenConfig
 from qwq_jax.model import Qwen2, abstract_model, as_dtype
+from qwq_jax.stored import NotStored, StoredArrays
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
@@ -95,19 +97,28 @@ def save_params(path: str | os.PathLike, params: Mapping) -> None:
     _ocp().save(os.fspath(path), per_layer(params))
 
 
+ORBAX_ITEM = "state"  # the directory Orbax keeps a saved pytree in, inside a checkpoint
+
+
+def _stored_arrays(path: str | os.PathLike) -> StoredArrays:
+    """The arrays of the checkpoint at `path` as stored (CheckpointError if they cannot be read so)."""
+    try:
+        return StoredArrays(Path(path) / ORBAX_ITEM)
+    except NotStored as e:
+        raise CheckpointError(f"{e}; re-convert the model with python -m convert") from None
+
+
 def stored_layers(path: str | os.PathLike) -> int | None:
     """How many per-layer subtrees the checkpoint at `path` stores (None: the stacked layout)."""
-    tree = _ocp().pytree_metadata(os.fspath(path)).metadata
-    layers = tree.get("layers") if isinstance(tree, Mapping) else None
-    if isinstance(layers, Mapping) and layers and all(k.isdigit() for k in layers):
+    try:
+        names = StoredArrays(Path(path) / ORBAX_ITEM).names
+    except NotStored:  # whatever else Orbax reads
+        tree = _ocp().pytree_metadata(os.fspath(path)).metadata
+        names = list(flatten(tree)) if isinstance(tree, Mapping) else []
+    layers = {n.split(".")[1] for n in names if n.startswith("layers.")}
+    if layers and all(k.isdigit() for k in layers):
         return len(layers)
     return None
-
-
-# Layers restored per Orbax call: one, or a few small ones up to this. Each call costs ~80 ms of Orbax's own
-# work (its metadata tree, threads) on the 2-core CI machine: the demo model's 24 layers of 60 MB restore in
-# 5.7 s in groups of 4 (256 MB) against 7.2 s one by one; a QwQ-32B layer (1.6 GB) is one call either way.
-RESTORE_GROUP_BYTES = 256 * 2**20
 
 
 def _drop_layer_axis(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
@@ -127,32 +138,51 @@ def _set_layer(stacked: dict, layer: dict, i: jax.Array) -> dict:
             for k in stacked}
 
 
-def _restore_stacked(path: str, target: dict[str, jax.ShapeDtypeStruct], num_layers: int) -> dict:
-    """Stacked leaves (flat `rest -> ShapeDtypeStruct` under `layers`) from per-layer subtrees.
+def _to_devices(arrays: StoredArrays, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    missing = [name for name in targets if name not in arrays.names]
+    if missing:
+        raise CheckpointError(f"{arrays.dir.parent}: the checkpoint has no parameter {missing[0]}")
+    try:
+        return arrays.to_devices(targets)
+    except NotStored as e:
+        raise CheckpointError(str(e)) from None
 
-    Each stacked array is allocated on its target sharding, then filled a layer at a time (a few small
-    layers per Orbax call, up to RESTORE_GROUP_BYTES, so small models do not pay Orbax's per-call cost
-    per layer): the layers are restored onto the stacked sharding less its leading axis (each device
-    reads only its part), written into place (the stacked buffers are donated: no second copy) and freed.
+
+def _in_host_memory(devices: set) -> bool:
+    """Whether `devices` keep their arrays in this process's own memory (the CPU backend): stacked
+    arrays are then assembled in host buffers the devices adopt, elsewhere filled on the devices."""
+    return all(d.platform == "cpu" for d in devices)
+
+
+def _restore_stacked(arrays: StoredArrays, target: dict[str, jax.ShapeDtypeStruct], num_layers: int) -> dict:
+    """Stacked leaves (flat `rest -> ShapeDtypeStruct` under `layers`) from per-layer arrays.
+
+    On the CPU backend each device's part is allocated once and the layers read into it
+    (`StoredArrays.stacked_to_devices`). Elsewhere each stacked array is allocated on its target
+    sharding, then filled a layer at a time: the layer's arrays are read onto the stacked sharding less
+    its leading axis (each process reads only its devices' part), written into place (the stacked
+    buffers are donated: no second copy) and freed. Either way a restore holds the devices' arrays
+    plus one layer.
     """
-    ocp = _ocp()
     depths = {v.shape[0] for v in target.values()}
     if depths != {num_layers}:
-        raise CheckpointError(f"{path}: the checkpoint stores {num_layers} layers, the config asks for "
-                              f"{', '.join(map(str, sorted(depths)))}")
+        raise CheckpointError(f"{arrays.dir.parent}: the checkpoint stores {num_layers} layers, the config asks "
+                              f"for {', '.join(map(str, sorted(depths)))}")
+    if _in_host_memory({d for v in target.values() for d in v.sharding.addressable_devices}):
+        try:
+            return arrays.stacked_to_devices(target, num_layers, lambda i, k: f"layers.{i}.{k}")
+        except NotStored as e:
+            raise CheckpointError(str(e)) from None
     shardings = {k: v.sharding for k, v in target.items()}
     stacked = jax.jit(lambda: {k: jnp.zeros(v.shape, v.dtype) for k, v in target.items()},
                       out_shardings=shardings)()
     one = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype, sharding=_drop_layer_axis(v.sharding))
            for k, v in target.items()}
-    layer_bytes = sum(math.prod(v.shape) * jnp.dtype(v.dtype).itemsize for v in one.values())
-    per_call = max(1, RESTORE_GROUP_BYTES // max(layer_bytes, 1))
-    for first in range(0, num_layers, per_call):
-        layers = range(first, min(first + per_call, num_layers))
-        restored = ocp.load(path, {"layers": {str(i): unflatten(one) for i in layers}})["layers"]
-        for i in layers:
-            stacked = _set_layer(stacked, flatten(restored.pop(str(i))), jnp.int32(i))
-        del restored
+    for i in range(num_layers):
+        layer = _to_devices(arrays, {f"layers.{i}.{k}": v for k, v in one.items()})
+        layer = {k: layer[f"layers.{i}.{k}"] for k in one}
+        stacked = jax.block_until_ready(_set_layer(stacked, layer, jnp.int32(i)))
+        del layer
         release_host_memory()
     return stacked
 
@@ -290,35 +320,40 @@ def _training_meta(step_dir: Path) -> dict:
 def restore_params(path: str | os.PathLike, target: Mapping) -> dict:
     """Restore the leaves of `target` (a nested dict of ShapeDtypeStruct, possibly a subset).
 
-    Each device reads only its own shard; arrays are cast to the target dtype. `path` is one of our
-    checkpoints or a training step (whose `state` item holds the params beside the optimizer state).
+    Each process reads only its devices' part of each array; arrays are cast to the target dtype.
+    `path` is one of our checkpoints (read with `qwq_jax.stored`: one array at a time, each straight
+    into the buffers the devices keep) or a training step (whose `state` item holds the params beside
+    the optimizer state: restored by Orbax).
     """
-    ocp = _ocp()
     path = Path(path)
-    with _partial_load_context():
-        if inspect_path(path).kind == "training_step":
-            state = ocp.load_checkpointables(os.fspath(path.absolute()), {"state": {"params": dict(target)}})
-            return state["state"]["params"]  # the optimizer state beside them is not read
-        num_layers = stored_layers(path)
-        if num_layers is None:  # the earlier stacked layout
-            return ocp.load(os.fspath(path), dict(target))
-        flat = flatten(target)
-        rest = {k: v for k, v in flat.items() if not k.startswith("layers.")}
-        out = {}
-        for k, v in rest.items():  # one at a time: the embedding and lm_head are the largest tensors
-            out.update(flatten(ocp.load(os.fspath(path), unflatten({k: v}))))
-            release_host_memory()
-        stacked = {k[len("layers."):]: v for k, v in flat.items() if k.startswith("layers.")}
-        if stacked:
-            out.update({f"layers.{k}": v for k, v in
-                        _restore_stacked(os.fspath(path), stacked, num_layers).items()})
-        return unflatten(out)
+    if inspect_path(path).kind == "training_step":
+        with _partial_load_context():
+            state = _ocp().load_checkpointables(os.fspath(path.absolute()), {"state": {"params": dict(target)}})
+        return state["state"]["params"]  # the optimizer state beside them is not read
+    arrays = _stored_arrays(path)
+    num_layers = stored_layers(path)
+    flat = flatten(target)
+    if num_layers is None:  # the earlier stacked layout: every array as it is
+        return unflatten(_to_devices(arrays, flat))
+    out = {}
+    for k, v in flat.items():  # one at a time: the embedding and lm_head are the largest tensors
+        if not k.startswith("layers."):
+            out.update(_to_devices(arrays, {k: v}))
+    release_host_memory()
+    stacked = {k[len("layers."):]: v for k, v in flat.items() if k.startswith("layers.")}
+    if stacked:
+        out.update({f"layers.{k}": v for k, v in _restore_stacked(arrays, stacked, num_layers).items()})
+    return unflatten(out)
 
 
-def restore_stored(path: str | os.PathLike, target: Mapping) -> dict:
-    """Restore leaves of `target` named as they lie on disk (e.g. `{"layers": {"3": {...}}}`), as they are."""
-    with _partial_load_context():
-        return _ocp().load(os.fspath(path), dict(target))
+def read_stored(path: str | os.PathLike, names: list[str], dtype: Any = None) -> dict[str, np.ndarray]:
+    """Arrays of a per-layer checkpoint named as they lie on disk (`layers.3.mlp.gate_proj`), whole, on
+    the host, in `dtype` (default: as stored)."""
+    arrays = _stored_arrays(path)
+    missing = [n for n in names if n not in arrays.names]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint has no parameter {missing[0]}")
+    return {n: arrays.read(n, dtype) for n in names}
 
 
 def read_config(path: str | os.PathLike) -> QwenConfig:

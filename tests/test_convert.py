@@ -88,6 +88,28 @@ def test_restore_onto_2x4_mesh_equals_unsharded(tmp_path_factory, tmp_path):
         assert np.abs(np.asarray(got) - want).max() <= 1e-5
 
 
+def test_stacked_layers_filled_on_host_or_on_device_are_the_same(tmp_path_factory, tmp_path, monkeypatch):
+    """The CPU backend assembles stacked layers in host buffers; other backends fill them on the devices a
+    layer at a time. Forced down the second path here, both give the same arrays bit for bit, on one
+    device and on a 2x4 mesh (both rule sets), cast to float32 on the way from bfloat16."""
+    from qwq_jax import checkpoint
+
+    src, _ = hf_dir(tmp_path_factory, "tiny", dtype=torch.bfloat16, seed=3)
+    assert convert_main(["hf", str(src), str(tmp_path / "out"), "--quiet"]) == 0
+    cfg = checkpoint.read_config(tmp_path / "out")
+    mesh = sh.make_mesh("fsdp=2,tensor=4")
+    for target_mesh, rules in ((None, "generate"), (mesh, "generate"), (mesh, "train")):
+        target = param_shardings(cfg, target_mesh, rules, "float32")
+        got = {}
+        for on_host in (True, False):
+            monkeypatch.setattr(checkpoint, "_in_host_memory", lambda devices, v=on_host: v)
+            got[on_host] = jax.tree.leaves(restore_params(tmp_path / "out", target))
+        for a, b, want in zip(got[True], got[False], jax.tree.leaves(target)):
+            assert a.sharding.is_equivalent_to(want.sharding, a.ndim) and a.dtype == b.dtype == jnp.float32
+            assert b.sharding.is_equivalent_to(want.sharding, b.ndim)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("preset,dtype", [("tiny", torch.float32), ("tiny", torch.bfloat16),
                                           ("tiny-tied", torch.bfloat16)])
 def test_export_hf_is_bit_identical_and_loads_in_transformers(tmp_path_factory, tmp_path, preset, dtype):
@@ -207,6 +229,53 @@ def test_peak_memory_flat_in_depth(tmp_path):
         assert above[layers] <= 2**30 + 2 * largest[layers]
     print({k: f"{v / 2**20:.0f} MiB" for k, v in above.items()})
     assert above[48] - above[12] < 0.25 * (total[48] - total[12]), (above, total)
+
+
+_RESTORE_CHILD = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax
+import tensorstore
+import qwq_jax
+import sharding as sh
+from flax import nnx
+jax.devices()
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+idle = kib("VmRSS")
+model = qwq_jax.load(sys.argv[1], mesh=sh.make_mesh("fsdp=8"), rules="train")
+held = sum(s.data.nbytes for x in jax.tree.leaves(nnx.state(model)) for s in x.addressable_shards)
+print(json.dumps({"above": (kib("VmHWM") - idle) * 1024, "held": held}))
+"""
+
+
+@pytest.mark.slow
+def test_restore_holds_the_device_shards_plus_one_layer(tmp_path):
+    """`qwq_jax.load` onto 8 devices (fsdp, each holding an eighth) peaks at what the devices hold plus at
+    most one layer and a fixed 64 MiB (TensorStore's threads and index cache), with 8 layers and with 32, and
+    the same above the shards for both: a restore that held a group of layers, or two copies of what it
+    read, would pass both bounds by 100+ MiB here.
+    Fresh processes, peak = the kernel's high-water mark VmHWM above the idle process (exact)."""
+    from convert.hf import convert_source
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    extra = {}
+    for layers in (8, 32):
+        cfg = QwenConfig(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_layers=layers, num_heads=8,
+                         num_kv_heads=2, head_dim=64, dtype="bfloat16")
+        src = write_random_hf_checkpoint(cfg, tmp_path / f"src{layers}", dtype="bfloat16")
+        layer_bytes = sum(HFSource(src).nbytes(n) for n in HFSource(src).names() if ".layers.0." in n)
+        convert_source(HFSource(src), tmp_path / f"out{layers}", progress=False)
+        proc = subprocess.run([sys.executable, "-c", _RESTORE_CHILD, str(tmp_path / f"out{layers}")],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        extra[layers] = got["above"] - got["held"]
+        assert got["held"] >= 0.95 * sum(HFSource(src).nbytes(n) for n in HFSource(src).names())
+        assert extra[layers] <= layer_bytes + 64 * 2**20, (layers, got, layer_bytes)
+    print({k: f"{v / 2**20:.0f} MiB above the shards" for k, v in extra.items()})
+    assert abs(extra[32] - extra[8]) < 24 * layer_bytes / 4, (extra, layer_bytes)
 
 
 # ---- bad input: exit 1, one line naming the problem, OUT absent or untouched ----------------
