@@ -371,6 +371,10 @@ class Qwen2(nnx.Module):
             if len(layers) != self.config.num_layers:
                 raise ValueError(f"layers has {len(layers)} entries for a {self.config.num_layers}-layer model")
             outs, new = [], []
+            # One trace for every layer: the layers share their shapes, so the calls after the first
+            # reuse the first one's jaxpr (and lowering) instead of tracing the block again; XLA
+            # inlines the calls, so the compiled program is the same.
+            run = jax.jit(run)
             for i, layer_params in enumerate(layers):
                 if per_layer:  # this layer's own pages: no slice of a stack to copy
                     x, layer_pool = run(x, pool.layer(i), layer_params, None)
