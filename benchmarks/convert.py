@@ -11,7 +11,9 @@ The peer, measured in the same run on the same disk, is a plain copy of the same
 fsync); for the restore, a plain read of the checkpoint's files. Memory is the child's peak RSS (the
 kernel's high-water mark, VmHWM: exact, no sampling) above its idle RSS after the same imports and the
 JAX backend's start; the bound is the issue's: 1 GiB + 2x the largest single tensor of the source for a
-conversion, what the devices hold plus one layer (plus 64 MiB fixed) for a restore. `time_s` says
+conversion; for a restore, what the devices hold plus one layer or the largest other tensor, whichever
+is larger (an array is stored as one chunk: a process reads a tensor whole, then hands each device its
+part), plus 128 MiB of the runtime's own. `time_s` says
 where a conversion's time goes (read: source reads and layout changes; write: waiting for Orbax beyond
 the overlapped reads; finalize: Orbax's merge and the rename). `--gguf FILE` adds `convert gguf FILE OUT` (dequantized to float32). JSON lines.
 
@@ -120,8 +122,9 @@ def plain_copy(files: list[Path], dst: Path) -> float:
 
 def row(op: str, label: str, layers: int, nbytes: int, largest: int, m: dict, copy_mb_s: float) -> dict:
     """One JSON record. For conversions the peer is a plain copy and the bound 1 GiB + 2x the largest
-    tensor; for a restore (`largest` = one layer's bytes) the peer is a plain read of the checkpoint's
-    files and the bound what the devices hold plus one layer plus RESTORE_FIXED_BYTES."""
+    tensor; for a restore (`largest` = the larger of one layer's bytes and the largest other tensor's)
+    the peer is a plain read of the checkpoint's files and the bound what the devices hold plus that
+    plus RESTORE_FIXED_BYTES."""
     above = (m["peak_kib"] - m["idle_kib"]) * 1024
     bound = m["held_bytes"] + largest + RESTORE_FIXED_BYTES if op == "restore" else 2**30 + 2 * largest
     peer = "plain_read" if op == "restore" else "plain_copy"
@@ -134,7 +137,7 @@ def row(op: str, label: str, layers: int, nbytes: int, largest: int, m: dict, co
 
 
 RESTORE_DEVICES = 8
-RESTORE_FIXED_BYTES = 64 * 2**20  # TensorStore's threads and index cache, whatever the model
+RESTORE_FIXED_BYTES = 128 * 2**20  # the runtime's and TensorStore's own buffers, whatever the depth
 
 
 def nbytes_per_layer(cfg) -> int:
@@ -188,7 +191,8 @@ def main() -> None:
         shutil.rmtree(src, ignore_errors=True)
         layer_bytes = nbytes_per_layer(cfg)
         read_mb_s = plain_read(sorted(p for p in out.rglob("*") if p.is_file()))
-        print(json.dumps(row("restore", label, cfg.num_layers, nbytes, layer_bytes, measure("restore", out, out),
+        print(json.dumps(row("restore", label, cfg.num_layers, nbytes, max(layer_bytes, largest),
+                             measure("restore", out, out),
                              read_mb_s)), flush=True)
         if args.export:
             shutil.rmtree(exported, ignore_errors=True)

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from qwq_jax.config import QwenConfig
 from qwq_jax.model import Qwen2, abstract_model, as_dtype
-from qwq_jax.stored import NotStored, StoredArrays
+from qwq_jax.stored import NotStored, StoredArrays, release_host_memory
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
@@ -170,9 +170,11 @@ def _restore_stacked(arrays: StoredArrays, target: dict[str, jax.ShapeDtypeStruc
                               f"for {', '.join(map(str, sorted(depths)))}")
     if _in_host_memory({d for v in target.values() for d in v.sharding.addressable_devices}):
         try:
-            return arrays.stacked_to_devices(target, num_layers, lambda i, k: f"layers.{i}.{k}")
+            stacked = arrays.stacked_to_devices(target, num_layers, lambda i, k: f"layers.{i}.{k}")
         except NotStored as e:
             raise CheckpointError(str(e)) from None
+        release_host_memory()
+        return stacked
     shardings = {k: v.sharding for k, v in target.items()}
     stacked = jax.jit(lambda: {k: jnp.zeros(v.shape, v.dtype) for k, v in target.items()},
                       out_shardings=shardings)()
@@ -185,25 +187,6 @@ def _restore_stacked(arrays: StoredArrays, target: dict[str, jax.ShapeDtypeStruc
         del layer
         release_host_memory()
     return stacked
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def release_host_memory() -> None:
-    """Hand freed host buffers back to the OS. Orbax/TensorStore read and write on worker threads whose
-    glibc arenas keep freed buffers (hundreds of MB by the end of a restore); trimming after each group
-    of layers keeps resident memory at what is live."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict:

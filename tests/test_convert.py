@@ -252,9 +252,9 @@ print(json.dumps({"above": (kib("VmHWM") - idle) * 1024, "held": held}))
 @pytest.mark.slow
 def test_restore_holds_the_device_shards_plus_one_layer(tmp_path):
     """`qwq_jax.load` onto 8 devices (fsdp, each holding an eighth) peaks at what the devices hold plus at
-    most one layer and a fixed 64 MiB (TensorStore's threads and index cache), with 8 layers and with 32, and
-    the same above the shards for both: a restore that held a group of layers, or two copies of what it
-    read, would pass both bounds by 100+ MiB here.
+    most one layer and a fixed 128 MiB (the runtime's and TensorStore's own), with 8 layers and with 32, and
+    the same above the shards for both: the Orbax restore this replaced (a group of layers per call, two
+    copies of what it read) failed both (146 MiB above the shards with 8 layers).
     Fresh processes, peak = the kernel's high-water mark VmHWM above the idle process (exact)."""
     from convert.hf import convert_source
 
@@ -273,7 +273,7 @@ def test_restore_holds_the_device_shards_plus_one_layer(tmp_path):
         got = json.loads(proc.stdout.strip().splitlines()[-1])
         extra[layers] = got["above"] - got["held"]
         assert got["held"] >= 0.95 * sum(HFSource(src).nbytes(n) for n in HFSource(src).names())
-        assert extra[layers] <= layer_bytes + 64 * 2**20, (layers, got, layer_bytes)
+        assert extra[layers] <= layer_bytes + 128 * 2**20, (layers, got, layer_bytes)
     print({k: f"{v / 2**20:.0f} MiB above the shards" for k, v in extra.items()})
     assert abs(extra[32] - extra[8]) < 24 * layer_bytes / 4, (extra, layer_bytes)
 
