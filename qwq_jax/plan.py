@@ -510,10 +510,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
                   hbm_bytes=topo.hbm_bytes, headroom=headroom, capacity_bytes=capacity, fits=total <= capacity,
                   notes=notes)
     _add_notes(result, cfg, topo)
-    if lora_rank:
-        if aot:
-            result.notes.append("AOT: the LoRA trainer is not compiled for the target yet; analytic count used")
-    elif aot is not False:
+    if aot is not False:
         _try_aot(result, cfg, topo, aot)
     return result
 
@@ -639,7 +636,8 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
                micro_batches: int = GRPOConfig.micro_batches, prefill_chunk: int | None = None, quantize: str | None = None,
                attention: str = "xla", layer_loop: str = LAYER_LOOP, reference: bool = True,
                rollout_weights: str = GRPOConfig.rollout_weights, compute_copy: str = GRPOConfig.compute_copy,
-               rollout_batch: int | None = None, rollout_len: int | None = None) -> dict[str, dict[str, int]]:
+               rollout_batch: int | None = None, rollout_len: int | None = None, lora_rank: int = 0,
+               lora_targets: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
     """Compile the task's own programs for `mesh` (any devices: compile-only TPU / GPU ones, or CPUs)
     and return, per program, `compiled.memory_analysis()` per device: argument, output, alias, temp
     and peak = argument + output - alias + temp. Nothing runs and no weights exist.
@@ -653,6 +651,8 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
     a one-token prompt and `seq - 1` completion tokens, so logits span the row, as the analytic
     count assumes) and its rollout engine's "prefill" and "decode" (`rollout_batch` decode slots, a
     pool for that many sequences of `rollout_len` tokens) on the weights the rollouts use (`rollout_weights`).
+    With `lora_rank`, the trainer of LoRA adapters (on `lora_targets`) over a frozen base in the compute
+    dtype (int8 with `quantize`), and its rollout engine on that base plus the adapters.
     attention: "flash" compiles the model's "auto" backend chosen for the mesh's devices (on a GPU:
     cuDNN flash attention, blockwise against the cache); TPU meshes compile the xla path (splash
     needs a mesh context under which it runs per shard, not tried offline here); "xla" the reference.
@@ -673,6 +673,14 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
     if task == "generate":
         model = _placed_model(cfg, mesh, "generate", param_dtype=param_dtype, quant=quantize, **model_kw)
         programs = engine_programs(model, batch, seq, layer_loop)
+    elif lora_rank:  # the frozen base as the trainer holds it, with the adapters beside it
+        model = _placed_model(cfg, mesh, "train", param_dtype=compute_dtype, remat=remat, quant=quantize,
+                              lora=_lora_config(lora_rank, lora_targets), **model_kw)
+        grpo = GRPOConfig(group_size=1, max_tokens=seq - 1, micro_batches=micro_batches, mu_dtype=mu_dtype,
+                          kl_beta=None if reference else 0.0, compute_copy=compute_copy)
+        trainer = GRPOTrainer(model, grpo, reward_fn=lambda idx, completions: [0.0] * len(completions), mesh=mesh)
+        programs = {"update": lambda: trainer.lower_update(batch, 1, seq - 1),
+                    **engine_programs(model, rollout_batch or batch, rollout_len or seq, LAYER_LOOP)}
     else:
         model = _placed_model(cfg, mesh, "train", param_dtype=param_dtype, remat=remat, **model_kw)
         grpo = GRPOConfig(group_size=1, max_tokens=seq - 1, micro_batches=micro_batches, mu_dtype=mu_dtype,
@@ -767,7 +775,7 @@ def _try_aot(p: Plan, cfg: Any, topo: Topology, aot: bool | None) -> None:
     s = p.settings
     keys = ("remat", "param_dtype", "compute_dtype", "mu_dtype", "micro_batches", "prefill_chunk", "quantize",
             "attention", "layer_loop", "reference", "rollout_weights", "compute_copy", "rollout_batch",
-            "rollout_len")
+            "rollout_len", "lora_rank", "lora_targets")
     try:
         programs = aot_memory(cfg, p.task, make(topo, p.mesh), p.seq, p.batch, **{k: s[k] for k in keys if k in s})
     except Exception as e:  # the compiler's failure is reported, the analytic plan stands

@@ -309,7 +309,7 @@ def test_aot_without_libtpu_says_so(monkeypatch):
         assert "cuda_compute_capability" in text and f"device_memory_size: {memory}" in text
 
 
-@pytest.mark.slow  # two plans compiled by libtpu (about 10-20 s on 2 cores)
+@pytest.mark.slow  # three plans compiled by libtpu (about 15-30 s on 2 cores)
 def test_aot_compiles_with_the_real_tpu_compiler():
     # libtpu compiles for a TPU topology on this CPU host (no TPU): `pip install "jax[tpu]==<jax version>"`.
     assert planner._libtpu_available(), f'libtpu is missing: pip install "jax[tpu]=={jax.__version__}"'
@@ -352,6 +352,20 @@ def test_aot_compiles_with_the_real_tpu_compiler():
     extra["prefill"] = extra["decode"] + 4 * (5 * 512 + 12)  # + the 4 rollout slots' state (V = 512)
     assert t.total == max(m["peak"] + extra[n] for n, m in t.aot["programs"].items())
     assert t.aot["extra"] == extra[t.aot["program"]]
+    # LoRA on an int8 base: the trainer of the adapters alone (their masters and AdamW state donated to
+    # the update), the frozen base an argument it does not donate, the rollout engine on base + adapters.
+    q = plan(TINY, "train", "v5e-4", 64, 4, mesh="fsdp=2,tensor=2", micro_batches=2, aot=True, lora_rank=8,
+             quantize="int8")
+    assert q.method == "aot-tpu", q.notes
+    assert set(q.aot["programs"]) == {"update", "prefill", "decode"}
+    upd, compiled = q.phases["update"], q.aot["programs"]["update"]
+    assert compiled["alias"] >= upd["params"] + upd["optimizer"]
+    assert compiled["argument"] - compiled["alias"] >= upd["base"]
+    assert compiled["argument"] < t.aot["programs"]["update"]["argument"]  # adapters, not full masters + AdamW
+    lora_extra = {"update": upd["reference"] + upd["engine_params"],
+                  "decode": upd["params"] + upd["optimizer"] + upd["reference"]}
+    lora_extra["prefill"] = lora_extra["decode"] + 4 * (5 * 512 + 12)
+    assert q.total == max(m["peak"] + lora_extra[n] for n, m in q.aot["programs"].items())
 
 
 def test_aot_gpu_path_compiles_on_cpu_devices(monkeypatch):
