@@ -167,6 +167,7 @@ def test_passkey_benchmark_tiny_finds_the_key(demo_checkpoint):
     assert 400 < row["tokens"] <= 512 and row["depth"] == 0.5 and row["rope"] == "yarn" and row["seconds"] > 0
     assert row["found"] and row["passkey"] in row["answer"] and rows[1]["accuracy"] == 1.0, row
     assert "passkey" in r.stderr and "100%" in r.stderr
+    assert 0 < row["first_token_s"] <= row["seconds"] and "prefill: 100%" in r.stderr  # the prompt's own bar
 
     bad = subprocess.run([sys.executable, script, "--lengths", "131072", "--checkpoint", str(demo_checkpoint)],
                          capture_output=True, text=True, timeout=120)
