@@ -135,6 +135,39 @@ def test_remat_policies_same_loss_and_grads(policy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_remat_of_unrolled_layers_keeps_its_recomputation_apart():
+    """Layers run unrolled (`layers=split_layers(...)`, the trainer's default compute copy) under remat:
+    the gradient program must keep each layer's recomputation apart from its forward (an optimization
+    barrier), or the compiler merges the two and holds every layer's activations, as if there were no
+    remat. Measured with the real compilers (qwq_jax.plan's AOT path): QwQ-32B's QLoRA update for one
+    H200 compiled to 174 GiB of which 136 temporaries before, 64 GiB after; an 8-layer model's update at
+    2,048 tokens for a TPU v5e, 711 MiB of temporaries (757 without remat) before, 464 after. Under
+    `scan` the loop keeps them apart already, and the barrier, which costs fusion, stays out. The same
+    loss and gradients either way."""
+    from qwq_jax.model import split_layers
+
+    cfg = CASES["tied-mqa-odd"]
+    tokens = jnp.asarray(rand_tokens(cfg, (2, 16)))
+    model = init_model(cfg, seed=3, param_dtype=jnp.float32, dtype=jnp.float32, remat="full")
+    graphdef, state = nnx.split(model)
+
+    def loss(state, layers):
+        m = nnx.merge(graphdef, state)
+        x, _, _ = m.hidden_states(tokens, layers=layers)
+        logp = jax.nn.log_softmax(m.logits(x)[:, :-1])
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    layers = split_layers(nnx.state(model.layers))
+    assert "optimization_barrier" in grad.lower(state, layers).as_text()
+    assert "optimization_barrier" not in grad.lower(state, None).as_text()
+    (v_split, (_, g_split)), (v_scan, (g_scan, _)) = grad(state, layers), grad(state, None)
+    assert abs(float(v_split) - float(v_scan)) < 1e-6
+    for i, layer in enumerate(g_split):  # the unrolled layers' gradients are the scanned stack's rows
+        for a, b in zip(jax.tree.leaves(layer), jax.tree.leaves(g_scan["layers"])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b)[i], atol=1e-6)
+
+
 def test_parameters_declared_with_logical_axes():
     model = abstract_model(QwenConfig.preset("qwq-32b"), param_dtype="bfloat16")
     specs = nnx.get_partition_spec(nnx.state(model))
