@@ -27,14 +27,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 

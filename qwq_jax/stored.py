@@ -161,8 +161,9 @@ class StoredArrays:
             through = []  # reads through a covering box, copied into the devices' parts
             for key, (boxes, covering, parts) in plans.items():
                 store = self._open(name_of(i, key), targets[key].shape[1:])
-                if len(parts) == 1:
-                    direct.append(self._write(next(iter(parts.values()))[i], store))
+                if len(parts) == 1:  # this process's one device: its box of the layer, into its slice
+                    (part,) = parts.values()
+                    direct.append(self._write(part[i], store[tuple(slice(a, b) for a, b in covering)]))
                 else:
                     through.append((key, *self._start_read(store, covering, targets[key].dtype)))
             for key, host, done in through:
