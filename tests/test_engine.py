@@ -350,6 +350,35 @@ def test_seeded_requests_same_tokens_alone_or_admitted_mid_run(model, engine):
 
 
 @TINY
+def test_first_tokens_reach_the_caller_before_a_decode_chunk(model, engine):
+    """A lone request (n=2): the step that prefills it returns each sample's first token alone (no
+    decode chunk ran before the caller saw it); the next step returns a whole chunk. With another
+    request decoding, an arriving one's step also decodes (the running one gets its chunk). The tokens
+    are the greedy reference's."""
+    assert_empty(engine)
+    a, b = prompts([20, 9], seed=11)
+    engine.add_request(a, SamplingParams(**GREEDY, max_tokens=16, n=2), request_id="a")
+    steps, streamed, done = [], {}, {}
+    while engine.has_unfinished():
+        if len(steps) == 3:
+            engine.add_request(b, SamplingParams(**GREEDY, max_tokens=12), request_id="b")
+        events = engine.step()
+        steps.append({(ev.request_id, ev.sample_index): len(ev.token_ids) for ev in events if ev.token_ids})
+        for ev in events:
+            streamed.setdefault((ev.request_id, ev.sample_index), []).extend(ev.token_ids)
+            if ev.finished:
+                done[ev.request_id, ev.sample_index] = ev.completion.token_ids
+    first = next(i for i, got in enumerate(steps) if got)
+    assert steps[first] == {("a", 0): 1, ("a", 1): 1}
+    assert steps[first + 1] == {("a", 0): engine.chunk, ("a", 1): engine.chunk}
+    arrival = next(got for got in steps[3:] if ("b", 0) in got)
+    assert arrival[("a", 0)] == engine.chunk and arrival[("b", 0)] > 1  # both decoded in that step
+    assert done == streamed and done["a", 0] == done["a", 1] == greedy_reference(model, a, 16)
+    assert done["b", 0] == greedy_reference(model, b, 12)
+    assert_empty(engine)
+
+
+@TINY
 def test_no_recompilation_for_new_lengths_counts_and_arrival_times(model, engine):
     """After a warm-up, requests of other prompt lengths (5..31 tokens: one prefill chunk) and
     max_tokens, greedy and sampled, arriving at other steps, compile nothing."""
