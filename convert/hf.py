@@ -36,8 +36,9 @@ from tqdm import tqdm
 from convert.names import Rule, check_names, flatten, hf_names, param_shapes, rules_for, unflatten
 from convert.safetensors_io import SafetensorsFile, write_safetensors
 from convert.source import ConversionError, Source
-from qwq_jax.checkpoint import (TOKENIZER_FILES, inspect_path, load, lora_run, param_shardings, read_config,
-                                 read_stored, release_host_memory, restore_params, stored_layers, tokenizer_dir)
+from qwq_jax.checkpoint import (TOKENIZER_FILES, MergedLoRA, inspect_path, load, lora_run, param_shardings,
+                                 read_config, read_stored, release_host_memory, restore_params, stored_layers,
+                                 tokenizer_dir)
 from qwq_jax.cli import phase
 from qwq_jax.config import QwenConfig
 from qwq_jax.model import as_dtype
@@ -379,11 +380,17 @@ def export_hf(ckpt: str | os.PathLike, hfdir: str | os.PathLike, *, overwrite: b
         raise ConversionError(str(e)) from None
     if hfdir.exists() and not overwrite:
         raise ConversionError(f"{hfdir} already exists (pass --overwrite to replace it)")
-    merged = None
-    if lora_run(ckpt) is not None:
-        # A LoRA run's step holds adapters only: qwq_jax.load rebuilds its base (the run's model.path;
-        # an int8 base dequantized) and merges the adapters, W + (alpha/r) A B, in float32. The whole
-        # merged model is then in memory (not a layer group at a time as below).
+    merged, merger, lora = None, None, lora_run(ckpt) is not None
+    if lora:
+        # A LoRA run's step holds adapters only: its base (the run's model.path; an int8 base
+        # dequantized) with the adapters merged, W + (alpha/r) A B, in float32. Where the base is a
+        # checkpoint stored a layer per array, a layer group at a time as below (MergedLoRA); else
+        # (a preset base) qwq_jax.load merges the whole model in memory.
+        try:
+            merger = MergedLoRA.of(ckpt, cfg.dtype)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConversionError(str(e)) from None
+    if lora and merger is None:
         try:
             with phase(f"merging the LoRA adapters of {ckpt} into their base", enabled=progress):
                 model = load(ckpt, merge_lora=True, dtype=cfg.dtype)
@@ -399,7 +406,14 @@ def export_hf(ckpt: str | os.PathLike, hfdir: str | os.PathLike, *, overwrite: b
         full = targets[rule.ours].shape
         return rule.hf_shape(full[1:] if rule.per_layer else full)
 
-    per_layer = stored_layers(ckpt) if inspect_path(ckpt).kind == "checkpoint" else None
+    if merger is not None:
+        per_layer = merger.num_layers
+        read_arrays = merger.read
+    else:
+        per_layer = stored_layers(ckpt) if inspect_path(ckpt).kind == "checkpoint" else None
+
+        def read_arrays(wanted: list[str]) -> dict[str, np.ndarray]:
+            return read_stored(ckpt, wanted, np_dtype)
     if per_layer is not None:
         # Layer by layer (embedding, layer 0, 1, ..., final norm, lm_head): groups of layers restored
         # together, up to EXPORT_GROUP_BYTES; the group being written and the next one in memory.
@@ -442,11 +456,11 @@ def export_hf(ckpt: str | os.PathLike, hfdir: str | os.PathLike, *, overwrite: b
             release_host_memory()
             return out
         if group[0] != "layers":
-            return read_stored(ckpt, [group[0]], np_dtype)
+            return read_arrays([group[0]])
         first = group[1]
-        return read_stored(ckpt, [f"layers.{i}.{r.ours[len('layers.'):]}"
-                                  for i in range(first, min(first + per_group, cfg.num_layers))
-                                  for r in rules_for(cfg) if r.per_layer], np_dtype)
+        return read_arrays([f"layers.{i}.{r.ours[len('layers.'):]}"
+                            for i in range(first, min(first + per_group, cfg.num_layers))
+                            for r in rules_for(cfg) if r.per_layer])
 
     # The next layer group is restored on a worker thread while this one is transposed and written.
     order = list(dict.fromkeys(group_of(name) for name, _, _ in names))

@@ -494,6 +494,65 @@ def _load_lora_step(step: Path, run: dict, mesh: Mesh | None, dtype: Any, rules:
     return model
 
 
+class MergedLoRA:
+    """A LoRA run's step merged into its base an array at a time, for readers that go a layer at a time
+    (`convert export-hf`): each array is what `load(step, merge_lora=True, dtype=dtype)` holds (the
+    base read as the trainer read it, in model.dtype; an int8 base quantized as the trainer quantized
+    it, a layer at a time, then dequantized; W + (alpha/r) A B in float32, stored in `dtype`). The
+    adapters (megabytes) are read once, the base only as asked. `of()` is None where the base is not a
+    checkpoint stored an array per layer (a preset base, the earlier stacked layout)."""
+
+    @classmethod
+    def of(cls, step: str | os.PathLike, dtype: Any) -> "MergedLoRA | None":
+        run = lora_run(step)
+        base = run["base"] if run is not None else ""
+        if run is None or base.startswith("preset:") or inspect_path(base).kind != "checkpoint" \
+                or stored_layers(base) is None:
+            return None
+        return cls(Path(step), run, dtype)
+
+    def __init__(self, step: Path, run: dict, dtype: Any):
+        from qwq_jax.lora import LoRAParam
+
+        self.run, self.base, self.dtype = run, run["base"], np.dtype(as_dtype(dtype))
+        self.config = read_config(self.base)
+        self.num_layers = stored_layers(self.base)
+        abstract = nnx.eval_shape(lambda: Qwen2(self.config, rngs=nnx.Rngs(0), param_dtype=jnp.float32,
+                                                lora=run["lora"]))
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        target = nnx.to_pure_dict(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=device),
+                                               nnx.state(abstract, LoRAParam)))
+        try:
+            restored = restore_params(step, target)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{step}: its adapters do not match the run's [lora] {run['lora']} ({e})") from None
+        self.adapters = {k: np.asarray(v) for k, v in flatten(restored).items()}  # [layers, ...] float32
+
+    def read(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The merged arrays `names`, named as a per-layer checkpoint stores them (`layers.3.attn.q_proj`,
+        `embed`), on the host in `dtype`."""
+        from qwq_jax.lora import CONTRACT, merged_weight
+        from qwq_jax.quant import quantize_array
+
+        quantize = jax.jit(quantize_array, static_argnums=1)
+        out = {}
+        for name, w in read_stored(self.base, names, as_dtype(self.run["dtype"])).items():
+            parts = name.split(".")
+            kind = parts[-1]
+            if parts[0] != "layers" or kind not in CONTRACT:  # embeddings, norms, biases: cast only
+                out[name] = w.astype(self.dtype)
+                continue
+            layer, stacked = int(parts[1]), ".".join(["layers", *parts[2:]])
+            scale = None
+            if self.run["quantize"] is not None:
+                w, scale = quantize(w, CONTRACT[kind])
+            a, b = self.adapters.get(stacked + "_lora_a"), self.adapters.get(stacked + "_lora_b")
+            out[name] = np.asarray(merged_weight(w, scale, None if a is None else a[layer],
+                                                 None if b is None else b[layer], CONTRACT[kind], self.dtype,
+                                                 self.run["lora"].scale, 0))
+        return out
+
+
 def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: Any = None, rules: str | Mapping = "generate",
          compute_dtype: Any = None, merge_lora: bool | None = None, **model_kwargs: Any) -> Qwen2:
     """The model stored at `path` (a `python -m convert` output or a training step), optionally sharded

@@ -106,6 +106,19 @@ def weight_delta(a: jnp.ndarray, b: jnp.ndarray, contract: int, scale: float, st
 CONTRACT = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def merged_weight(w, scale, a, b, contract: int, out_dtype: Any, lora_scale: float, stacked: int) -> jnp.ndarray:
+    """`w + lora_scale A B` in float32, stored as `out_dtype`: `w` float, or int8 with its float32 `scale`
+    (`q * scale`, one per output channel); `a` None: `w` alone. `stacked` leading layer axes."""
+    if scale is None:
+        w = w.astype(jnp.float32)
+    else:  # int8 [*stack, *in, *out] x float32 scale [*stack, *out]
+        w = w.astype(jnp.float32) * jnp.expand_dims(scale, tuple(range(stacked, stacked + contract)))
+    if a is not None:
+        w = w + weight_delta(a.astype(jnp.float32), b.astype(jnp.float32), contract, lora_scale, stacked=stacked)
+    return w.astype(out_dtype)
+
+
 def merge(model: Any, dtype: Any = None) -> Any:
     """A model without adapters whose float weights are `W + (alpha/r) A B` (the model is unchanged),
     computed in float32 and stored in `dtype` (default: the base's float dtype; every parameter is
@@ -129,16 +142,6 @@ def merge(model: Any, dtype: Any = None) -> Any:
     def get(var):
         return var.get_value() if hasattr(var, "get_value") else var.value
 
-    @functools.partial(jax.jit, static_argnums=(4, 5))
-    def merged(w, scale, a, b, contract, out_dtype):
-        if scale is None:
-            w = w.astype(jnp.float32)
-        else:  # int8 [layers, *in, *out] x float32 scale [layers, *out]
-            w = w.astype(jnp.float32) * jnp.expand_dims(scale, tuple(range(1, 1 + contract)))
-        if a is not None:
-            w = w + weight_delta(a.astype(jnp.float32), b.astype(jnp.float32), contract, model.lora.scale, stacked=1)
-        return w.astype(out_dtype)
-
     out = {}
     for path, var in nnx.to_flat_state(target):
         value = get(flat[path])
@@ -147,9 +150,9 @@ def merge(model: Any, dtype: Any = None) -> Any:
         a = flat.get(parent + (f"{name}_lora_a",))
         scale = flat.get(parent + (f"{name}_scale",))
         if a is not None or scale is not None:
-            value = merged(value, None if scale is None else get(scale), None if a is None else get(a),
-                           None if a is None else get(flat[parent + (f"{name}_lora_b",)]), CONTRACT[name],
-                           jnp.dtype(param_dtype))
+            value = merged_weight(value, None if scale is None else get(scale), None if a is None else get(a),
+                                  None if a is None else get(flat[parent + (f"{name}_lora_b",)]), CONTRACT[name],
+                                  jnp.dtype(param_dtype), model.lora.scale, 1)
         elif value.dtype != param_dtype and jnp.issubdtype(value.dtype, jnp.floating):
             value = value.astype(param_dtype)
         out[path] = value

@@ -517,18 +517,26 @@ def test_lora_checkpoint_samples_and_exports_merged_to_transformers(tmp_path, ca
 
     import torch
     from flax import nnx
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     import qwq_jax
     from convert.__main__ import main as convert_main
+    from convert.names import hf_names
+    from convert.synthetic import write_random_hf_checkpoint
     from qwq_jax import checkpoint, sample
     from qwq_jax.lora import LoRAParam
     from qwq_jax.train import build_model
     from sharding import make_mesh
 
+    # The base: a converted checkpoint (random HF weights), as a real run's model.path.
+    base_dir = tmp_path / "base"
+    write_random_hf_checkpoint(CFG, tmp_path / "hf-base", dtype="float32", seed=3)
+    assert convert_main(["hf", str(tmp_path / "hf-base"), str(base_dir), "--quiet"]) == 0
     out = tmp_path / "run"
     sets = [*RUN_SETTINGS, "run.steps=1", "rl.max_tokens=4", "rl.warmup_steps=0", "lora.rank=4", "lora.alpha=8",
-            'model.quantize="int8"', f"run.output_dir={json.dumps(str(out))}"]
+            'model.quantize="int8"', 'model.tokenizer="bytes"', f"model.path={json.dumps(str(base_dir))}",
+            f"run.output_dir={json.dumps(str(out))}"]
     assert main(["--config", str(TINY)] + [a for s in sets for a in ("--set", s)]) == 0
     capsys.readouterr()
     step = out / "checkpoints" / "1"
@@ -551,8 +559,16 @@ def test_lora_checkpoint_samples_and_exports_merged_to_transformers(tmp_path, ca
                         "--temperature", "0", "--layer-loop", "scan"]) == 0
     assert len(json.loads(capsys.readouterr().out)["token_ids"]) >= 1
 
+    assert checkpoint.MergedLoRA.of(step, "float32") is not None  # merged a layer group at a time
     assert convert_main(["export-hf", str(step), str(tmp_path / "hf"), "--quiet"]) == 0
     capsys.readouterr()
+    # The same tensors as the whole model merged in memory (qwq_jax.load(merge_lora=True)).
+    whole = checkpoint.flatten(nnx.to_pure_dict(nnx.state(qwq_jax.load(step, merge_lora=True, dtype="float32"))))
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for name, rule, layer in hf_names(CFG):
+        ours_w = whole[rule.ours] if layer is None else whole[rule.ours][layer]
+        np.testing.assert_allclose(exported[name].numpy(), rule.to_hf(np.asarray(ours_w)), rtol=0, atol=1e-6,
+                                   err_msg=name)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
                                               attn_implementation="eager").eval()
     with torch.no_grad():
