@@ -120,8 +120,9 @@ ASKS = ["Hi!", "What is 2 + 2?", "Name three prime numbers.", "Write a haiku abo
 @pytest.mark.slow
 @pytest.mark.xdist_group("demo_hf")
 def test_demo_requests_arriving_while_others_decode_equal_transformers_greedy(demo_checkpoint, demo_hf_model):
-    """8 chat requests (31..51 tokens) into 4 decode slots, 3 before the first step, 2 after step 2,
-    3 after step 5: each one's greedy tokens are transformers' fp32 greedy choices for its prompt
+    """8 chat requests (31..51 tokens, prefilled 32 at a time: rows ending mid-chunk) into 4 decode
+    slots, 3 before the first step, 2 after step 2, 3 after step 5, on the model the CLIs build
+    (attention "auto"): each one's greedy tokens are transformers' fp32 greedy choices for its prompt
     alone. transformers' choice at each step comes from one teacher-forced forward over prompt + our
     tokens (what its `generate(do_sample=False)` picks step by step: our tokens are its greedy
     tokens iff each is the argmax of its logits after the ones before; cheaper than 8 generates);
@@ -132,7 +133,7 @@ def test_demo_requests_arriving_while_others_decode_equal_transformers_greedy(de
     from qwq_jax.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(demo_checkpoint)
-    ours = load(demo_checkpoint)
+    ours = load(demo_checkpoint, attention_backend="auto")  # as the CLIs build it (on a CPU: blockwise prefill)
     ps = [tok.apply_chat_template([{"role": "user", "content": a}], add_generation_prompt=True, tokenize=True)
           for a in ASKS]
     page = 16
