@@ -513,6 +513,7 @@ class MergedLoRA:
 
     def __init__(self, step: Path, run: dict, dtype: Any):
         from qwq_jax.lora import LoRAParam
+        from qwq_jax.quant import quantize_array
 
         self.run, self.base, self.dtype = run, run["base"], np.dtype(as_dtype(dtype))
         self.config = read_config(self.base)
@@ -527,14 +528,13 @@ class MergedLoRA:
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{step}: its adapters do not match the run's [lora] {run['lora']} ({e})") from None
         self.adapters = {k: np.asarray(v) for k, v in flatten(restored).items()}  # [layers, ...] float32
+        self._quantize = jax.jit(quantize_array, static_argnums=1)  # as quant.quantize_stacked, a layer
 
     def read(self, names: list[str]) -> dict[str, np.ndarray]:
         """The merged arrays `names`, named as a per-layer checkpoint stores them (`layers.3.attn.q_proj`,
         `embed`), on the host in `dtype`."""
         from qwq_jax.lora import CONTRACT, merged_weight
-        from qwq_jax.quant import quantize_array
 
-        quantize = jax.jit(quantize_array, static_argnums=1)
         out = {}
         for name, w in read_stored(self.base, names, as_dtype(self.run["dtype"])).items():
             parts = name.split(".")
@@ -545,7 +545,7 @@ class MergedLoRA:
             layer, stacked = int(parts[1]), ".".join(["layers", *parts[2:]])
             scale = None
             if self.run["quantize"] is not None:
-                w, scale = quantize(w, CONTRACT[kind])
+                w, scale = self._quantize(w, CONTRACT[kind])
             a, b = self.adapters.get(stacked + "_lora_a"), self.adapters.get(stacked + "_lora_b")
             out[name] = np.asarray(merged_weight(w, scale, None if a is None else a[layer],
                                                  None if b is None else b[layer], CONTRACT[kind], self.dtype,
