@@ -16,7 +16,9 @@ Each implementation runs in its own child process with random weights of a prese
   (the same KV memory). Each engine first runs a warm-up workload (compilation; reported as
   `warmup_s` and `compilations_warmup`), then every workload; `compilations_during_run` shows
   what the warm-up missed. The driver: add the requests whose arrival time has come, call
-  `engine.step()`, record the time of every token its events carry; repeat until all finished.
+  `engine.step()`, record the time of every token its events carry (the first tokens of requests admitted
+  beside running ones as the engine hands them over, before the step's decode chunk: `step(on_events=...)`,
+  as the server streams them); repeat until all finished.
 - hf: `model.generate` on static batches of up to `--max-num-seqs` rows (a group's n samples are n
   rows), padded left, `max_new_tokens` = the batch's largest, sampled at temperature 1; a batch
   starts when the previous one finished, with the requests that have arrived. Each row counts
@@ -214,11 +216,13 @@ def serve(engine: Any, requests: list[Request], params_of, label: str) -> tuple[
             if not engine.has_unfinished():  # idle until the next arrival
                 time.sleep(max(0.0, pending[0].arrival_s - now))
                 continue
-            events = engine.step()  # step
-            at = time.perf_counter()
-            for e in events:  # record
-                timeline.record(e, getattr(e, "at", None) or at)
-                bar.update(len(e.token_ids))
+            def record(events):
+                at = time.perf_counter()
+                for e in events:
+                    timeline.record(e, getattr(e, "at", None) or at)
+                    bar.update(len(e.token_ids))
+
+            record(engine.step(on_events=record))  # step; first tokens are recorded before its decode chunk
             s = engine.stats()
             if s.get("pages_total"):
                 utilisation.append(s["pages_used"] / s["pages_total"])
@@ -426,7 +430,8 @@ class HFStatic:
     def stats(self) -> dict:
         return dict(self.counts)
 
-    def step(self) -> list[_HFEvent]:
+    def step(self, on_events: Any = None) -> list[_HFEvent]:
+        """(`on_events`: unused, every token carries its own time.)"""
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList
 

@@ -432,14 +432,19 @@ class Engine:
         shard (the Pallas paged attention) find it there. Nothing without a mesh."""
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-    def step(self) -> list[StreamEvent]:
-        """admit -> prefill -> decode -> emit; returns the events of this step."""
+    def step(self, on_events: Callable[[list[StreamEvent]], None] | None = None) -> list[StreamEvent]:
+        """admit -> prefill -> decode -> emit; returns the events of this step.
+
+        `on_events`, if given, is called with the events ready before the step's decode chunk (the first
+        tokens of the sequences admitted beside running ones), while that chunk runs on the device; a
+        server streams them a whole chunk sooner (16 decode steps by default). They are not returned
+        again."""
         if self.abstract:
             raise RuntimeError("this engine has abstract weights: it can only lower its programs")
         with self._on_mesh():
-            return self._step()
+            return self._step(on_events)
 
-    def _step(self) -> list[StreamEvent]:
+    def _step(self, on_events: Callable[[list[StreamEvent]], None] | None = None) -> list[StreamEvent]:
         if self.pool is None:
             self._allocate()
         events, self._undelivered = self._undelivered, []
@@ -456,7 +461,11 @@ class Engine:
             return events
         if self.scheduler.running:
             self.scheduler.grow(self.chunk)  # preempted sequences leave their slots (inactive below)
-            events += self._decode(self.chunk)
+            decoding = self._start_decode(self.chunk)
+            if on_events is not None and events:
+                on_events(events)
+                events = []
+            events += self._finish_decode(*decoding)
         return events
 
     def _run_prefills(self) -> None:
@@ -562,10 +571,14 @@ class Engine:
         return self._inputs
 
     # ---- decoding ----------------------------------------------------------------------------
-    def _decode(self, steps: int) -> list[StreamEvent]:
+    def _start_decode(self, steps: int) -> tuple[jax.Array, float, float]:
+        """Dispatch a decode call of up to `steps` steps (it runs on the device; `_finish_decode` waits)."""
         t0, c0 = time.perf_counter(), CLOCK.seconds
         self.pool, self.slot_state, packed = self.programs.decode(self._weights(), self.pool, self.slot_state,
                                                                   self._slot_inputs(), np.int32(steps))
+        return packed, t0, c0
+
+    def _finish_decode(self, packed: jax.Array, t0: float, c0: float) -> list[StreamEvent]:
         out, logp, new, length, finish, *top = unpack(_to_host(packed), self.chunk, self.max_logprobs)
         self._counters["decode_s"] += time.perf_counter() - t0 - (CLOCK.seconds - c0)
         events = []

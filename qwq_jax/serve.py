@@ -197,7 +197,8 @@ class Runner:
                     break
                 self._apply(cmds)
                 if self.engine.has_unfinished():
-                    self._deliver(self.engine.step())
+                    # first tokens of requests admitted beside running ones go out while the chunk decodes
+                    self._deliver(self.engine.step(on_events=self._deliver))
                     self._snapshot()
         except Exception as e:  # noqa: BLE001 - report to every client, keep the server answering
             traceback.print_exc()

@@ -353,27 +353,36 @@ def test_seeded_requests_same_tokens_alone_or_admitted_mid_run(model, engine):
 @TINY
 def test_first_tokens_reach_the_caller_before_a_decode_chunk(model, engine):
     """A lone request (n=2): the step that prefills it returns each sample's first token alone (no
-    decode chunk ran before the caller saw it); the next step returns a whole chunk. With another
-    request decoding, an arriving one's step also decodes (the running one gets its chunk). The tokens
-    are the greedy reference's."""
+    decode chunk ran before the caller saw it); the next step returns a whole chunk. A request arriving
+    while the first decodes: its step hands its first token to `on_events` before the decode chunk's
+    tokens exist (once, that token alone), then returns the chunk. The tokens are the greedy reference's."""
     assert_empty(engine)
     a, b = prompts([20, 9], seed=11)
     engine.add_request(a, SamplingParams(**GREEDY, max_tokens=16, n=2), request_id="a")
-    steps, streamed, done = [], {}, {}
-    while engine.has_unfinished():
-        if len(steps) == 3:
-            engine.add_request(b, SamplingParams(**GREEDY, max_tokens=12), request_id="b")
-        events = engine.step()
-        steps.append({(ev.request_id, ev.sample_index): len(ev.token_ids) for ev in events if ev.token_ids})
+    steps, early, streamed, done = [], [], {}, {}
+
+    def take(events):
         for ev in events:
             streamed.setdefault((ev.request_id, ev.sample_index), []).extend(ev.token_ids)
             if ev.finished:
                 done[ev.request_id, ev.sample_index] = ev.completion.token_ids
+        return {(ev.request_id, ev.sample_index): len(ev.token_ids) for ev in events if ev.token_ids}
+
+    while engine.has_unfinished():
+        if len(steps) == 3:
+            engine.add_request(b, SamplingParams(**GREEDY, max_tokens=12), request_id="b")
+        generated = engine.stats()["generated_tokens"]
+
+        def before_decode(events, at=len(steps), generated=generated):
+            early.append((at, engine.stats()["generated_tokens"] - generated, take(events)))
+
+        steps.append(take(engine.step(on_events=before_decode)))
     first = next(i for i, got in enumerate(steps) if got)
     assert steps[first] == {("a", 0): 1, ("a", 1): 1}
     assert steps[first + 1] == {("a", 0): engine.chunk, ("a", 1): engine.chunk}
-    arrival = next(got for got in steps[3:] if ("b", 0) in got)
-    assert arrival[("a", 0)] == engine.chunk and arrival[("b", 0)] > 1  # both decoded in that step
+    (arrival, generated, handed), = early  # b's step alone: one token generated so far, its own
+    assert handed == {("b", 0): 1} and generated == 1
+    assert steps[arrival][("a", 0)] == engine.chunk and steps[arrival][("b", 0)] >= 1
     assert done == streamed and done["a", 0] == done["a", 1] == greedy_reference(model, a, 16)
     assert done["b", 0] == greedy_reference(model, b, 12)
     assert_empty(engine)
