@@ -73,8 +73,9 @@ _ROPE_SCALING_KEYS = {"type", "factor", "original_context_length", "yarn_beta_fa
 
 @functools.cache
 def _pool():
-    """The threads that dequantize (one per core): the demo's dequantization 8.5 -> 4.5 s on 2 cores."""
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="gguf-dequantize")
+    """The threads that dequantize, one per core up to 8 (each holds a chunk and its dequantizer's
+    temporaries, a few times _CHUNK_BYTES): the demo's dequantization 8.5 -> 4.5 s on 2 cores."""
+    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="gguf-dequantize")
 
 
 def hf_name(gguf_name: str) -> str | None:
