@@ -162,10 +162,11 @@ def _compile_bound(request, monkeypatch):
     """Tests marked `compile_bound` (modules of tiny models, where XLA's CPU compiler takes most of the
     time, not running) compile with jax's switch for that case, `jax_disable_most_optimizations` (LLVM
     at -O0, no expensive passes), in-process and in the processes they start: a GRPO update of the tiny
-    model compiles in 5 s instead of 10 (the marked modules: ~15% less time in all). Tests that run many
-    steps (servers, training runs, the demo model: its forward is 1.5x slower at -O0) keep full
-    optimization, which is jax's default."""
-    if request.node.get_closest_marker("compile_bound") is None:
+    model compiles in 5 s instead of 10 (the marked modules: ~15% less time in all). Tests that run long
+    (servers, the 41K-token prefill, anything on the demo model, whose forward is 1.5x slower at -O0:
+    a test taking `demo_checkpoint` is left out even in a marked module) keep full optimization, which
+    is jax's default. tests/test_train.py's training runs start their processes at -O0 themselves."""
+    if request.node.get_closest_marker("compile_bound") is None or "demo_checkpoint" in request.fixturenames:
         yield
         return
     import jax

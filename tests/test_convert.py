@@ -25,6 +25,8 @@ from helpers import hf_logits, hf_model
 from qwq_jax import QwenConfig, forward, load
 from qwq_jax.checkpoint import param_shardings, restore_params, stored_layers
 
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = np.random.default_rng(0).integers(0, 512, (2, 130)).astype(np.int32)
 

@@ -20,6 +20,8 @@ MAX_LEN = 128                    # max_model_len of the tiny engines (and the re
 # test_demo.py's group, which holds transformers' demo model.
 TINY = pytest.mark.xdist_group("engine_tiny")
 GREEDY = dict(temperature=0.0)
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+# (the demo test compiles at full optimization: conftest leaves tests on the demo model out)
 
 
 @pytest.fixture(scope="module")

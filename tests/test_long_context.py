@@ -63,6 +63,7 @@ def _check_greedy(lp: np.ndarray, generated: list[int], logprobs: list[float]) -
     return float(np.abs(chosen - np.asarray(logprobs)).max())
 
 
+@pytest.mark.compile_bound
 def test_yarn_logits_match_hf_past_position_131000():
     """QwQ's rotary tables (head_dim 128, theta 1e6, YaRN x4 from 32,768) on 512-token rows at
     explicit positions: row 0 sorted with gaps inside 129,000..131,071 (ending at the 131,072
@@ -129,6 +130,7 @@ def test_41k_token_prompt_chunked_prefill_matches_hf():
     assert err <= TOL and err_plain > 100 * TOL
 
 
+@pytest.mark.compile_bound
 def test_yarn_auto_switches_one_token_past_the_original_length():
     """`rope_scaling="auto"`: prompt + max_tokens == original_max_position_embeddings (1,024 here)
     runs plain RoPE; one more max token runs YaRN. Checked against HF built each way."""

@@ -95,6 +95,7 @@ def test_01_quickstart(demo_checkpoint, tmp_path, monkeypatch):
     assert "layers.attn.q_proj" in weights and "'tensor'" in weights, weights
 
 
+@pytest.mark.compile_bound
 @pytest.mark.slow
 def test_02_grpo_reward_rises(tmp_path, monkeypatch):
     nb = execute("02_grpo.ipynb", tmp_path, monkeypatch)
@@ -106,6 +107,7 @@ def test_02_grpo_reward_rises(tmp_path, monkeypatch):
     assert has_image(nb, "curve")
 
 
+@pytest.mark.compile_bound
 @pytest.mark.slow
 def test_03_long_context(tmp_path, monkeypatch):
     nb = execute("03_long_context.ipynb", tmp_path, monkeypatch)

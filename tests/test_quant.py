@@ -16,6 +16,8 @@ from qwq_jax.generate import Engine
 from qwq_jax.quant import dequantize, quantize, quantize_array, weight_bytes
 from qwq_jax.sampling import SamplingParams
 
+pytestmark = pytest.mark.compile_bound  # tiny models: XLA compiling dominates (conftest)
+
 CFG = QwenConfig.preset("tiny")
 HF_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

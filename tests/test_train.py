@@ -281,8 +281,11 @@ def test_sharded_update_equals_single_device():
 
 # ---- real runs -------------------------------------------------------------------------------------
 def _env(devices: int) -> dict:
+    """A training run's environment: `devices` CPU devices, the user's default caches, and XLA's
+    compile-bound setting (a tiny model's few steps: compiling at -O0: these tests take 30% less time)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "QWQ_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_DISABLE_MOST_OPTIMIZATIONS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
     return env
 
