@@ -8,6 +8,28 @@ if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _keep_freed_memory() -> None:
+    """glibc hands every freed block over 128 KB-32 MB back to the kernel (munmap, heap trims). On a VM
+    with free page reporting (these 2-core machines: virtio-balloon, reporting at once) the host takes
+    those pages back, and touching memory again costs a host fault per page: 3 GiB of new numpy memory
+    took 48 s here (0.9 s the second time in the same process). The test processes load the demo model
+    (2.5 GB) and transformers' reference (2.4 GB) again and again: they keep what they free for reuse
+    (big blocks from the heap, no trimming of its top). Only this process: CLIs and servers the tests
+    start run as users run them."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 2**31 - 1)
+
+
+_keep_freed_memory()
+
 # One persistent XLA compilation cache (qwq_jax/compile_cache.py) for this process, the CLIs it starts
 # as subprocesses, the multi-process workers and the notebook kernels: a program compiled once is
 # read back everywhere else, in this run and the next. Apart from the users' cache; every program
@@ -83,7 +105,8 @@ def demo_path() -> Path:
 @pytest.fixture(scope="session")
 def demo_hf_model(demo_path):
     """transformers' float32 model of the demo GGUF (dequantized by its own GGUF loader, ~25 s), kept
-    once per machine as transformers' own `save_pretrained` output so later loads take seconds."""
+    once per machine as transformers' own `save_pretrained` output so later loads take seconds (not
+    under CI, whose clean clone runs the suite once)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -96,6 +119,8 @@ def demo_hf_model(demo_path):
             with _one_gguf_parse():
                 model = AutoModelForCausalLM.from_pretrained(str(demo_path.parent), gguf_file=demo_path.name,
                                                              dtype=torch.float32, attn_implementation="eager")
+            if os.environ.get("CI"):  # a clean clone's one run: nothing would read the copy (2.4 GB of writes)
+                return model.eval()
             tmp = saved.with_name(saved.name + ".tmp")  # (save_pretrained refuses GGUF-loaded models)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

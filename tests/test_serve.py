@@ -123,12 +123,14 @@ MESSAGES = [{"role": "user", "content": "Name three prime numbers."}]
 
 @pytest.mark.xdist_group("serve_demo")
 def test_chat_greedy_equals_the_sample_cli_and_counts_like_transformers(demo_server, demo_checkpoint,
-                                                                        demo_hf_tokenizer):
-    r = subprocess.run([sys.executable, "-m", "qwq_jax.sample", "--checkpoint", str(demo_checkpoint), "--prompt",
-                        MESSAGES[0]["content"], "--temperature", "0", "--max-tokens", "12", "--json"],
-                       capture_output=True, text=True, env=_env(), timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    want = json.loads(r.stdout)
+                                                                        demo_hf_tokenizer, capsys):
+    from qwq_jax.sample import main  # the CLI's main in this process: the server is the process under test
+
+    code = main(["--checkpoint", str(demo_checkpoint), "--prompt", MESSAGES[0]["content"], "--temperature", "0",
+                 "--max-tokens", "12", "--json"])
+    r = capsys.readouterr()
+    assert code == 0, r.err[-2000:]
+    want = json.loads(r.out)
     c = demo_server.client
     got = c.chat.completions.create(model="demo", messages=MESSAGES, temperature=0, max_tokens=12)
     assert got.choices[0].message.content == want["content"]
