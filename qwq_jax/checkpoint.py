@@ -299,33 +299,85 @@ def _training_meta(step_dir: Path) -> dict:
         raise CheckpointError(f"{step_dir}: unreadable training checkpoint metadata ({e})") from None
 
 
-def restore_params(path: str | os.PathLike, target: Mapping) -> dict:
+def _quantized_leaf(key: str) -> str | None:
+    """The matmul weight a flat `layers.` key names (`attn.q_proj` -> `q_proj`), if int8 quantizes it."""
+    from qwq_jax.quant import KERNELS
+
+    name = key.rsplit(".", 1)[-1]
+    return name if name in KERNELS else None
+
+
+def _restore_quantized(arrays: StoredArrays, targets: dict[str, jax.ShapeDtypeStruct], num_layers: int) -> dict:
+    """Stacked matmul weights (flat `rest -> ShapeDtypeStruct`, float, under `layers`) read a layer at a
+    time and quantized as they arrive (`qwq_jax.quant`): `rest` int8 and `rest_scale`. What is held is
+    the int8 stacks plus one layer's float weights, never the float model."""
+    from qwq_jax.quant import KERNELS, StackedInt8
+
+    depths = {v.shape[0] for v in targets.values()}
+    if depths != {num_layers}:
+        raise CheckpointError(f"{arrays.dir.parent}: the checkpoint stores {num_layers} layers, the config asks "
+                              f"for {', '.join(map(str, sorted(depths)))}")
+    out = {k: StackedInt8(v, KERNELS[_quantized_leaf(k)]) for k, v in targets.items()}
+    one = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype, sharding=_drop_layer_axis(v.sharding))
+           for k, v in targets.items()}
+    for i in range(num_layers):
+        layer = _to_devices(arrays, {f"layers.{i}.{k}": v for k, v in one.items()})
+        for k in targets:
+            out[k].set_layer(i, layer.pop(f"layers.{i}.{k}"))
+        jax.block_until_ready([(q.q, q.scale) for q in out.values()])
+    release_host_memory()
+    return {name: leaf for k, q in out.items() for name, leaf in ((k, q.q), (k + "_scale", q.scale))}
+
+
+def restore_params(path: str | os.PathLike, target: Mapping, quant: str | None = None) -> dict:
     """Restore the leaves of `target` (a nested dict of ShapeDtypeStruct, possibly a subset).
 
     Each process reads only its devices' part of each array; arrays are cast to the target dtype.
     `path` is one of our checkpoints (read with `qwq_jax.stored`: one array at a time, each straight
     into the buffers the devices keep) or a training step (whose `state` item holds the params beside
-    the optimizer state: restored by Orbax).
+    the optimizer state: restored by Orbax). With `quant="int8"` the decoder layers' matmul weights
+    come back quantized (`qwq_jax.quant`: `name` int8 and `name_scale` beside it, `target` giving their
+    float shape, dtype and sharding); from our checkpoints a layer at a time as they are read, so a
+    restore never holds the float weights of more than one layer.
     """
     path = Path(path)
+    if quant is not None:
+        from qwq_jax.quant import check_mode
+
+        check_mode(quant)
     if inspect_path(path).kind == "training_step":
         with _partial_load_context():
             state = _ocp().load_checkpointables(os.fspath(path.absolute()), {"state": {"params": dict(target)}})
-        return state["state"]["params"]  # the optimizer state beside them is not read
+        return _quantize_after(state["state"]["params"], quant)  # the optimizer state beside them is not read
     arrays = _stored_arrays(path)
     num_layers = stored_layers(path)
     flat = flatten(target)
     if num_layers is None:  # the earlier stacked layout: every array as it is
-        return unflatten(_to_devices(arrays, flat))
+        return _quantize_after(unflatten(_to_devices(arrays, flat)), quant)
     out = {}
     for k, v in flat.items():  # one at a time: the embedding and lm_head are the largest tensors
         if not k.startswith("layers."):
             out.update(_to_devices(arrays, {k: v}))
     release_host_memory()
     stacked = {k[len("layers."):]: v for k, v in flat.items() if k.startswith("layers.")}
-    if stacked:
-        out.update({f"layers.{k}": v for k, v in _restore_stacked(arrays, stacked, num_layers).items()})
+    quantized = {k: v for k, v in stacked.items() if quant is not None and _quantized_leaf(k)}
+    stacked = {k: v for k, v in stacked.items() if k not in quantized}
+    for part, restore in ((stacked, _restore_stacked), (quantized, _restore_quantized)):
+        if part:
+            out.update({f"layers.{k}": v for k, v in restore(arrays, part, num_layers).items()})
     return unflatten(out)
+
+
+def _quantize_after(params: dict, quant: str | None) -> dict:
+    """`params` (restored in float) with the layers' matmul weights quantized, each float stack freed."""
+    if quant is None:
+        return params
+    from qwq_jax.quant import KERNELS, quantize_stacked
+
+    flat = flatten(params)
+    for k in [k for k in flat if k.startswith("layers.") and _quantized_leaf(k)]:
+        flat[k], flat[k + "_scale"] = quantize_stacked(flat[k], KERNELS[_quantized_leaf(k)], donate=True)
+    return unflatten(flat)
 
 
 def read_stored(path: str | os.PathLike, names: list[str], dtype: Any = None) -> dict[str, np.ndarray]:
@@ -561,9 +613,10 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: Any = None, r
     dtype: parameter dtype (default: the dtype stored in the checkpoint; float32 for a training
     step); compute_dtype: the activations' dtype (default: the parameter dtype). The config is
     `model.config`; tokenizer files sit in the same directory (`load_tokenizer(path)`). model_kwargs
-    go to `Qwen2` (remat, attention_backend); with `quant="int8"` the restored weights are then
-    quantized (`qwq_jax.quant`, the float matmul weights freed one by one: peak memory is the float
-    model plus one int8 weight). A path that is not a checkpoint raises CheckpointError.
+    go to `Qwen2` (remat, attention_backend); with `quant="int8"` the decoder layers' matmul weights
+    are quantized as they are read (`qwq_jax.quant`; `restore_params`): the restore holds the int8
+    model plus one layer's float weights, never the float model. A path that is not a checkpoint
+    raises CheckpointError.
 
     A training step of a LoRA run holds its adapters alone: its base is rebuilt as the trainer built it
     (the run's model.path in model.dtype, int8 with model.quantize; CheckpointError naming model.path
@@ -581,12 +634,7 @@ def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: Any = None, r
     param_dtype = as_dtype(dtype if dtype is not None else cfg.dtype)
     model_kwargs["dtype"] = as_dtype(compute_dtype) if compute_dtype is not None else param_dtype
     target = param_shardings(cfg, mesh, rules, param_dtype)
-    params = restore_params(Path(path), target)
-    graphdef, state = nnx.split(abstract_model(cfg, param_dtype=param_dtype, **model_kwargs))
+    params = restore_params(Path(path), target, quant=quant)
+    graphdef, state = nnx.split(abstract_model(cfg, param_dtype=param_dtype, quant=quant, **model_kwargs))
     nnx.replace_by_pure_dict(state, params)
-    model = nnx.merge(graphdef, state)
-    if quant is not None:
-        from qwq_jax.quant import quantize
-
-        model = quantize(model, quant, donate=True)
-    return model
+    return nnx.merge(graphdef, state)

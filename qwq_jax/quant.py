@@ -14,6 +14,8 @@ Memory: quantization runs one layer of one weight at a time (one jitted call per
 into a donated int8 buffer), each weight keeps its sharding (the scale takes the sharding of the
 weight's output axes), so the temporaries are one layer's float copy. With `donate=True` the
 peak is the float model plus one int8 weight: QwQ-32B (61 GiB in bf16 -> 32.5 GiB) fits an H100.
+`qwq_jax.load(path, quant="int8")` does better: it quantizes each layer as the restore reads it
+(`StackedInt8.set_layer`), so the float model is never held, only one layer of it.
 
 This is weight-only post-training quantization without calibration: it changes the model's
 numbers (tests bound the error by hand); it is reported as such wherever it is used. Training
@@ -51,16 +53,47 @@ def dequantize(q: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
     return q.astype(jnp.float32) * scale
 
 
-def _quantize_layer(q_buf, s_buf, w, i, contract: int):
-    q, s = quantize_array(jax.lax.dynamic_index_in_dim(w, i, 0, keepdims=False), contract)
+def _quantize_into(q_buf, s_buf, w, i, contract: int):
+    """Layer `i` of the int8 buffers set from one layer's float weight `w`."""
+    q, s = quantize_array(w, contract)
     return (jax.lax.dynamic_update_index_in_dim(q_buf, q, i, 0),
             jax.lax.dynamic_update_index_in_dim(s_buf, s, i, 0))
 
 
+def _quantize_layer(q_buf, s_buf, w, i, contract: int):
+    return _quantize_into(q_buf, s_buf, jax.lax.dynamic_index_in_dim(w, i, 0, keepdims=False), i, contract)
+
+
 @functools.lru_cache(maxsize=None)
-def _layer_fn(contract: int, q_sharding: Any, s_sharding: Any):
-    return jax.jit(functools.partial(_quantize_layer, contract=contract), donate_argnums=(0, 1),
-                   out_shardings=(q_sharding, s_sharding))
+def _layer_fn(contract: int, q_sharding: Any, s_sharding: Any, stacked: bool):
+    return jax.jit(functools.partial(_quantize_layer if stacked else _quantize_into, contract=contract),
+                   donate_argnums=(0, 1), out_shardings=(q_sharding, s_sharding))
+
+
+class StackedInt8:
+    """The int8 weight and per-channel scales of a layer-stacked float weight `w` (an array or a
+    `jax.ShapeDtypeStruct`: shape `[L, ...]` and sharding), filled one layer at a time. The int8 array
+    keeps `w`'s sharding, the scales that of its layer and output axes; `contract` counts the
+    contracted per-layer axes (KERNELS)."""
+
+    def __init__(self, w: Any, contract: int):
+        self.contract = contract
+        self.q_sharding = w.sharding
+        self.s_sharding = drop_axes_sharding(w, tuple(range(1, 1 + contract)))
+        s_shape = (w.shape[0],) + tuple(w.shape[1 + contract:])
+        self.q = jax.jit(lambda: jnp.zeros(w.shape, jnp.int8), out_shardings=self.q_sharding)()
+        self.scale = jax.jit(lambda: jnp.ones(s_shape, jnp.float32), out_shardings=self.s_sharding)()
+
+    def set_layer(self, i: int, w: jax.Array) -> None:
+        """Quantize layer `i` from `w`, one layer's float weight (sharded as a layer of the stack)."""
+        fn = _layer_fn(self.contract, self.q_sharding, self.s_sharding, False)
+        self.q, self.scale = fn(self.q, self.scale, w, i)
+
+    def set_layers_from(self, w: jax.Array) -> None:
+        """Quantize every layer from the stacked float weight `w` (one call per layer, no slice copies)."""
+        fn = _layer_fn(self.contract, self.q_sharding, self.s_sharding, True)
+        for i in range(w.shape[0]):
+            self.q, self.scale = fn(self.q, self.scale, w, i)
 
 
 def quantize_stacked(w: jax.Array, contract: int, donate: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -68,17 +101,16 @@ def quantize_stacked(w: jax.Array, contract: int, donate: bool = False) -> tuple
     axes). The int8 result keeps `w`'s sharding. `donate=True` deletes `w` afterwards."""
     if not isinstance(w, jax.Array):  # a host array (e.g. loaded with set_params): the default device
         w = jnp.asarray(w)
-    q_sharding = w.sharding
-    s_sharding = drop_axes_sharding(w, tuple(range(1, 1 + contract)))  # the layer and output axes
-    q_buf = jax.jit(lambda: jnp.zeros(w.shape, jnp.int8), out_shardings=q_sharding)()
-    s_shape = (w.shape[0],) + tuple(w.shape[1 + contract:])
-    s_buf = jax.jit(lambda: jnp.ones(s_shape, jnp.float32), out_shardings=s_sharding)()
-    fn = _layer_fn(contract, q_sharding, s_sharding)
-    for i in range(w.shape[0]):
-        q_buf, s_buf = fn(q_buf, s_buf, w, i)
+    out = StackedInt8(w, contract)
+    out.set_layers_from(w)
     if donate:
         w.delete()
-    return q_buf, s_buf
+    return out.q, out.scale
+
+
+def check_mode(mode: str) -> None:
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r} (known: {', '.join(QUANT_MODES)})")
 
 
 def quantize(model: Qwen2, mode: str = "int8", *, donate: bool = False) -> Qwen2:
@@ -87,8 +119,7 @@ def quantize(model: Qwen2, mode: str = "int8", *, donate: bool = False) -> Qwen2
     The other parameters are shared with `model`, not copied. `donate=True` deletes each float
     matmul weight of `model` once quantized (then `model` must not be used again).
     """
-    if mode not in QUANT_MODES:
-        raise ValueError(f"unknown quantization {mode!r} (known: {', '.join(QUANT_MODES)})")
+    check_mode(mode)
     if not isinstance(model, Qwen2):
         raise TypeError(f"quantize takes a qwq_jax Qwen2 model, got {type(model).__name__}")
     if model.quant is not None:

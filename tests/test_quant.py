@@ -129,6 +129,28 @@ def test_quantize_a_tensor_parallel_model_keeps_shardings_and_tokens():
     assert [o[0].token_ids for o in got] == [o[0].token_ids for o in ref]
 
 
+@pytest.mark.parametrize("mesh", [None, "data=2,tensor=4"])
+def test_load_quantizes_as_it_reads_what_quantize_gives(tmp_path, mesh):
+    """`qwq_jax.load(path, quant="int8")` quantizes each layer as it is read (tests/test_convert.py bounds
+    its memory): the same int8 weights, scales and shardings as quantizing the float model it loads."""
+    from convert.hf import HFSource, convert_source
+    from convert.synthetic import write_random_hf_checkpoint
+    from qwq_jax import load
+
+    src = write_random_hf_checkpoint(CFG, tmp_path / "src", dtype="float32", seed=4)
+    convert_source(HFSource(src), tmp_path / "out", progress=False)
+    mesh = sh.make_mesh(mesh) if mesh else None
+    got = nnx.to_pure_dict(nnx.state(load(tmp_path / "out", mesh=mesh, quant="int8")))
+    want = nnx.to_pure_dict(nnx.state(quantize(load(tmp_path / "out", mesh=mesh), donate=True)))
+    got, want = (dict(jax.tree_util.tree_leaves_with_path(x)) for x in (got, want))
+    assert got.keys() == want.keys() and any("q_proj_scale" in jax.tree_util.keystr(k) for k in got)
+    for k, x in got.items():
+        assert x.dtype == want[k].dtype and x.sharding.is_equivalent_to(want[k].sharding, x.ndim), k
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(want[k]), err_msg=jax.tree_util.keystr(k))
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        load(tmp_path / "out", quant="int4")
+
+
 def test_donate_frees_the_float_weights_and_bad_calls_are_refused():
     model = init_model(CFG, seed=1, param_dtype=jnp.float32, dtype=jnp.float32)
     gate = model.layers.mlp.gate_proj[...]
