@@ -396,7 +396,7 @@ class Engine:
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             raise ValueError(f"{what} has token ids outside 0..{self.config.vocab_size - 1}")
         params = params or SamplingParams()
-        params.validate(prompt_tokens=len(ids), max_context=self.max_model_len)
+        params.validate(prompt_tokens=len(ids), max_context=self.max_model_len, vocab_size=self.config.vocab_size)
         if params.logprobs > self.max_logprobs:
             raise ValueError(f"logprobs={params.logprobs} is more than this engine's max_logprobs="
                              f"{self.max_logprobs} (Engine(max_logprobs=...))")

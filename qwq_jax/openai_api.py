@@ -154,7 +154,7 @@ def _sampling(body: dict, ctx: Context, prompt_tokens: int) -> SamplingParams:
     fields["max_tokens"] = max_tokens
     params = dataclasses.replace(ctx.defaults, **fields)
     try:
-        return params.validate()
+        return params.validate(vocab_size=ctx.vocab_size or ctx.tokenizer.vocab_size)
     except ValueError as e:  # "name=value must be ..."
         name = str(e).split("=", 1)[0]
         raise _bad(str(e), name if name.isidentifier() else None) from None
@@ -268,6 +268,16 @@ def _logprobs_chat(body: dict, ctx: Context) -> int | None:
     return top
 
 
+def _encode(ctx: Context, text: str, field: str) -> list[int]:
+    """Token ids of `text`; 400 naming `field` for text that is not valid Unicode (JSON allows a lone
+    surrogate such as \\ud800, which no tokenizer can take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _bad(f"{field} is not valid Unicode: {e.reason} at character {e.start}", field) from None
+    return ctx.tokenizer.encode(text)
+
+
 def parse_chat(body: Any, ctx: Context) -> Parsed:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None)
@@ -277,11 +287,18 @@ def parse_chat(body: Any, ctx: Context) -> Parsed:
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise _bad("chat_template_kwargs must be an object", "chat_template_kwargs")
+    kwargs = {"add_generation_prompt": True, **kwargs}
+    taken = sorted(set(kwargs) & {"messages", "tools", "tokenize", "chat_template"})
+    if taken:
+        raise _bad(f"chat_template_kwargs cannot set {', '.join(taken)}: give messages and tools as the request's "
+                   "own fields", "chat_template_kwargs")
+    if not isinstance(kwargs["add_generation_prompt"], bool):
+        raise _bad("chat_template_kwargs.add_generation_prompt must be true or false", "chat_template_kwargs")
     try:
-        prompt = ctx.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, **kwargs)
-    except ValueError as e:
+        prompt = ctx.tokenizer.apply_chat_template(messages, tools=tools, **kwargs)
+    except (ValueError, TypeError) as e:
         raise _bad(f"the chat template cannot render these messages: {e}", "messages") from None
-    ids = ctx.tokenizer.encode(prompt)
+    ids = _encode(ctx, prompt, "messages")
     stream, usage = _stream_flags(body)
     logprobs = _logprobs_chat(body, ctx)
     params = dataclasses.replace(_sampling(body, ctx, len(ids)), logprobs=logprobs or 0)
@@ -314,7 +331,7 @@ def parse_completion(body: Any, ctx: Context) -> Parsed:
         if isinstance(p, str):
             if not p:
                 raise _bad("prompt must not be empty", "prompt")
-            ids.append(ctx.tokenizer.encode(p))
+            ids.append(_encode(ctx, p, "prompt"))
             texts.append(p)
         else:
             if min(p) < 0 or max(p) >= vocab:
@@ -405,14 +422,17 @@ class ChoiceStream:
 
     def __init__(self, tokenizer: Any, fields: OutputFields, stops: tuple[str, ...], eos: tuple[int, ...]):
         self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
-        self.fields, self.eos = fields, set(eos)
-        self.stop_hold = max((len(s) for s in stops), default=1) - 1
+        self.fields, self.eos, self.stops = fields, set(eos), stops
         self.text = ""
         self.sent = ("", "")
 
     def push(self, token_ids: list[int]) -> tuple[str, str]:
+        """The new text that is safe to send: never a stop string or what follows it (the engine ends
+        a sequence with the token that completes one), and an end that could begin a stop string or a
+        field marker waits for the next tokens."""
         self.text += self.decoder.push([t for t in token_ids if t not in self.eos])
-        safe = self.text[: len(self.text) - self.stop_hold] if self.stop_hold else self.text
+        hits = [self.text.find(s) for s in self.stops if s in self.text]
+        safe = self.text[:min(hits)] if hits else self.text[: len(self.text) - _partial_suffix(self.text, self.stops)]
         safe = safe[: len(safe) - _partial_suffix(safe, self.fields.holdback())]
         return self._delta(*self.fields.partial(safe))
 
@@ -449,9 +469,11 @@ def reasoning_tokens(tokenizer: Any, token_ids: list[int], in_think: bool, eos: 
 
 
 def token_logprobs(tokenizer: Any, ids: list[int], logprobs: list[float], chat: bool,
-                   top: list[list[tuple[int, float]]] | None = None) -> Any:
+                   top: list[list[tuple[int, float]]] | None = None, start: int = 0) -> Any:
     """The `logprobs` object of a choice: the chosen tokens' log-probabilities and, with `top`, each
-    step's likeliest tokens with theirs (chat: `top_logprobs` lists; completions: {token: logprob})."""
+    step's likeliest tokens with theirs (chat: `top_logprobs` lists; completions: {token: logprob},
+    and each token's `text_offset` in the choice's text, the first at `start`: the text already
+    returned, an echoed prompt included)."""
     def text(t: int) -> str:
         return tokenizer.decode([t])
 
@@ -462,7 +484,7 @@ def token_logprobs(tokenizer: Any, ids: list[int], logprobs: list[float], chat: 
 
         return {"content": [{**entry(s, lp), "top_logprobs": [entry(text(t), v) for t, v in (top[k] if top else [])]}
                             for k, (s, lp) in enumerate(zip(strings, logprobs))]}
-    offsets, at = [], 0
+    offsets, at = [], start
     for s in strings:
         offsets.append(at)
         at += len(s)

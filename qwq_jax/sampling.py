@@ -161,10 +161,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
-    def validate(self, *, prompt_tokens: int | None = None, max_context: int | None = None) -> SamplingParams:
+    def validate(self, *, prompt_tokens: int | None = None, max_context: int | None = None,
+                 vocab_size: int | None = None) -> SamplingParams:
         """Return self, or raise ValueError naming the first bad field and its value.
 
-        With `prompt_tokens` and `max_context`, also checks the prompt plus `max_tokens` fits the context.
+        With `prompt_tokens` and `max_context`, also checks the prompt plus `max_tokens` fits the context;
+        with `vocab_size`, that every stop token id is one of the vocabulary's.
         """
 
         def bad(name: str, rule: str) -> ValueError:
@@ -199,6 +201,9 @@ class SamplingParams:
             raise bad("stop", "a tuple of non-empty strings")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a tuple of token ids >= 0")
+        top_id = vocab_size if vocab_size is not None else 2**31  # the decode program holds them as int32
+        if any(t >= top_id for t in self.stop_token_ids):
+            raise bad("stop_token_ids", f"token ids below {top_id}" + (" (the vocabulary's size)" if vocab_size else ""))
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**32):
             raise bad("seed", "None or an int in [0, 2**32)")
         if prompt_tokens is not None and max_context is not None and prompt_tokens + self.max_tokens > max_context:
@@ -283,7 +288,8 @@ def batch_params(params: Sequence[SamplingParams]) -> SamplingArrays:
     f32 = np.float32
     return SamplingArrays(
         temperature=col("temperature", f32),
-        top_k=np.maximum(col("top_k", np.int32), 0),
+        # a top_k past the vocabulary keeps every token, as 0 does; int32 holds any vocabulary's size
+        top_k=np.array([max(min(p.top_k, 2**31 - 1), 0) for p in params], np.int32),
         top_p=col("top_p", f32),
         min_p=col("min_p", f32),
         presence_penalty=col("presence_penalty", f32),

@@ -139,6 +139,10 @@ class Runner:
             raise ApiError(500, f"the engine stopped: {self.dead}", code="engine_dead")
         if self.draining:
             raise ApiError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+        if len(parsed.prompts) > self.max_waiting:  # could never be taken: no point in retrying
+            raise ApiError(400, f"{len(parsed.prompts)} prompts in one request, more than the server's waiting queue "
+                                f"holds ({self.max_waiting}, --max-waiting); send at most that many at a time",
+                           "prompt")
         with self.cond:
             if self.pending + len(parsed.prompts) > self.max_waiting:
                 raise ApiError(503, f"the waiting queue is full ({self.max_waiting} requests); retry later",
@@ -350,7 +354,8 @@ class Server:
                 keep = [k for k, t in enumerate(c.token_ids) if t not in self.eos]
                 logprobs = token_logprobs(self.ctx.tokenizer, [c.token_ids[k] for k in keep],
                                           [c.logprobs[k] for k in keep], parsed.chat,
-                                          [c.top_logprobs[k] for k in keep] if c.top_logprobs else None)
+                                          [c.top_logprobs[k] for k in keep] if c.top_logprobs else None,
+                                          start=len(parsed.prompt_texts[p]) if parsed.echo else 0)
             index = p * n + k
             if parsed.chat:
                 message = {"role": "assistant", "content": content, "reasoning_content": r,
@@ -381,6 +386,9 @@ class Server:
         cid, created = new_id("chatcmpl" if parsed.chat else "cmpl"), now()
         kind = "chat.completion.chunk" if parsed.chat else "text_completion"
         streams: dict[int, ChoiceStream] = {}
+        # completions' text_offset: where each choice's next token starts in its text (after the echo)
+        offsets = {p * n + k: len(parsed.prompt_texts[p]) if parsed.echo else 0
+                   for p in range(len(job.rids)) for k in range(n)}
         completion_tokens = reasoning = 0
 
         def chunk(choices: list, usage: Any = None) -> str:
@@ -429,7 +437,10 @@ class Server:
                     keep = [k for k, t in enumerate(ev.token_ids) if t not in self.eos]
                     logprobs = token_logprobs(self.ctx.tokenizer, [ev.token_ids[k] for k in keep],
                                               [ev.logprobs[k] for k in keep], parsed.chat,
-                                              [ev.top_logprobs[k] for k in keep] if ev.top_logprobs else None)
+                                              [ev.top_logprobs[k] for k in keep] if ev.top_logprobs else None,
+                                              start=offsets.get(index, 0))
+                    if not parsed.chat and logprobs["tokens"]:  # the next chunk's tokens follow these
+                        offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                 if r or c or logprobs:
                     yield chunk([piece(index, r, c, logprobs=logprobs)])
                 if ev.finished:

@@ -15,8 +15,25 @@ CASES = [  # (text, in_think, tools, stops, (reasoning, content) by hand)
     ("plain answer with </thin in it", False, False, (), (None, "plain answer with </thin in it")),
     ("a <b> c", False, False, (), (None, "a <b> c")),
     ("ok</think>Sure.\n\n" + CALL, True, True, (), ("ok", "Sure.")),
-    ("Answer: 42. STOP", False, False, ("STOP",), (None, "Answer: 42. STOP")),
+    # With stops, the engine ends the sequence with the token that completes the earliest stop string
+    # and cuts the completion's text before it: no delta may carry any of the stop string.
+    ("Answer: 42. STOP here", False, False, ("STOP",), (None, "Answer: 42. ")),
+    ("Two plus two</think>Four", True, False, ("plus",), ("Two ", "")),
+    ("Two plus two", False, False, ("o",), (None, "Tw")),
+    ("a b c d e", False, False, ("zz", " c", "d"), (None, "a b")),
+    ("Hm</think>The end.", True, False, ("end",), ("Hm", "The ")),
 ]
+
+
+def _engine_cut(tokenizer, ids: list[int], stops: tuple[str, ...]) -> tuple[list[int], str]:
+    """What the engine returns for `ids` under `stops`, worked out independently of it: the tokens up
+    to the first one whose text holds a stop string, and the text before the earliest stop."""
+    for n in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:n])
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:
+            return ids[:n], text[:min(hits)]
+    return ids, tokenizer.decode(ids)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +46,9 @@ def tokenizer(demo_tokenizer_dir):
 @pytest.mark.parametrize("text,in_think,tools,stops,want", CASES)
 def test_streamed_deltas_concatenate_to_the_final_fields(tokenizer, text, in_think, tools, stops, want):
     fields = OutputFields(in_think=in_think, tools=tools)
+    ids, text = _engine_cut(tokenizer, tokenizer.encode(text), stops)
     reasoning, content, calls = fields.final(text)
     assert (reasoning, content) == want
-    ids = tokenizer.encode(text)
     rng = np.random.default_rng(0)
     for _ in range(5):  # random event boundaries
         cuts = sorted(set(rng.integers(0, len(ids) + 1, size=4).tolist()) | {0, len(ids)})

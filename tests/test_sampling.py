@@ -117,10 +117,10 @@ def test_temperature_per_row():
 
 
 def test_top_k_per_row():
-    ks = (0, -1, 1, 5, 31, 32, 100)
+    ks = (0, -1, 1, 5, 31, 32, 100, 2**40)  # past the vocabulary (even past int32): every token, as vLLM
     got = check_filter([SamplingParams(top_k=k) for k in ks])
     kept = np.isfinite(got).sum(axis=1)
-    np.testing.assert_array_equal(kept, [32, 32, 1, 5, 31, 32, 32])
+    np.testing.assert_array_equal(kept, [32, 32, 1, 5, 31, 32, 32, 32])
 
 
 def test_top_k_keeps_ties_at_the_boundary():
@@ -392,6 +392,14 @@ def test_prompt_plus_max_tokens_must_fit_the_context():
     SamplingParams(max_tokens=96).validate(prompt_tokens=4000, max_context=4096)
     with pytest.raises(ValueError, match=r"max_tokens=97.*4000.*4096"):
         SamplingParams(max_tokens=97).validate(prompt_tokens=4000, max_context=4096)
+
+
+def test_stop_token_ids_must_be_in_the_vocabulary():
+    SamplingParams(stop_token_ids=(151935,)).validate(vocab_size=151936)
+    with pytest.raises(ValueError, match=r"stop_token_ids=\(151936,\) must be token ids below 151936"):
+        SamplingParams(stop_token_ids=(151936,)).validate(vocab_size=151936)
+    with pytest.raises(ValueError, match=r"stop_token_ids.*below 2147483648"):  # no vocabulary given: int32's limit
+        SamplingParams(stop_token_ids=(2**31,)).validate()
 
 
 def test_stop_lists_become_tuples():

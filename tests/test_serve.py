@@ -335,6 +335,11 @@ ERRORS = [  # (body changes, status, param)
     ({"max_tokens": 100000}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "messages"),
     ({"model": "gpt-4"}, 404, "model"),
+    # values the engine thread could not take: a 400 each, never an engine that stops for everyone
+    ({"stop_token_ids": [2**31]}, 400, "stop_token_ids"),
+    ({"stop_token_ids": [151936]}, 400, "stop_token_ids"),
+    ({"chat_template_kwargs": {"tools": 5}}, 400, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"add_generation_prompt": "no"}}, 400, "chat_template_kwargs"),
 ]
 
 
@@ -357,6 +362,13 @@ def test_every_error_is_an_openai_error_object(tiny):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.get(tiny.url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["message"]
+    r = httpx.post(tiny.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},  # JSON allows it
+                   content=b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    r = tiny.post("/v1/completions", {"model": "tiny", "prompt": ["x"] * 129, "max_tokens": 1})  # --max-waiting 128
+    assert r.status_code == 400 and "--max-waiting" in r.json()["error"]["message"], r.text
+    r = tiny.post("/v1/chat/completions", {**base, "top_k": 2**40, "temperature": 0})  # past the vocabulary: off
+    assert r.status_code == 200, r.text
     # The real client raises the matching exception classes.
     with pytest.raises(openai.NotFoundError):
         tiny.client.chat.completions.create(model="gpt-4", messages=base["messages"])
@@ -365,6 +377,40 @@ def test_every_error_is_an_openai_error_object(tiny):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=tiny.url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(tiny.url + "/health").json()["status"] == "ok"  # none of that hurt the server
+
+
+@pytest.mark.xdist_group("serve_tiny")
+def test_streams_never_send_the_stop_string_and_offsets_run_on(tiny):
+    msgs = [{"role": "user", "content": "What is two plus two?"}]
+    # The bigram model replies "Two plus two</think>Four"; each stop string cuts it where it first appears.
+    for stop, want in (("plus", ("Two ", "")), (" t", ("Two plus", "")), (["Four"], ("Two plus two", "")),
+                       ("o", ("Tw", "")), (["zz", "ur"], ("Two plus two", "Fo"))):
+        plain = tiny.client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=32,
+                                                    stop=stop).choices[0]
+        assert (plain.message.reasoning_content, plain.message.content) == want, stop
+        assert plain.finish_reason == "stop"
+        got = ["", ""]
+        for ch in tiny.client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=32,
+                                                      stop=stop, stream=True):
+            delta = ch.choices[0].delta
+            got[0] += (delta.model_extra or {}).get("reasoning_content") or ""
+            got[1] += delta.content or ""
+        assert tuple(got) == want, stop
+    # Completions' text_offset: where each token starts in the choice's text, across a stream's chunks,
+    # after an echoed prompt.
+    prompt = "the quick brown fox"
+    tokens, offsets = [], []
+    for ch in tiny.client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=8, logprobs=1,
+                                             stream=True):
+        if ch.choices[0].logprobs:
+            tokens += ch.choices[0].logprobs.tokens
+            offsets += ch.choices[0].logprobs.text_offset
+    assert len(tokens) == 8 and offsets == [sum(map(len, tokens[:i])) for i in range(8)]
+    echoed = tiny.client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=8, logprobs=1,
+                                            echo=True).choices[0]
+    assert echoed.logprobs.tokens == tokens
+    assert echoed.logprobs.text_offset == [len(prompt) + o for o in offsets]
+    assert echoed.text[len(prompt) + offsets[3]:].startswith(tokens[3])
 
 
 PROMPTS = ["the quick brown fox", "one two three four five", "JAX compiles", "paged attention",
