@@ -18,16 +18,28 @@ from qwq_jax import compile_cache
 def _parse_size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
     t = text.strip().upper()
+    size = None
     for unit, mult in units.items():
         if t.endswith(unit):
             try:
-                return int(float(t[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB)") from None
+                size = int(float(t[: -len(unit)]) * mult)
+            except (ValueError, OverflowError):  # OverflowError: inf
+                pass
+            break
+    else:
+        try:
+            size = int(t)
+        except ValueError:
+            pass
+    if size is None or size < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: give a positive size (e.g. 5GB, 500MB)")
+    return size
+
+
+def _replaces_source(src: str, out: str) -> bool:
+    """OUT is SRC or a directory holding it: --overwrite would delete what is being read."""
+    src_path, out_path = Path(src).resolve(), Path(out).resolve()
+    return src_path == out_path or out_path in src_path.parents
 
 
 
@@ -87,7 +99,11 @@ def _source_problem(command: str, src: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    problem = _source_problem(args.command, args.ckpt if args.command == "export-hf" else args.src)
+    src = args.ckpt if args.command == "export-hf" else args.src
+    problem = _source_problem(args.command, src)
+    if problem is None and _replaces_source(src, args.out):
+        problem = (f"OUT {args.out} is the source or holds it: writing there would delete {src}; choose "
+                   "another OUT")
     if problem is None and not args.overwrite and Path(args.out).exists():
         problem = f"{args.out} already exists (pass --overwrite to replace it, or choose another OUT)"
     if problem is not None:

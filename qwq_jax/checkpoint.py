@@ -294,9 +294,12 @@ def require_checkpoint(path: str | os.PathLike, wanted: str = "a qwq-jax checkpo
 
 def _training_meta(step_dir: Path) -> dict:
     try:
-        return json.loads((step_dir / "meta" / "metadata").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        meta = json.loads((step_dir / "meta" / "metadata").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{step_dir}: unreadable training checkpoint metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{step_dir}: unreadable training checkpoint metadata (not a JSON object)")
+    return meta
 
 
 def _quantized_leaf(key: str) -> str | None:

@@ -142,6 +142,7 @@ class QwenConfig:
 
     @classmethod
     def _from_hf_dict(cls, hf: dict[str, Any]) -> "QwenConfig":
+        _check_field_types(hf)
         model_type = hf.get("model_type", "qwen2")
         if model_type != "qwen2":
             raise ValueError(f"config field model_type={model_type!r} is not supported (expected 'qwen2')")
@@ -298,3 +299,31 @@ PRESETS: dict[str, QwenConfig] = {
                             rope_scaling=RopeScaling("yarn", 4.0, original_max_position_embeddings=256),
                             dtype="float32"),
 }
+
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "bos_token_id")
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+
+
+def _check_field_types(hf: dict[str, Any]) -> None:
+    """One ValueError naming the field for a value of the wrong JSON type (a hand-edited or foreign
+    config.json), before any arithmetic on it."""
+    import numbers
+
+    def is_int(v: Any) -> bool:  # numbers.Integral: NumPy's integers too (a GGUF's metadata)
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    for name in _INT_FIELDS:
+        v = hf.get(name)
+        if v is not None and not is_int(v):
+            raise ValueError(f"config field {name}={v!r} must be an integer")
+    for name in _FLOAT_FIELDS:
+        if name in hf and not (isinstance(hf[name], numbers.Real) and not isinstance(hf[name], bool)):
+            raise ValueError(f"config field {name}={hf[name]!r} must be a number")
+    arch = hf.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise ValueError(f"config field architectures={arch!r} must be a list of names, e.g. [\"Qwen2ForCausalLM\"]")
+    eos = hf.get("eos_token_id")
+    if eos is not None and not (is_int(eos) or (isinstance(eos, list) and all(is_int(t) for t in eos))):
+        raise ValueError(f"config field eos_token_id={eos!r} must be a token id or a list of them")

@@ -29,12 +29,11 @@ import time
 import uuid
 from typing import Any
 
-from qwq_jax.sampling import SamplingParams
+from qwq_jax.sampling import MAX_N, SamplingParams
 from qwq_jax.tokenizer import THINK_END, THINK_START, IncrementalDecoder, split_reasoning
 
 TOOL_START, TOOL_END = "<tool_call>", "</tool_call>"
 ROLES = ("system", "developer", "user", "assistant", "tool")
-MAX_N = 128
 
 
 class ApiError(Exception):

@@ -170,6 +170,9 @@ def _topologies() -> dict[str, Topology]:
 TOPOLOGIES = _topologies()
 
 
+MAX_DEVICES = 1 << 16  # past any pod: every mesh of N devices is tried, so N is kept to what exists
+
+
 def get_topology(name: str | None = None, devices: int | None = None, hbm_gib: float | None = None) -> Topology:
     """A known topology by name (`v5p-64`, `h100x8`, ...), optionally overridden, or a custom one."""
     if name is None:
@@ -182,15 +185,15 @@ def get_topology(name: str | None = None, devices: int | None = None, hbm_gib: f
         raise ValueError(f"unknown topology {name!r} (known: {', '.join(TOPOLOGIES)}; or give --devices N "
                          "--hbm-gib X)")
     if devices is not None:
-        if devices < 1:
-            raise ValueError(f"--devices must be >= 1, got {devices}")
+        if not 1 <= devices <= MAX_DEVICES:
+            raise ValueError(f"--devices must be between 1 and {MAX_DEVICES}, got {devices}")
         if devices != topo.devices:
             topo = dataclasses.replace(topo, devices=devices, aot_name=None,
                                        devices_per_host=min(devices, topo.devices_per_host or devices)
                                        if topo.devices_per_host else None)
     if hbm_gib is not None:
-        if not hbm_gib > 0:
-            raise ValueError(f"--hbm-gib must be > 0, got {hbm_gib}")
+        if not 0 < hbm_gib < 1 << 20:  # nan and inf too
+            raise ValueError(f"--hbm-gib must be a positive size in GiB, got {hbm_gib}")
         topo = dataclasses.replace(topo, hbm_bytes=int(hbm_gib * GIB))
     return topo
 
@@ -428,6 +431,9 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
     chunk = min(PREFILL_CHUNK, seq if task == "generate" else rollout_len) if prefill_chunk is None \
         else prefill_chunk
     rollout_batch = batch if rollout_batch is None else rollout_batch
+    for name, value in (("rollout_batch", rollout_batch), ("rollout_len", rollout_len)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
     if not 1 <= chunk <= (seq if task == "generate" else rollout_len):
         raise ValueError(f"prefill_chunk={chunk} must be between 1 and the sequence length")
     c, tensor = _itemsize(compute_dtype), sizes["tensor"]

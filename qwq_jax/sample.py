@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.interactive and args.prompt is None:
         parser.error("--prompt is required unless --interactive")
+    from qwq_jax.sampling import MAX_N
+
+    if args.n is not None and args.n > MAX_N:
+        parser.error(f"--n {args.n}: at most {MAX_N} samples per prompt (each takes a decode slot)")
     from sharding import init_distributed
 
     try:

@@ -127,7 +127,18 @@ def _read_generation_config(source: str | os.PathLike | dict | None) -> dict[str
     path = Path(source)
     if path.is_dir():
         path = path / GENERATION_CONFIG
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object of sampling settings, not {type(config).__name__}")
+    return config
+
+
+MAX_N = 128  # samples per request at most, in the server and the sample CLI (each takes a decode slot)
 
 
 @dataclass(frozen=True)

@@ -209,7 +209,7 @@ def _check_values(cfg: TrainConfig) -> None:
                             d.max_prompt_tokens, 1), ("data.eval_every", d.eval_every, 0), ("data.eval_size",
                             d.eval_size, 1), ("rewards.workers", r.workers, 1), ("run.steps", run.steps, 1),
                             ("run.save_every", run.save_every, 0), ("run.keep", run.keep, 1),
-                            ("lora.rank", cfg.lora.rank, 0)):
+                            ("lora.rank", cfg.lora.rank, 0), ("run.seed", run.seed, 0)):
         if value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value}")
     g = cfg.grpo()  # validates [rl] (run.steps checked above: it is GRPOConfig.total_steps)
@@ -277,6 +277,9 @@ def _model_source(cfg: TrainConfig):
     return qcfg, tok_dir
 
 
+RUN_FILES = ("checkpoints", "config.json", "metrics.jsonl", "tensorboard")  # what a run writes in run.output_dir
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check what `config_from_dict` cannot: model.path and model.tokenizer usable, data files
     present, rewards.custom importable, the code sandbox as strong as asked (rewards.code). Reads small
@@ -296,9 +299,17 @@ def validate(cfg: TrainConfig) -> None:
         _import_function(cfg.rewards.custom)
     if cfg.rewards.code:
         _check_sandbox(cfg.sandbox)
+    if not str(cfg.run.output_dir).strip():
+        raise ConfigError("run.output_dir is empty; name the run's own directory (e.g. runs/grpo)")
     out = Path(cfg.run.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"run.output_dir={str(out)!r} is a file")
+    if out.is_dir():  # a run writes config.json there: never into a model or another tool's directory
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+        if foreign:
+            raise ConfigError(f"run.output_dir={str(out)!r} holds files no training run writes ("
+                              f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): it may be a model or "
+                              "other work that the run would overwrite; choose a new or empty directory")
 
 
 def _parse_value(text: str) -> Any:
@@ -318,16 +329,21 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text(encoding="utf-8")
         try:
+            text = path.read_text(encoding="utf-8")
             if path.suffix == ".json":
                 data = json.loads(text)
             else:
                 import tomllib
 
                 data = tomllib.loads(text)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (not UTF-8); give a TOML or JSON config") from None
         except (ValueError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config is an object of sections ([model], [rl], [run], ...), not "
+                              f"{type(data).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")

@@ -13,12 +13,23 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("multi-host")
     g.add_argument("--coordinator", default=os.environ.get("QWQ_COORDINATOR"),
                    help="host:port of process 0 (env QWQ_COORDINATOR)")
-    g.add_argument("--num-processes", type=int, default=_env_int("QWQ_NUM_PROCESSES"),
+    # A string default goes through `type` at parse time, so a bad variable is the parser's one-line error.
+    g.add_argument("--num-processes", type=_int_arg("QWQ_NUM_PROCESSES"), default=os.environ.get("QWQ_NUM_PROCESSES") or None,
                    help="number of processes (env QWQ_NUM_PROCESSES)")
-    g.add_argument("--process-id", type=int, default=_env_int("QWQ_PROCESS_ID"),
+    g.add_argument("--process-id", type=_int_arg("QWQ_PROCESS_ID"), default=os.environ.get("QWQ_PROCESS_ID") or None,
                    help="this process's index (env QWQ_PROCESS_ID)")
     g.add_argument("--distributed", action="store_true",
                    help="initialise jax.distributed from the cluster environment (TPU pods, SLURM)")
+
+
+def _int_arg(env: str):
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer (from the flag or ${env})") from None
+    parse.__name__ = "int"
+    return parse
 
 
 def _env_int(name: str) -> int | None:

@@ -110,6 +110,16 @@ def test_serve_mistakes(paths, capsys, argv, code, needles):
     (["run.output_dir={file}"], ["is a file"]),
     (["run.stepz=3"], ["unknown key run.stepz; known: steps"]),
     (["steps=3"], ["expected section.key=value"]),
+    (["run.output_dir="], ["run.output_dir is empty"]),
+    (["run.output_dir={hf}"], ["holds files no training run writes (model.safetensors, tokenizer.json)", "choose a new or empty directory"]),
+    (["rl.temperature=-1"], ["temperature=-1", "must be >= 0"]),
+    (["rl.top_p=1.5"], ["top_p=1.5", "must be in (0, 1]"]),
+    (["rl.max_tokens=1e9"], ["max_tokens must be an integer, got 1000000000.0"]),
+    (['rl.group_size="4"'], ["group_size must be an integer, got '4'"]),
+    (["rl.learning_rate=nan"], ["learning_rate must be a finite number"]),
+    (["rl.warmup_steps=-5"], ["warmup_steps must be >= 0"]),
+    (["rl.kl_beta=[1]"], ["kl_beta must be a finite number"]),
+    (["run.seed=-1"], ["run.seed must be >= 0"]),
 ])
 def test_train_config_mistakes_before_anything_loads(paths, capsys, sets, needles):
     from qwq_jax.train import main
@@ -123,7 +133,11 @@ def test_train_config_mistakes_before_anything_loads(paths, capsys, sets, needle
 def test_train_usage_mistakes(paths, capsys):
     from qwq_jax.train import main
 
+    (paths["root"] / "list.json").write_text("[1, 2]")
+    (paths["root"] / "binary.toml").write_bytes(bytes(range(256)))
     for argv, needle in [(["--config", str(paths["missing"])], "config file not found"),
+                         (["--config", str(paths["root"] / "list.json")], "a config is an object of sections"),
+                         (["--config", str(paths["root"] / "binary.toml")], "not a text file (not UTF-8)"),
                          (["--bogus"], "unrecognized arguments: --bogus"),
                          (["--config", str(paths["file"])], "notes.txt")]:
         got, out, err = _call(main, argv, capsys)
@@ -131,9 +145,26 @@ def test_train_usage_mistakes(paths, capsys):
         _one_line(err, needle)
 
 
+def test_bad_environment_variable_is_one_line(capsys, monkeypatch):
+    """QWQ_NUM_PROCESSES / QWQ_PROCESS_ID feed flag defaults: a bad one is the parser's one line."""
+    from convert.__main__ import main as convert_main
+    from qwq_jax.sample import main as sample_main
+
+    monkeypatch.setenv("QWQ_NUM_PROCESSES", "abc")
+    got, out, err = _call(sample_main, ["--demo", "--prompt", "hi"], capsys)
+    assert got == 2 and out == ""
+    _one_line(err, "--num-processes: 'abc' is not an integer (from the flag or $QWQ_NUM_PROCESSES)")
+    monkeypatch.delenv("QWQ_NUM_PROCESSES")
+    monkeypatch.setenv("QWQ_PROCESS_ID", "x1")
+    got, out, err = _call(convert_main, ["hf", "a", "b"], capsys)
+    assert got == 2 and out == ""
+    _one_line(err, "--process-id: 'x1' is not an integer (from the flag or $QWQ_PROCESS_ID)")
+
+
 @pytest.mark.parametrize("module, argv, needle", [
     ("qwq_jax.sample", ["--prompt", "hi"], "one of the arguments --checkpoint --demo is required"),
     ("qwq_jax.sample", ["--demo", "--prompt", "hi", "--n", "two"], "--n: invalid int value: 'two'"),
+    ("qwq_jax.sample", ["--demo", "--prompt", "hi", "--n", "100000"], "at most 128 samples per prompt"),
     ("qwq_jax.plan", ["--bogus"], "unrecognized arguments: --bogus"),
     ("qwq_jax.train", ["--bogus"], "unrecognized arguments: --bogus"),
     ("convert.__main__", ["gguf"], "the following arguments are required: src, out"),
@@ -163,6 +194,12 @@ def test_every_cli_bad_flag_is_one_line(capsys, module, argv, needle):
     (["export-hf", "{run}/checkpoints/6", "{other}"], 1, ["{other} already exists (pass --overwrite"]),
     (["hf"], 2, ["required: src, out", "--help"]),
     (["export-hf", "a", "b", "--max-shard-size", "lots"], 2, ["invalid size 'lots'"]),
+    (["export-hf", "a", "b", "--max-shard-size", "infGB"], 2, ["invalid size 'infGB'"]),
+    (["export-hf", "a", "b", "--max-shard-size", "0"], 2, ["invalid size '0': give a positive size"]),
+    # OUT that is the source, or holds it: --overwrite would delete what is being read
+    (["hf", "{hf}", "{hf}", "--overwrite"], 1, ["is the source or holds it", "would delete {hf}"]),
+    (["hf", "{hf}", "{root}", "--overwrite"], 1, ["is the source or holds it"]),
+    (["export-hf", "{run}/checkpoints/6", "{run}", "--overwrite"], 1, ["is the source or holds it"]),
     (["gguff", "a", "b"], 2, ["invalid choice: 'gguff'"]),
 ])
 def test_convert_mistakes(paths, capsys, argv, code, needles):
@@ -171,6 +208,7 @@ def test_convert_mistakes(paths, capsys, argv, code, needles):
     got, out, err = _call(main, [a.format(**paths) for a in argv], capsys)
     assert got == code and out == ""
     _one_line(err, "python -m convert", *(n.format(**paths) for n in needles))
+    assert (paths["hf"] / "model.safetensors").is_file() and (paths["run"] / "checkpoints" / "6").is_dir()
 
 
 # ---- python -m qwq_jax.plan ------------------------------------------------------------------------
@@ -178,6 +216,11 @@ def test_convert_mistakes(paths, capsys, argv, code, needles):
     (["--preset", "qwq-32b", "--task", "generate", "--topology", "v9-1"], "unknown topology 'v9-1'"),
     (["--preset", "qwq-32b", "--task", "train", "--topology", "h100x8", "--batch", "3", "--micro-batches", "2"],
      "does not split"),
+    (["--preset", "qwq-32b", "--devices", "8", "--hbm-gib", "inf"], "--hbm-gib must be a positive size in GiB"),
+    (["--preset", "qwq-32b", "--no-aot", "--devices", "1000000000", "--hbm-gib", "80"],
+     "--devices must be between 1 and 65536"),
+    (["--preset", "qwq-32b", "--task", "train", "--topology", "h100x8", "--rollout-batch", "-4"],
+     "rollout_batch=-4 must be >= 1"),
 ])
 def test_plan_mistakes(capsys, argv, needle):
     from qwq_jax.plan import main

@@ -121,6 +121,12 @@ def test_rope_type_key_and_extra_yarn_fields():
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"num_hidden_layers": 0}, "num_layers=0"),
     ({"rope_scaling": {"type": "linear"}}, "rope_scaling.factor is missing"),
+    # wrong JSON types: one line naming the field, not a TypeError from arithmetic on it
+    ({"hidden_size": "5120"}, "hidden_size='5120' must be an integer"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps='1e-5' must be a number"),
+    ({"rope_theta": [1]}, "rope_theta=[1] must be a number"),
+    ({"architectures": "Qwen2ForCausalLM"}, "architectures='Qwen2ForCausalLM' must be a list of names"),
+    ({"eos_token_id": "x"}, "eos_token_id='x' must be a token id or a list of them"),
 ])
 def test_bad_configs_name_field_and_value(change, message):
     bad = dict(QWQ_32B_CONFIG)

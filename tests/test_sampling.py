@@ -434,3 +434,9 @@ def test_from_generation_config_greedy_missing_and_bad(tmp_path):
         SamplingParams.from_generation_config({"top_p": 0.0})
     with pytest.raises(TypeError, match="tempreature"):
         SamplingParams.from_generation_config(None, tempreature=0.5)
+    (tmp_path / "generation_config.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"generation_config.json must hold a JSON object .* not list"):
+        SamplingParams.from_generation_config(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"generation_config.json is not valid JSON"):
+        SamplingParams.from_generation_config(tmp_path)

@@ -27,6 +27,8 @@ same update as one (see `losses.batch_normalizers`).
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -79,6 +81,26 @@ class GRPOConfig:
     seed: int = 0
 
     def __post_init__(self):
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("group_size", "max_tokens", "micro_batches", "total_steps", "warmup_steps", "overlong_buffer",
+                     "seed"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("temperature", "top_p", "learning_rate", "weight_decay", "clip_norm", "adam_b1", "adam_b2",
+                     "tis_cap", "kl_beta", "clip_low", "clip_high"):
+            value = getattr(self, name)
+            if not (number(value) or (value is None and name in ("kl_beta", "clip_low", "clip_high"))):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("warmup_steps", "overlong_buffer", "seed", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_b1", "adam_b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        # the rollouts' sampling settings, checked as the engine will check them
+        SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens).validate()
         for name in ("group_size", "max_tokens", "micro_batches", "total_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
