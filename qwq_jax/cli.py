@@ -23,6 +23,21 @@ from typing import Iterator
 AFTER_S = 1.0  # phases shorter than this print nothing
 
 
+def run_main(main) -> None:
+    """`sys.exit(main())` for a `python -m` entry point, quiet when the reader of stdout goes away
+    (`... --json | head -1`): no BrokenPipeError traceback, from the write or from the exit's flush
+    (Python's documented remedy: point stdout at /dev/null), exit 1."""
+    import os
+
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    sys.exit(code)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (the problem, and where the usage is), exit 2;
     its subcommands' parsers too."""

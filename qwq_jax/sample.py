@@ -380,4 +380,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from qwq_jax.cli import run_main
+
+    run_main(main)

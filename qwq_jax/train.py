@@ -776,4 +776,6 @@ def _help_epilog() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from qwq_jax.cli import run_main
+
+    run_main(main)

@@ -55,7 +55,7 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     coordinator = coordinator or os.environ.get("QWQ_COORDINATOR")
     num_processes = num_processes if num_processes is not None else _env_int("QWQ_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("QWQ_PROCESS_ID")
-    if not (auto or coordinator or num_processes):
+    if not (auto or coordinator or num_processes or process_id is not None):
         return False
     if not auto:
         missing = [n for n, v in (("coordinator", coordinator), ("num_processes", num_processes),

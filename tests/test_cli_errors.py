@@ -165,6 +165,8 @@ def test_bad_environment_variable_is_one_line(capsys, monkeypatch):
     ("qwq_jax.sample", ["--prompt", "hi"], "one of the arguments --checkpoint --demo is required"),
     ("qwq_jax.sample", ["--demo", "--prompt", "hi", "--n", "two"], "--n: invalid int value: 'two'"),
     ("qwq_jax.sample", ["--demo", "--prompt", "hi", "--n", "100000"], "at most 128 samples per prompt"),
+    ("qwq_jax.sample", ["--demo", "--prompt", "hi", "--process-id", "3"],  # alone it was ignored
+     "multi-host start needs coordinator, num_processes as well"),
     ("qwq_jax.plan", ["--bogus"], "unrecognized arguments: --bogus"),
     ("qwq_jax.train", ["--bogus"], "unrecognized arguments: --bogus"),
     ("convert.__main__", ["gguf"], "the following arguments are required: src, out"),
@@ -244,3 +246,19 @@ def test_real_processes_print_one_line(paths):
     p = _subprocess(["qwq_jax.train", "--config", str(TINY), "--set", "rl.micro_batches=3"])
     assert p.returncode == 2 and p.stdout == ""
     _one_line(p.stderr, "rl.micro_batches=3 does not divide")
+
+
+def test_a_reader_that_goes_away_is_no_traceback():
+    """`python -m qwq_jax.train --print-config | head -1`: stdout's reader closed, exit 1 and nothing on stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "QWQ_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    for args in (["qwq_jax.train", "--config", str(TINY), "--print-config"],
+                 ["qwq_jax.plan", "--preset", "tiny", "--devices", "1", "--hbm-gib", "1", "--no-aot", "--json"]):
+        read, write = os.pipe()
+        os.close(read)  # every write to stdout now fails with EPIPE
+        try:
+            p = subprocess.run([sys.executable, "-m", *args], env=env, stdout=write, stderr=subprocess.PIPE,
+                               text=True, timeout=300)
+        finally:
+            os.close(write)
+        assert p.returncode == 1 and p.stderr == "", (args, p.stderr[-2000:])
