@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -97,6 +98,7 @@ class _CompileWatch:
 
     def __init__(self, on_compile: Callable[[str, str, dict], None] | None):
         self.on_compile = on_compile
+        self.thread = threading.get_ident()  # the caller's: engines stepping beside it on other threads compile alike
         self.current: tuple[str, float, int, int] | None = None
         self.compiled: list[dict] = []
 
@@ -109,7 +111,7 @@ class _CompileWatch:
 
     def __call__(self, event: str, fun_name: str, duration: float) -> None:
         program = next((label for name, label in _PROGRAMS.items() if name in fun_name), None)
-        if program is None:
+        if program is None or threading.get_ident() != self.thread:
             return
         if event == CLOCK.EVENTS[0]:  # traced: lowering and the backend compile follow
             self.current = (program, duration, CLOCK.hits, CLOCK.misses)
@@ -363,6 +365,11 @@ class Engine:
         inv = np.where(use[:, None, None], scaled[None, None], plain[None, None]).astype(np.float32)
         att = np.where(use, factor, 1.0).astype(np.float32)[:, None, None]
         return inv, att
+
+    @property
+    def sequence_capacity(self) -> int:
+        """The most tokens one sequence can hold: the pool less a page (copy-on-write for n > 1)."""
+        return (self.num_pages - 1) * self.page_size
 
     def max_context(self) -> int:
         return self.config.max_position_embeddings if self.rope_scaling == "off" else self.config.max_context

@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from qwq_jax import checkpoint
-    from qwq_jax.generate import Engine
+    from qwq_jax.replicas import build_engine
 
     mesh = mesh_from_args(parser, args)
     status = _Status(enabled=jax.process_index() == 0)
@@ -344,9 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, RuntimeError) as e:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 1
-    engine = Engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
-                    layer_loop=args.layer_loop, donate_weights=True, on_compile=status.on_compile,
-                    max_num_seqs=params.n, kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8")
+    # one engine per replica of the weights on a mesh with data x fsdp > 1 (qwq_jax/replicas.py)
+    engine = build_engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling,
+                          prefill_chunk=args.prefill_chunk, layer_loop=args.layer_loop, donate_weights=True,
+                          on_compile=status.on_compile, max_num_seqs=params.n,
+                          kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8")
     primary = jax.process_index() == 0
     messages = [{"role": "system", "content": args.system}] if args.system else []
     try:

@@ -595,7 +595,7 @@ def _context(ckpt: Path, tokenizer: Any, engine: Any, name: str) -> Context:
 
     defaults, sources, _ = checkpoint_sampling(ckpt)
     own_max = sources["max_tokens"]["source"] != "default"
-    cap = (engine.num_pages - 1) * engine.page_size  # one sequence alone, with a page to spare for n > 1
+    cap = engine.sequence_capacity  # one sequence alone, with a page to spare for n > 1
     return Context(name, tokenizer, defaults, engine.max_model_len, cap,
                    default_max_tokens=defaults.max_tokens if own_max else None, vocab_size=engine.config.vocab_size,
                    max_logprobs=engine.max_logprobs)
@@ -617,7 +617,7 @@ def start_in_thread(engine: Any, tokenizer: Any, *, name: str = "model", host: s
             port = sock.getsockname()[1]
     runner = Runner(engine, Metrics(), max_waiting=max_waiting)
     ctx = Context(name, tokenizer, defaults or SamplingParams(), engine.max_model_len,
-                  (engine.num_pages - 1) * engine.page_size, vocab_size=engine.config.vocab_size,
+                  engine.sequence_capacity, vocab_size=engine.config.vocab_size,
                   max_logprobs=engine.max_logprobs)
     server = uvicorn.Server(uvicorn.Config(build_app(Server(runner, ctx)), host=host, port=port, log_level="warning",
                                            lifespan="off"))
@@ -702,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qwq_jax import checkpoint
     from qwq_jax.cli import phase
-    from qwq_jax.generate import Engine
+    from qwq_jax.replicas import build_engine
     from qwq_jax.sample import _load, _Status, demo_checkpoint, mesh_from_args
     from qwq_jax.sampling import SamplingParams
 
@@ -715,11 +715,13 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = checkpoint.load_tokenizer(ckpt)
         model = _load(ckpt, args, mesh, status)
         kv_bytes = int(args.kv_cache_memory * 2**30) if args.kv_cache_memory is not None else None
-        engine = Engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
-                        layer_loop=args.layer_loop, donate_weights=True, on_compile=status.on_compile,
-                        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, kv_cache_bytes=kv_bytes,
-                        kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8", seed=args.seed,
-                        max_logprobs=args.max_logprobs)
+        # one engine per replica of the weights on a mesh with data x fsdp > 1 (qwq_jax/replicas.py)
+        engine = build_engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling,
+                              prefill_chunk=args.prefill_chunk, layer_loop=args.layer_loop, donate_weights=True,
+                              on_compile=status.on_compile, max_num_seqs=args.max_num_seqs,
+                              max_model_len=args.max_model_len, kv_cache_bytes=kv_bytes,
+                              kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8", seed=args.seed,
+                              max_logprobs=args.max_logprobs)
         del model
     except ValueError as e:
         print(f"python -m qwq_jax.serve: error: {e}", file=sys.stderr)

@@ -41,4 +41,14 @@ prompts = [tokens[i, : 5 + 7 * i].tolist() for i in range(3)]
 outs = Engine(model, mesh=mesh).generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))
 with open(os.path.join(out_dir, f"generate_{process_id}.json"), "w") as fh:
     json.dump([o[0].token_ids for o in outs], fh)
+# One engine per replica (qwq_jax/replicas.py): each process decodes its own replica's share of the
+# samples on its own 4 devices, and generate gathers them all onto both processes.
+from qwq_jax.replicas import ReplicatedEngine, build_engine  # noqa: E402
+
+replicated = build_engine(model, mesh=mesh, streaming=False)
+assert isinstance(replicated, ReplicatedEngine) and list(replicated.replicas) == [process_id]
+sampled = [SamplingParams(temperature=0.8, max_tokens=8, n=3, seed=7 + i, logprobs=0) for i in range(3)]
+outs = replicated.generate(prompts, sampled)
+with open(os.path.join(out_dir, f"replicas_{process_id}.json"), "w") as fh:
+    json.dump([[[c.token_ids, c.logprobs, c.finish_reason] for c in row] for row in outs], fh)
 print(f"process {process_id} done")

@@ -439,3 +439,15 @@ def test_grpo_step_tiny():
     assert 0 < row["generated_tokens"] <= 2 * 4 * 8 and row["rollout_tokens_per_s"] > 0
     phases = [row[k] for k in ("generate_s", "reward_s", "logprob_s", "update_s")]
     assert all(t >= 0 for t in phases) and sum(phases) <= row["step_s"] * 1.01
+
+
+def test_replicas_tiny():
+    """benchmarks/replicas.py: one engine per replica vs one engine on the whole data=2,tensor=2 mesh, the
+    same tokens, half the KV pool on each device."""
+    lines = run_bench("replicas.py")
+    rows = {x["engine"]: x for x in lines if "engine" in x}
+    assert set(rows) == {"whole_mesh", "replicas"}
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["rollout_s"] > 0 and r["rows"] == 8, r
+    (ratio,) = [x for x in lines if "ratio" in x]
+    assert ratio["same_tokens"] is True and ratio["kv_pool_bytes_per_device"] == 0.5 and ratio["tokens_per_s"] > 0

@@ -40,6 +40,7 @@ import optax
 
 from qwq_jax.generate import Completion, Engine
 from qwq_jax.model import Qwen2, as_dtype
+from qwq_jax.replicas import ReplicatedEngine, replicas_of
 from qwq_jax.rl.losses import (TIS_CAP, LossConfig, batch_normalizers, check_tis_cap, dynamic_sampling_keep,
                                group_advantages, overlong_penalty, policy_loss)
 from qwq_jax.rl.weights import COMPUTE_COPIES, ROLLOUT_WEIGHTS, WeightCopies
@@ -241,7 +242,7 @@ class GRPOTrainer:
         self.opt_state = self.weights.build(self.optimizer.init, self.params, self.opt_shardings)
         if self.loss_cfg.kl_beta > 0:
             self.weights.add_reference(self.params, reference)
-        self.engine = Engine(model, tokenizer, mesh=mesh, rules="generate")
+        self.engine = self._rollout_engine(model, tokenizer, mesh)
         self._rollout_shape = (0, 0)  # (slots, pages) of the largest rollout so far: see `_generate`
         self.step_count = 0
         self._times: dict[str, float] = {}  # the last step's phases (see `step`)
@@ -253,6 +254,18 @@ class GRPOTrainer:
         self._prepare = jax.jit(self._prepare_fn, static_argnames=("prompt_len",))
         if self.lora is not None and not self.abstract:
             self.sync_engine()  # the engine's own arrays were the model's stacks, now split
+
+    def _rollout_engine(self, model: Qwen2, tokenizer: Any, mesh: Any) -> Engine | ReplicatedEngine:
+        """The rollout engine: one `Engine` per replica of the rollout weights (`qwq_jax.replicas`: each
+        decodes its own share of the rows on its own devices) where the mesh has several (`data` x
+        `fsdp` > 1) and the engine decodes from the `split` copy, laid out by the `generate` rules
+        (replicated over those axes); otherwise one `Engine` on the whole mesh: the fp32 masters
+        (`rollout_weights="master"`) and a LoRA run's frozen base are read in place, sharded as the
+        update holds them, so every replica runs every row."""
+        if (not self.abstract and self.lora is None and self.config.rollout_weights == "split"
+                and replicas_of(mesh) is not None):
+            return ReplicatedEngine(model, tokenizer, mesh=mesh, rules="generate")
+        return Engine(model, tokenizer, mesh=mesh, rules="generate")
 
     @property
     def param_shardings(self) -> Any:
