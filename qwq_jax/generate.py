@@ -167,6 +167,29 @@ class StreamEvent:
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # when asked for
 
 
+def prompt_list(prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None
+                ) -> tuple[list[list[int]], list[SamplingParams]]:
+    """`stream`'s arguments as (token id lists, one SamplingParams per prompt)."""
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts is empty")
+    plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+    return prompts, plist
+
+
+def stream_timings(spent: dict, compile_s: float, compiled: list[dict], first_token: float | None) -> dict:
+    """`last_timings` of a `stream` (see there) from the engine counters it moved (`spent`: prefill_s,
+    decode_s, prefill_chunks, generated_tokens), its compile seconds and compilations."""
+    decode_compile = sum(c["seconds"] for c in compiled if c["program"] == "decode")
+    return {"prefill_s": spent["prefill_s"], "decode_s": spent["decode_s"], "compile_s": compile_s,
+            "prefill_compile_s": compile_s - decode_compile, "decode_compile_s": decode_compile,
+            "compiled": compiled, "first_token_s": first_token, "prefill_chunks": spent["prefill_chunks"],
+            "decode_tokens": spent["generated_tokens"],
+            "decode_tokens_per_s": spent["generated_tokens"] / max(spent["decode_s"], 1e-9)}
+
+
 class Engine:
     """Continuous batching over a paged KV cache (see the module docstring); on `mesh`, weights by
     the `generate` rules and pages over `tensor` by KV head."""
@@ -658,12 +681,7 @@ class Engine:
         `first_token_s` the time to the first token, `decode_tokens_per_s` new tokens over
         `decode_s`.
         """
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts:
-            raise ValueError("prompts is empty")
-        plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        prompts, plist = prompt_list(prompts, params)
         for i, (p, sp) in enumerate(zip(prompts, plist)):
             self._check_request(p, sp, None, what=f"prompt {i}")
         with _CompileWatch(self.on_compile) as watch:
@@ -695,17 +713,9 @@ class Engine:
                 if rid in self.scheduler.requests:
                     self.abort(rid)
                     self._undelivered = [e for e in self._undelivered if e.request_id != rid]
-        spent = {k: self._counters[k] - before[k] for k in before}
-        compile_s = CLOCK.seconds - c0
-        compiled = list(watch.compiled)
         self.last_completions = completions
-        self.last_timings = {
-            "prefill_s": spent["prefill_s"], "decode_s": spent["decode_s"], "compile_s": compile_s,
-            "prefill_compile_s": compile_s - sum(c["seconds"] for c in compiled if c["program"] == "decode"),
-            "decode_compile_s": sum(c["seconds"] for c in compiled if c["program"] == "decode"),
-            "compiled": compiled, "first_token_s": first_token, "prefill_chunks": spent["prefill_chunks"],
-            "decode_tokens": spent["generated_tokens"],
-            "decode_tokens_per_s": spent["generated_tokens"] / max(spent["decode_s"], 1e-9)}
+        self.last_timings = stream_timings({k: self._counters[k] - before[k] for k in before}, CLOCK.seconds - c0,
+                                           list(watch.compiled), first_token)
 
     # ---- ahead-of-time lowering --------------------------------------------------------------
     def _spec(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:

@@ -21,9 +21,11 @@ c = bytes of the compute dtype (bfloat16: 2), b the engine's decode slots (gener
 train: `rollout_batch`), N = ceil(seq / page) x page the pool tokens one sequence takes (pages of
 `page` = 16 tokens, `qwq_jax.generate.PAGE_SIZE`), B = the reference paged attention's block of
 keys (BLOCK_TOKENS = 256 rounded down to whole pages: 256), C the engine's decode steps per call
-(16). Training splits its batch rows over `data` x `fsdp`; the generation engine does not: its
-page pool and every per-slot array are replicated over `data` and `fsdp` (every slot's decode
-runs on every batch shard) and only split over `tensor` by KV head. Heads / KV heads / MLP /
+(16). Training splits its batch rows over `data` x `fsdp`, and so does generation: on a mesh with
+data x fsdp = R > 1 replicas the engine is one per replica (`qwq_jax.replicas`), each with its own
+page pool and slots for ceil(b / R) of the b sequences, split over `tensor` by KV head -- except
+GRPO rollouts decoding from weights sharded over `fsdp` (`rollout_weights="master"`, a LoRA base),
+which run one engine on the whole mesh: its pool and slots replicated over `data` and `fsdp`. Heads / KV heads / MLP /
 vocab are split over `tensor`; activations are assumed to follow (heads / MLP / vocab dims over
 `tensor`, hidden dim whole) -- XLA's sharding propagation decides the real layout.
 
@@ -31,10 +33,10 @@ Exact (from the declarations, no approximation):
   params       sum over parameters of prod(dim / mesh axes it maps to) x dtype bytes; a dimension
                the rules leave unmapped (norm scales, biases' head_dim, ...) counts whole. A mesh
                whose axes do not divide a mapped dimension is rejected, as `state_shardings` does.
-  kv_cache     the page pool the engine allocates for b sequences of `seq` tokens (num_pages = b x
-               ceil(seq / page)): 2 (k, v) x L x b x N x ceil(K/t) x D x c -- NOT divided by data x
-               fsdp (replicated there); KV heads are split over `tensor`, never duplicated
-               (`state_shardings` only accepts a `tensor` that divides K).
+  kv_cache     the page pool one replica's engine allocates for its s = ceil(b / R) sequences of
+               `seq` tokens (num_pages = s x ceil(seq / page)): 2 (k, v) x L x s x N x ceil(K/t) x D
+               x c (s = b where one engine runs on the whole mesh); KV heads are split over
+               `tensor`, never duplicated (`state_shardings` only accepts a `tensor` that divides K).
   optimizer    AdamW mu (`mu_dtype`) + nu (float32), laid out like the float32 master params.
 
 Counted from the code's arrays, with named approximations:
@@ -52,19 +54,19 @@ Counted from the code's arrays, with named approximations:
                  prefills a prompt in calls of `prefill_chunk` tokens, default 2048, so this is
                  min(that, seq)): W(1, T, B) + mask + rope + one block of gathered pages
                  2 B ceil(K/t) D c (the reference attention loops over blocks of B keys);
-                 decode step: all b slots, one token each: W(b, 1, B) + mask + rope + the
-                 gathered blocks 2 b B ceil(K/t) D c;
-               logits: the decode slots' carried state, b (5 V + 12): token counts int32 and prompt
-               mask bool [b, V] (V not split, replicated), the pending token, tokens generated and
-               lengths int32 [b]; + the decode call's outputs (tokens int32, log-probs float32) 8 b C.
+                 decode step: the replica's s slots, one token each: W(s, 1, B) + mask + rope + the
+                 gathered blocks 2 s B ceil(K/t) D c;
+               logits: the decode slots' carried state, s (5 V + 12): token counts int32 and prompt
+               mask bool [s, V] (V not split, replicated), the pending token, tokens generated and
+               lengths int32 [s]; + the decode call's outputs (tokens int32, log-probs float32) 8 s C.
   train        (GRPO, `qwq_jax.rl.grpo.GRPOTrainer`) three phases, each on top of the persistent
                float32 master params and AdamW state (train rules), the frozen reference (compute
                dtype, train rules; `reference=False` for losses without KL) and the rollout
                engine's copy of the weights (`param_dtype`, generate rules: replicated over
                data and fsdp, one array per layer; none with `rollout_weights="master"`):
-    rollout    the generate count for b = `rollout_batch` decode slots of `rollout_len` tokens (the
-               same engine: pool and slot state replicated over data x fsdp; + layer_weights
-               below when decoding from the master weights).
+    rollout    the generate count for b = `rollout_batch` sequences of `rollout_len` tokens (the
+               same engines: s = ceil(b / R) slots per replica from the split copy; from the
+               master weights or a LoRA base one engine, s = b, + layer_weights below).
     logprobs   `_prepare`: forward per micro-batch (as the update), m = batch/(micro_batches x
                shards): W(m,T,T) + mask + rope; logits and log_softmax 2 m T V/t 4, + the
                log-probs of the whole batch r T 4 x 2; layer_weights below.
@@ -107,6 +109,7 @@ from qwq_jax.config import PRESETS, QwenConfig
 from qwq_jax.generate import LAYER_LOOPS, PAGE_SIZE, PREFILL_CHUNK, Engine
 from qwq_jax.model import DTYPES, QUANT_MODES, REMAT_POLICIES, abstract_model
 from qwq_jax.paged_attention import pages_per_block
+from qwq_jax.replicas import replicas_of
 from qwq_jax.rl.grpo import COMPUTE_COPIES, ROLLOUT_WEIGHTS, GRPOConfig, GRPOTrainer
 from qwq_jax.train import ModelConfig
 from sharding.mesh import MESH_AXES, make_mesh, mesh_spec, parse_mesh_spec
@@ -304,9 +307,15 @@ def pool_tokens(seq: int, page_size: int = PAGE_SIZE) -> int:
     return -(-seq // page_size) * page_size
 
 
+def replica_slots(sequences: int, replicas: int) -> int:
+    """Decode slots on one device: an engine's share of `sequences` run by `replicas` replicas
+    (`qwq_jax.replicas.ReplicatedEngine`: `max_num_seqs` counts all of them, each takes its share)."""
+    return -(-sequences // replicas)
+
+
 def _generation(cfg: Any, slots: int, seq: int, chunk: int, tensor: int, c: int) -> dict[str, int]:
     """The engine's page pool, activations (max of a prefill call and a decode step) and slot state
-    per device for `slots` decode slots of `seq` tokens (all replicated over data x fsdp)."""
+    per device for one engine's `slots` decode slots of `seq` tokens."""
     kv = -(-cfg.num_kv_heads // tensor)
     cache = 2 * cfg.num_layers * slots * pool_tokens(seq) * kv * cfg.head_dim * c
     block = prefill_key_width()
@@ -437,7 +446,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
     if not 1 <= chunk <= (seq if task == "generate" else rollout_len):
         raise ValueError(f"prefill_chunk={chunk} must be between 1 and the sequence length")
     c, tensor = _itemsize(compute_dtype), sizes["tensor"]
-    shards = sizes["data"] * sizes["fsdp"]  # training splits `batch` over data x fsdp (the engine does not)
+    shards = sizes["data"] * sizes["fsdp"]  # batch shards: training's, and the generation engine's replicas
     L, v = cfg.num_layers, -(-cfg.vocab_size // tensor)
     notes = []
     settings: dict[str, Any] = {"param_dtype": param_dtype, "compute_dtype": compute_dtype, "attention": attention}
@@ -445,10 +454,12 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
     if task == "generate":
         if layer_loop not in LAYER_LOOPS:
             raise ValueError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, got {layer_loop!r}")
-        # Every decode slot runs on every device: the pool and the slot state are replicated over data x fsdp.
-        settings.update(prefill_chunk=chunk, rows_per_device=batch, quantize=quantize, layer_loop=layer_loop)
+        # One engine per replica (data x fsdp), each with its share of the sequences.
+        slots = replica_slots(batch, shards)
+        settings.update(prefill_chunk=chunk, rows_per_device=slots, replicas=shards, quantize=quantize,
+                        layer_loop=layer_loop)
         phases = {"generate": dict(params=param_bytes(cfg, "generate", sizes, param_dtype, quantize),
-                                   **_generation(cfg, batch, seq, chunk, tensor, c))}
+                                   **_generation(cfg, slots, seq, chunk, tensor, c))}
     else:
         if batch % micro_batches or (batch // micro_batches) % shards:
             raise ValueError(f"a micro-batch of {batch}/{micro_batches} rows does not split over the {shards} batch "
@@ -458,10 +469,14 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
             raise ValueError(f"rollout_weights must be one of {', '.join(ROLLOUT_WEIGHTS)}, got {rollout_weights!r}")
         if compute_copy not in COMPUTE_COPIES:
             raise ValueError(f"compute_copy must be one of {', '.join(COMPUTE_COPIES)}, got {compute_copy!r}")
+        # The rollouts: one engine per replica decoding from the split copy (GRPOTrainer._rollout_engine);
+        # from weights sharded over fsdp (the masters, a LoRA base) one engine on the whole mesh.
+        replicas = shards if rollout_weights != "master" and not lora_rank else 1
         settings.update(remat=remat, mu_dtype=mu_dtype, reference=reference, micro_batches=micro_batches,
                         rollout_batch=rollout_batch, rollout_len=rollout_len, prefill_chunk=chunk,
                         rollout_weights=rollout_weights, compute_copy=compute_copy, rows_per_device=rows,
-                        micro_batch_rows_per_device=mb)
+                        micro_batch_rows_per_device=mb, rollout_replicas=replicas,
+                        rollout_slots_per_device=replica_slots(rollout_batch, replicas))
         if lora_rank:
             lora = _lora_config(lora_rank, lora_targets)
             adapters = sum(n for p, n in param_elements(cfg, "train", sizes, quantize, lora).items() if "_lora_" in p)
@@ -493,7 +508,7 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
         full = layer_terms(cfg, mb, seq, seq, tensor, c, attention)
         saves = REMAT_SAVES[remat]
         saved = sum(full.values()) if saves is None else sum(full[k] for k in saves)
-        rollout = _generation(cfg, rollout_batch, rollout_len, chunk, tensor, c)  # slots replicated
+        rollout = _generation(cfg, settings["rollout_slots_per_device"], rollout_len, chunk, tensor, c)
         phases = {
             # Decoding from the master weights casts (and gathers) each layer's weights as it goes.
             "rollout": dict(persistent, **rollout,
@@ -558,7 +573,7 @@ def _add_notes(p: Plan, cfg: Any, topo: Topology) -> None:
                        "(YaRN configs such as the qwq-32b-yarn preset reach 131072; the memory is the same)")
     acts, phase, s = p.categories["activations"], p.peak_phase, p.settings
     if phase in ("generate", "rollout") and acts > p.total / 3:
-        slots = s.get("rollout_batch", p.batch)
+        slots = _slots(p)
         p.notes.append(f"activations dominate the {phase} phase (a prefill call of {s['prefill_chunk']} tokens of one "
                        f"sequence, or a decode step of {_count(slots, 'slot')}): a smaller --prefill-chunk "
                        "(Engine(prefill_chunk=...)) shrinks the former")
@@ -651,12 +666,13 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
     generate: the engine's (`qwq_jax.generate.Engine` on an abstract model, `layer_loop`) "prefill"
     (`lower_prefill`: one call of one sequence's `prefill_chunk` tokens, default the engine's, into a
     page pool sized for `batch` sequences of `seq` tokens) and "decode" (`lower_decode`: one call of
-    its `batch` decode slots over that pool); no padding of the batch (the pool and the slots are
-    replicated over the mesh's batch axes).
+    its `batch` decode slots over that pool), on one replica's devices with its share of `batch`
+    where the mesh has several (`qwq_jax.replicas`); no padding of the batch.
     train: the trainer's "update" (`GRPOTrainer.lower_update` on an abstract model: `batch` rows of
     a one-token prompt and `seq - 1` completion tokens, so logits span the row, as the analytic
     count assumes) and its rollout engine's "prefill" and "decode" (`rollout_batch` decode slots, a
-    pool for that many sequences of `rollout_len` tokens) on the weights the rollouts use (`rollout_weights`).
+    pool for that many sequences of `rollout_len` tokens; from the split copy one replica's share, on
+    its devices) on the weights the rollouts use (`rollout_weights`).
     With `lora_rank`, the trainer of LoRA adapters (on `lora_targets`) over a frozen base in the compute
     dtype (int8 with `quantize`), and its rollout engine on that base plus the adapters.
     attention: "flash" compiles the model's "auto" backend chosen for the mesh's devices (on a GPU:
@@ -669,16 +685,22 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
     backend = "auto" if attention == "flash" and device.platform != "tpu" else "xla"
     model_kw = dict(dtype=compute_dtype, attention_backend=backend)
 
-    def engine_programs(model: Any, rows: int, length: int, loop: str) -> dict[str, Any]:
+    # One engine per replica (data x fsdp) where the weights are replicated over them: replica 0's, on
+    # its own devices, with its share of the sequences (qwq_jax.replicas).
+    replica = replicas_of(mesh)
+    one = replica[0] if replica else mesh
+    shards = len(replica) if replica else 1
+
+    def engine_programs(model: Any, rows: int, length: int, loop: str, on: Any = mesh) -> dict[str, Any]:
         chunk = min(prefill_chunk or PREFILL_CHUNK, length)
-        engine = Engine(model, mesh=mesh, rules="generate", layer_loop=loop, prefill_chunk=chunk,
+        engine = Engine(model, mesh=on, rules="generate", layer_loop=loop, prefill_chunk=chunk,
                         max_num_seqs=rows)
         return {"prefill": lambda: engine.lower_prefill(rows, chunk, length),
                 "decode": lambda: engine.lower_decode(rows, length)}
 
     if task == "generate":
-        model = _placed_model(cfg, mesh, "generate", param_dtype=param_dtype, quant=quantize, **model_kw)
-        programs = engine_programs(model, batch, seq, layer_loop)
+        model = _placed_model(cfg, one, "generate", param_dtype=param_dtype, quant=quantize, **model_kw)
+        programs = engine_programs(model, replica_slots(batch, shards), seq, layer_loop, one)
     elif lora_rank:  # the frozen base as the trainer holds it, with the adapters beside it
         model = _placed_model(cfg, mesh, "train", param_dtype=compute_dtype, remat=remat, quant=quantize,
                               lora=_lora_config(lora_rank, lora_targets), **model_kw)
@@ -696,11 +718,13 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
         # The rollout engine as `GRPOTrainer.sync_engine` leaves it: a param_dtype copy in the generate
         # layout, one array per layer ("split"), or the float32 masters themselves ("master").
         master = rollout_weights == "master"
-        weights = _placed_model(cfg, mesh, "train" if master else "generate",
+        on = mesh if master else one
+        weights = _placed_model(cfg, on, "train" if master else "generate",
                                 param_dtype="float32" if master else param_dtype, **model_kw)
+        rows = rollout_batch or batch
         programs = {"update": lambda: trainer.lower_update(batch, 1, seq - 1),
-                    **engine_programs(weights, rollout_batch or batch, rollout_len or seq,
-                                      LAYER_LOOP if master else "split")}
+                    **engine_programs(weights, rows if master else replica_slots(rows, shards), rollout_len or seq,
+                                      LAYER_LOOP if master else "split", on)}
     out = {}
     with compile_for(device):
         for name, lower in programs.items():
@@ -737,14 +761,18 @@ def _gpu_mesh(topo: Topology, sizes: dict[str, int]):
     return make_mesh(sizes, desc.devices)
 
 
+def _slots(p: Plan) -> int:
+    """One engine's decode slots (on every device of its replica)."""
+    return p.settings.get("rollout_slots_per_device", p.settings["rows_per_device"])
+
+
 def _aot_extra(p: Plan, cfg: Any, program: str) -> int:
     """Bytes a compiled program does not hold as arguments or temporaries but its phase does (analytic)."""
     s = p.settings
     # The decode slots' carried state (`slot_state_bytes`, replicated) stays on the device while a
     # prefill runs; the prefill itself reads every weight, the output head included (it returns its
     # last token's logits).
-    slots = s.get("rollout_batch", p.batch)
-    state = slot_state_bytes(cfg, slots) if program == "prefill" else 0
+    state = slot_state_bytes(cfg, _slots(p)) if program == "prefill" else 0
     if p.task == "generate":
         return state  # prefill and decode take the weights and the pool; the slot state is decode's
     upd = p.phases["update"]
@@ -809,7 +837,7 @@ _DESCRIBE = {
     "engine_params": "rollout engine's weights ({}), generate rules",
     "compute_copy": "the update's {} copy of the weights but the embedding (compute_copy={})",
     "layer_weights": "current layers' gathered weights + lm_head",
-    "kv_cache": "KV page pool ({} tokens x {}, every device)",
+    "kv_cache": "KV page pool ({} tokens x {} on each device)",
     "activations": "layer intermediates (remat {})",
     "logits": "logits / decode slot state",
 }
@@ -839,7 +867,7 @@ def _describe(p: Plan, cat: str) -> str:
         return _DESCRIBE[cat].format(s["compute_dtype"], s["compute_copy"])
     if cat == "kv_cache":
         length = s.get("rollout_len", p.seq)
-        return _DESCRIBE[cat].format(length, _count(s.get("rollout_batch", p.batch), "sequence"))
+        return _DESCRIBE[cat].format(length, _count(_slots(p), "sequence"))
     if cat == "activations":
         return (f"a prefill call of {s['prefill_chunk']} tokens or a decode step (paged attention)"
                 if p.task == "generate" else _DESCRIBE[cat].format(s["remat"]))

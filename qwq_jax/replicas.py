@@ -45,7 +45,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwq_jax.compile_cache import CLOCK
-from qwq_jax.generate import Completion, Engine, StreamEvent, _CompileWatch
+from qwq_jax.generate import Completion, Engine, StreamEvent, _CompileWatch, prompt_list, stream_timings
 from qwq_jax.sampling import SamplingParams
 
 BATCH_AXES = ("data", "fsdp")
@@ -347,12 +347,7 @@ class ReplicatedEngine:
         yield from self._run(prompts, params)
 
     def _run(self, prompts, params) -> Iterator[list[StreamEvent]]:
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts:
-            raise ValueError("prompts is empty")
-        plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        prompts, plist = prompt_list(prompts, params)
         plist = [self._seeded(p, sp, None, what=f"prompt {i}") for i, (p, sp) in enumerate(zip(prompts, plist))]
         with _CompileWatch(self.on_compile) as watch:
             yield from self._run_checked(prompts, plist, watch)
@@ -392,18 +387,11 @@ class ReplicatedEngine:
         if jax.process_count() > 1:
             completions = _gather(completions)
         self.last_completions = completions
-        spent = {r: {k: e._counters[k] - before[r][k] for k in before[r]} for r, e in self.replicas.items()}
-        decode_s = max(s["decode_s"] for s in spent.values())  # the replicas run side by side
-        tokens = sum(s["generated_tokens"] for s in spent.values())
-        compiled = list(watch.compiled)
-        compile_s = CLOCK.seconds - c0
-        self.last_timings = {
-            "prefill_s": max(s["prefill_s"] for s in spent.values()), "decode_s": decode_s,
-            "compile_s": compile_s, "compiled": compiled, "first_token_s": first_token,
-            "prefill_compile_s": compile_s - sum(c["seconds"] for c in compiled if c["program"] == "decode"),
-            "decode_compile_s": sum(c["seconds"] for c in compiled if c["program"] == "decode"),
-            "prefill_chunks": sum(s["prefill_chunks"] for s in spent.values()), "decode_tokens": tokens,
-            "decode_tokens_per_s": tokens / max(decode_s, 1e-9), "replicas": len(self.meshes)}
+        spent = [{k: e._counters[k] - before[r][k] for k in before[r]} for r, e in self.replicas.items()]
+        # the replicas run side by side: their wall times overlap, their tokens and chunks add up
+        total = {k: (max if k.endswith("_s") else sum)(s[k] for s in spent) for k in spent[0]}
+        self.last_timings = dict(stream_timings(total, CLOCK.seconds - c0, list(watch.compiled), first_token),
+                                 replicas=len(self.meshes))
 
 
 def _gather(completions: list[list[Completion | None]]) -> list[list[Completion]]:

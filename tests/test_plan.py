@@ -122,11 +122,12 @@ def test_kv_cache_by_hand():
     assert p.phases["generate"]["kv_cache"] == one_row
     p = plan(QWQ, "generate", "h100x8", seq, 1, mesh="tensor=8", prefill_chunk=1024)
     assert p.phases["generate"]["kv_cache"] == one_row // 8 == 4 * GIB
-    # batch 3 on data=2 x tensor=4: not padded, not split over data: all 3 sequences on every GPU,
-    # KV heads 8 / tensor 4.
+    # batch 3 on data=2 x tensor=4: one engine per replica (qwq_jax.replicas), each with slots for
+    # ceil(3 / 2) = 2 sequences (not padded), KV heads 8 / tensor 4.
     p = plan(QWQ, "generate", "h100x8", seq, 3, mesh="data=2,tensor=4", prefill_chunk=1024)
-    assert p.phases["generate"]["kv_cache"] == 2 * L * 3 * seq * (K // 4) * D * 2
-    assert p.settings["rows_per_device"] == 3 and not any("padded" in n for n in p.notes)
+    assert p.phases["generate"]["kv_cache"] == 2 * L * 2 * seq * (K // 4) * D * 2
+    assert p.settings["rows_per_device"] == 2 and p.settings["replicas"] == 2
+    assert not any("padded" in n for n in p.notes)
     # Whole pages: 1000 tokens take 63 pages of 16 = 1008 tokens per sequence.
     p = plan(QWQ, "generate", "h100x8", 1000, 2, mesh="tensor=8", prefill_chunk=512)
     assert p.phases["generate"]["kv_cache"] == 2 * L * 2 * 1008 * 1 * D * 2
@@ -199,10 +200,14 @@ def test_train_categories_by_hand():
         plan(TINY, "train", topo, 64, 8, mesh=mesh, compute_copy="once")
     # logits, log_softmax, cotangent: 8 rows / (data x fsdp = 2) = 4 rows, vocab 512 / 4.
     assert upd["logits"] == 3 * 4 * 64 * 128 * 4
-    # Rollout: the engine's pool for all 8 sequences on every device (not split over fsdp), 64 tokens,
-    # 4 / 4 KV heads of 8, bf16; its 8 slots' state [8, 512] (logits, counts, prompt mask).
-    assert p.phases["rollout"]["kv_cache"] == 2 * 2 * 8 * 64 * 1 * 8 * 2
-    assert p.phases["rollout"]["logits"] == 8 * (5 * 512 + 12) + 8 * 8 * 16
+    # Rollout from the split copy: one engine per replica (fsdp = 2), each with a pool for 4 of the 8
+    # sequences, 64 tokens, 4 / 4 KV heads of 8, bf16; its 4 slots' state [4, 512] (logits, counts,
+    # prompt mask). From the fp32 masters (sharded over fsdp) one engine runs all 8 on every device.
+    assert p.phases["rollout"]["kv_cache"] == 2 * 2 * 4 * 64 * 1 * 8 * 2
+    assert p.phases["rollout"]["logits"] == 4 * (5 * 512 + 12) + 8 * 4 * 16
+    from_master = plan(TINY, "train", topo, 64, 8, mesh=mesh, rollout_weights="master").phases["rollout"]
+    assert from_master["kv_cache"] == 2 * 2 * 8 * 64 * 1 * 8 * 2
+    assert from_master["logits"] == 8 * (5 * 512 + 12) + 8 * 8 * 16
     assert p.phases["rollout"]["gradients"] == 0 and upd["kv_cache"] == 0
     assert p.total == max(sum(ph.values()) for ph in p.phases.values())
 
@@ -322,17 +327,18 @@ def test_aot_compiles_with_the_real_tpu_compiler():
     assert set(programs) == {"prefill", "decode"} and p.aot["program"] in programs
     # Per device: bf16 weights under tensor=2 (q [256, 2, 128] + bias, k and v [256, 1, 128] + biases,
     # o [2, 128, 256], gate / up / down [256, 256], two norms; embed and lm_head [1024 / 2, 256], final
-    # norm) and the page pool for 2 sequences of 256 tokens (16 pages of 16 each): k and v
-    # [2 layers, 1 KV head, 32 pages, 16, 128] bf16, not split over data.
+    # norm) and one replica's page pool (data = 2: one engine per replica, each with one of the 2
+    # sequences) for 1 sequence of 256 tokens (16 pages of 16): k and v [2 layers, 1 KV head, 16
+    # pages, 16, 128] bf16.
     per_layer = 256 * 2 * 128 + 2 * 128 + 2 * (256 * 128 + 128) + 2 * 128 * 256 + 3 * 256 * 256 + 2 * 256
     weights = (2 * per_layer + 2 * 512 * 256 + 256) * 2
-    cache = 2 * (2 * 1 * 32 * 16 * 128 * 2)
-    state = 2 * (1024 * (4 + 1) + 3 * 4)  # the slots' token counts, prompt mask [2, 1024]; 3 ints each
+    cache = 2 * (2 * 1 * 16 * 16 * 128 * 2)
+    state = 1 * (1024 * (4 + 1) + 3 * 4)  # the slot's token counts, prompt mask [1, 1024]; 3 ints
     assert p.phases["generate"]["params"] == weights and p.phases["generate"]["kv_cache"] == cache
     # The prefill takes every weight (it computes its last token's logits: final norm and lm_head too),
     # the pool, and small arrays (one row's tokens [1, 64], start, length, page table [1, 16], rope
     # tables); the decode also the slot state and the slots' small inputs (flags, counts, lengths,
-    # seeds, stop ids, 7 sampling parameters, rope tables, page tables [2, 16], the step count). The
+    # seeds, stop ids, 7 sampling parameters, rope tables, page tables [1, 16], the step count). The
     # TPU pads each small array to its tiles (at most 4 KiB each here, the state's rows to 8 or 32).
     # While a prefill runs, the slot state stays on the device: its `extra`.
     assert p.aot["extra"] == (state if p.aot["program"] == "prefill" else 0)
@@ -349,7 +355,7 @@ def test_aot_compiles_with_the_real_tpu_compiler():
     assert t.aot["programs"]["update"]["alias"] >= upd["params"] + upd["optimizer"]
     extra = {"update": upd["reference"] + upd["engine_params"],
              "decode": upd["params"] + upd["optimizer"] + upd["reference"]}
-    extra["prefill"] = extra["decode"] + 4 * (5 * 512 + 12)  # + the 4 rollout slots' state (V = 512)
+    extra["prefill"] = extra["decode"] + 2 * (5 * 512 + 12)  # + a replica's 2 rollout slots' state (V = 512)
     assert t.total == max(m["peak"] + extra[n] for n, m in t.aot["programs"].items())
     assert t.aot["extra"] == extra[t.aot["program"]]
     # LoRA on an int8 base: the trainer of the adapters alone (their masters and AdamW state donated to
