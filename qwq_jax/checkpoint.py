@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from qwq_jax.config import QwenConfig
 from qwq_jax.model import Qwen2, abstract_model, as_dtype
-from qwq_jax.stored import NotStored, StoredArrays, release_host_memory
+from qwq_jax.stored import NotStored, StoredArrays, Unreadable, release_host_memory
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
@@ -111,6 +111,8 @@ def stored_layers(path: str | os.PathLike) -> int | None:
     """How many per-layer subtrees the checkpoint at `path` stores (None: the stacked layout)."""
     try:
         names = StoredArrays(Path(path) / ORBAX_ITEM).names
+    except Unreadable as e:  # Orbax could not read it either (it would only log a warning)
+        raise CheckpointError(f"{e}; re-convert the model with python -m convert") from None
     except NotStored:  # whatever else Orbax reads
         tree = _ocp().pytree_metadata(os.fspath(path)).metadata
         names = list(flatten(tree)) if isinstance(tree, Mapping) else []
@@ -280,6 +282,9 @@ def describe_problem(info: PathKind, wanted: str = "a qwq-jax checkpoint") -> st
     if info.kind == "unknown":
         return (f"{p} is not {wanted} (no config.json beside Orbax weights); convert a model with "
                 f"`python -m convert hf SRC OUT` (or `gguf FILE OUT`) and use OUT")
+    if info.kind == "checkpoint" and not (p / ORBAX_ITEM).is_dir():
+        return (f"{p} has a config.json but no weights (no {ORBAX_ITEM}/ directory: the conversion did not "
+                f"finish, or the weights were moved); convert the model again with `python -m convert`")
     return None
 
 

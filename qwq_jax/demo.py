@@ -69,7 +69,12 @@ def demo_gguf_path(cache_dir: Path | None = None, progress: bool = True) -> Path
     marker = directory / (DEMO_FILENAME + ".verified")
     if _marker_matches(marker, dest, parts):
         return dest
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission: say which directory and how to choose another
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+        raise OSError(f"cannot use {directory} as the cache directory ({why}); pass --cache-dir DIR or set "
+                      "QWQ_JAX_CACHE to a directory you can write") from None
     assemble(parts, dest, DEMO_SIZE, DEMO_SHA256, progress=progress)
     _write_marker(marker, dest, parts)
     return dest

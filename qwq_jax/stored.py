@@ -51,6 +51,10 @@ class NotStored(ValueError):
     """The directory is not an Orbax item this module reads (no `_METADATA`, or not OCDBT + zarr3)."""
 
 
+class Unreadable(NotStored):
+    """The item's `_METADATA` is there but is not valid JSON: no reader can restore it."""
+
+
 def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on a 64-byte boundary (JAX's CPU client
     adopts such a buffer in `device_put` instead of copying it)."""
@@ -68,7 +72,9 @@ class StoredArrays:
         item_dir = Path(item_dir).absolute()
         try:
             meta = json.loads((item_dir / "_METADATA").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+        except ValueError as e:  # there, but not JSON (UnicodeDecodeError included)
+            raise Unreadable(f"{item_dir}: unreadable Orbax metadata ({e})") from None
+        except OSError as e:
             raise NotStored(f"{item_dir}: no readable Orbax metadata ({e})") from None
         if not (isinstance(meta, dict) and meta.get("use_ocdbt") and meta.get("use_zarr3")):
             raise NotStored(f"{item_dir}: not stored as OCDBT + zarr3")

@@ -36,8 +36,19 @@ def paths(tmp_path_factory) -> dict[str, Path]:
     (other / "notes.txt").write_text("x")
     gguf = root / "model.gguf"
     gguf.write_bytes(b"GGUF" + bytes(20))
+    from qwq_jax import QwenConfig
+
+    nostate = root / "no-state"  # a conversion's config beside no weights (interrupted, or moved)
+    nostate.mkdir()
+    (nostate / "config.json").write_text(json.dumps(QwenConfig.preset("tiny").to_hf()))
+    (nostate / "_CHECKPOINT_METADATA").write_text("{}")
+    corrupt = root / "corrupt"  # weights whose Orbax metadata is not JSON
+    (corrupt / "state").mkdir(parents=True)
+    (corrupt / "config.json").write_text(json.dumps(QwenConfig.preset("tiny").to_hf()))
+    (corrupt / "_CHECKPOINT_METADATA").write_text("{}")
+    (corrupt / "state" / "_METADATA").write_text("garbage")
     return {"hf": hf, "run": run, "empty": empty, "other": other, "gguf": gguf, "missing": root / "nope",
-            "file": other / "notes.txt", "root": root}
+            "file": other / "notes.txt", "root": root, "nostate": nostate, "corrupt": corrupt}
 
 
 def _call(main, argv, capsys) -> tuple[int, str, str]:
@@ -66,6 +77,7 @@ def _one_line(err: str, *needles: str) -> str:
     ("empty", 1, ["empty directory"]),
     ("other", 1, ["not a qwq-jax checkpoint", "python -m convert hf SRC OUT"]),
     ("gguf", 1, ["GGUF file", "python -m convert gguf {gguf} OUT"]),
+    ("nostate", 1, ["{nostate} has a config.json but no weights (no state/ directory", "python -m convert"]),
 ])
 def test_sample_checkpoint_mistakes(paths, capsys, kind, code, needles):
     from qwq_jax.sample import main
@@ -73,6 +85,17 @@ def test_sample_checkpoint_mistakes(paths, capsys, kind, code, needles):
     got, out, err = _call(main, ["--checkpoint", str(paths[kind]), "--prompt", "hi"], capsys)
     assert got == code and out == ""
     _one_line(err, *(n.format(**paths) for n in needles))
+
+
+def test_demo_cache_dir_that_is_a_file(paths, capsys):
+    """--cache-dir naming a file (or a path through one): one line naming it, before anything is written."""
+    from qwq_jax.sample import main
+
+    for where in (paths["file"], paths["file"] / "sub"):
+        got, out, err = _call(main, ["--demo", "--cache-dir", str(where), "--prompt", "hi"], capsys)
+        assert got == 1 and out == ""
+        _one_line(err, f"cannot use {where} as the cache directory (a file is in the way)", "--cache-dir DIR")
+    assert paths["file"].read_text() == "x"
 
 
 @pytest.mark.parametrize("argv, code, needles", [
@@ -186,6 +209,8 @@ def test_every_cli_bad_flag_is_one_line(capsys, module, argv, needle):
     (["export-hf", "{run}", "{root}/out"], 1, ["training run directory", "{run}/checkpoints/6"]),
     (["export-hf", "{missing}", "{root}/out"], 1, ["does not exist"]),
     (["export-hf", "{other}", "{root}/out"], 1, ["not a qwq-jax checkpoint"]),
+    (["export-hf", "{nostate}", "{root}/out"], 1, ["has a config.json but no weights"]),
+    (["export-hf", "{corrupt}", "{root}/out"], 1, ["{corrupt}/state: unreadable Orbax metadata"]),
     (["gguf", "{missing}", "{root}/out"], 1, ["{missing} does not exist"]),
     (["hf", "{gguf}", "{root}/out"], 1, ["GGUF file", "python -m convert gguf"]),
     (["hf", "{run}/checkpoints/6", "{root}/out"], 1, ["already a qwq-jax checkpoint", "export-hf"]),
