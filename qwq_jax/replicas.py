@@ -142,9 +142,12 @@ class ReplicatedEngine:
         graphdef, state = nnx.split(model)
         self._seeds = np.random.default_rng(Engine._engine_seed(seed))  # the same on every process
         engine_seeds = self._seeds.integers(2**31, size=len(meshes))
+        # Every replica's views first: an engine that splits its layers with donate_weights frees its
+        # devices' part of the model's stacks.
+        subs = {r: nnx.merge(graphdef, jax.tree.map(lambda x, m=meshes[r]: on_replica(x, mesh, m), state))
+                for r in self.local}
         self.replicas: dict[int, Engine] = {}
-        for r in self.local:
-            sub = nnx.merge(graphdef, jax.tree.map(lambda x, m=meshes[r]: on_replica(x, mesh, m), state))
+        for r, sub in subs.items():
             self.replicas[r] = Engine(sub, tokenizer, mesh=meshes[r], max_num_seqs=self._share(max_num_seqs),
                                       num_pages=None if num_pages is None else self._share(num_pages),
                                       seed=int(engine_seeds[r]), donate_weights=donate_weights, **kwargs)

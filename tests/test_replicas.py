@@ -189,3 +189,17 @@ def test_server_on_replicas_answers_concurrent_requests_as_one_engine(replicated
     finally:
         stop()
     assert engine.stats()["pages_used"] == 0
+
+
+def test_split_layers_donated_replica_by_replica(reference):
+    """layer_loop="split" with donate_weights (what sample and serve pass): each replica splits its own
+    view of the stacks and frees its devices' part of them; the tokens are one engine's."""
+    mesh = sh.make_mesh("data=2,tensor=2", jax.devices()[:4])
+    model = _model(mesh)
+    engine = build_engine(model, mesh=mesh, layer_loop="split", donate_weights=True, prefix_caching=False,
+                          **SETTINGS)
+    stacks = [x for x in jax.tree.leaves(nnx.state(model.layers))]
+    assert stacks and all(x.is_deleted() for x in stacks)
+    prompts, params = _workload(seed=2)
+    got, want = engine.generate(prompts, params), reference.generate(prompts, params)
+    assert [[c.token_ids for c in row] for row in got] == [[c.token_ids for c in row] for row in want]
