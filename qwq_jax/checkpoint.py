@@ -99,8 +99,18 @@ def save_params(path: str | os.PathLike, params: Mapping) -> None:
 ORBAX_ITEM = "state"  # the directory Orbax keeps a saved pytree in, inside a checkpoint
 
 
+def require_weights(path: str | os.PathLike) -> None:
+    """CheckpointError unless the checkpoint at `path` has its weights directory (its config alone is
+    enough for what reads only the config: sampling defaults, the model's shape)."""
+    if not (Path(path) / ORBAX_ITEM).is_dir():
+        raise CheckpointError(f"{path} has a config.json but no weights (no {ORBAX_ITEM}/ directory: the conversion "
+                              "did not finish, or the weights were moved); convert the model again with "
+                              "`python -m convert`")
+
+
 def _stored_arrays(path: str | os.PathLike) -> StoredArrays:
     """The arrays of the checkpoint at `path` as stored (CheckpointError if they cannot be read so)."""
+    require_weights(path)
     try:
         return StoredArrays(Path(path) / ORBAX_ITEM)
     except NotStored as e:
@@ -109,6 +119,7 @@ def _stored_arrays(path: str | os.PathLike) -> StoredArrays:
 
 def stored_layers(path: str | os.PathLike) -> int | None:
     """How many per-layer subtrees the checkpoint at `path` stores (None: the stacked layout)."""
+    require_weights(path)
     try:
         names = StoredArrays(Path(path) / ORBAX_ITEM).names
     except Unreadable as e:  # Orbax could not read it either (it would only log a warning)
@@ -282,9 +293,6 @@ def describe_problem(info: PathKind, wanted: str = "a qwq-jax checkpoint") -> st
     if info.kind == "unknown":
         return (f"{p} is not {wanted} (no config.json beside Orbax weights); convert a model with "
                 f"`python -m convert hf SRC OUT` (or `gguf FILE OUT`) and use OUT")
-    if info.kind == "checkpoint" and not (p / ORBAX_ITEM).is_dir():
-        return (f"{p} has a config.json but no weights (no {ORBAX_ITEM}/ directory: the conversion did not "
-                f"finish, or the weights were moved); convert the model again with `python -m convert`")
     return None
 
 

@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = demo_checkpoint(args.cache_dir, args.xla_cache) if args.demo else Path(args.checkpoint)
         checkpoint.require_checkpoint(ckpt)  # a convert output or a training step; else one line naming the fix
+        checkpoint.require_weights(ckpt)
         params, sampling_info = _sampling(args, ckpt)
         tokenizer = checkpoint.load_tokenizer(ckpt)
         model = _load(ckpt, args, mesh, status)

@@ -712,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = demo_checkpoint(args.cache_dir, args.xla_cache) if args.demo else Path(args.checkpoint)
         checkpoint.require_checkpoint(ckpt)
+        checkpoint.require_weights(ckpt)
         tokenizer = checkpoint.load_tokenizer(ckpt)
         model = _load(ckpt, args, mesh, status)
         kv_bytes = int(args.kv_cache_memory * 2**30) if args.kv_cache_memory is not None else None
