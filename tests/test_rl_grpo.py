@@ -96,19 +96,19 @@ def test_split_rollout_weights_on_a_mesh():
     from qwq_jax.generate import Engine
     from qwq_jax.replicas import ReplicatedEngine
 
-    mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
+    mesh = sh.make_mesh("fsdp=2,tensor=4")
     model = sh.shard_model(init_model(CFG, seed=3, param_dtype=jnp.float32, dtype=jnp.float32), mesh, "generate")
     trainer = GRPOTrainer(model, GRPOConfig(group_size=4, max_tokens=4, rollout_weights="split"), reward, mesh=mesh)
-    # Rollouts: one engine per replica (data x fsdp = 4, each on its own tensor=2 pair of devices),
-    # each group of 4 on one of them; the same tokens as one engine on a tensor=2 mesh.
-    assert isinstance(trainer.engine, ReplicatedEngine) and len(trainer.engine.replicas) == 4
+    # Rollouts: one engine per replica (fsdp = 2, each on its own four devices), each group of 4 on
+    # one of them; the same tokens as one engine on a tensor=4 mesh.
+    assert isinstance(trainer.engine, ReplicatedEngine) and len(trainer.engine.replicas) == 2
     prompts = make_prompts(0, n=2)
     sps = [SamplingParams(temperature=1.0, max_tokens=4, n=4, seed=9 + i) for i in range(2)]
     trainer.sync_engine()
     got = trainer._generate(prompts, sps, 4)
-    pair = sh.make_mesh("tensor=2", jax.devices()[:2])
-    want = Engine(sh.shard_model(init_model(CFG, seed=3, param_dtype=jnp.float32, dtype=jnp.float32), pair,
-                                 "generate"), mesh=pair).generate(prompts, sps)
+    four = sh.make_mesh("tensor=4", jax.devices()[:4])
+    want = Engine(sh.shard_model(init_model(CFG, seed=3, param_dtype=jnp.float32, dtype=jnp.float32), four,
+                                 "generate"), mesh=four).generate(prompts, sps)
     assert [[c.token_ids for c in row] for row in got] == [[c.token_ids for c in row] for row in want]
     metrics = trainer.step(prompts)
     assert np.isfinite(metrics["loss"])
