@@ -18,6 +18,9 @@ differ) and run the same prompts, seeds and settings. A `ratio` line gives ours 
     python benchmarks/grpo_step.py --tiny                     # CPU smoke run (CI: ours only)
     python benchmarks/grpo_step.py --tiny --peer-rev 4093288^
     python benchmarks/grpo_step.py --demo --peer-rev 4093288^  # the demo model (minutes on a CPU)
+    # LoRA on a data-parallel mesh: rollouts on one engine per data index vs one on the whole mesh
+    python benchmarks/grpo_step.py --preset qwen2.5-0.5b --layers 2 --devices 8 --mesh data=4,tensor=2 \
+        --lora-rank 8 --peer-rev 05e5796
 """
 
 from __future__ import annotations
@@ -73,12 +76,26 @@ def child(args: argparse.Namespace) -> dict:
         model = qwq_jax.load(ckpt, dtype="float32", remat="full")
         tokenizer = checkpoint.load_tokenizer(ckpt)
     else:
-        model = init_model(QwenConfig.preset("tiny"), seed=0, param_dtype=jnp.float32, dtype=jnp.float32)
+        shape = QwenConfig.preset(args.preset).replace(eos_token_id=None, bos_token_id=None)  # fixed lengths
+        shape = shape.replace(num_layers=args.layers) if args.layers else shape
+        model = init_model(shape, seed=0, param_dtype=jnp.float32, dtype=jnp.float32)
         tokenizer = None
+    mesh = None
+    if args.mesh:  # as `python -m qwq_jax.train` places a model: the `train` rules
+        import sharding
+
+        mesh = sharding.make_mesh(args.mesh)
+        model = sharding.shard_model(model, mesh, "train")
+    if args.lora_rank:
+        from qwq_jax.lora import LoraConfig, attach
+
+        model = attach(model, LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank), seed=0, mesh=mesh,
+                       rules="train")
     vocab = model.config.vocab_size
     cfg = GRPOConfig(group_size=args.group_size, max_tokens=args.max_tokens, temperature=1.0, kl_beta=0.0,
-                     learning_rate=1e-6, micro_batches=args.micro_batches, seed=0)
-    trainer = GRPOTrainer(model, cfg, _reward, tokenizer=tokenizer)
+                     learning_rate=1e-6, micro_batches=args.micro_batches, seed=0,
+                     rollout_weights=args.rollout_weights)
+    trainer = GRPOTrainer(model, cfg, _reward, tokenizer=tokenizer, mesh=mesh)
     del model
     load_s = time.perf_counter() - t0
     rows = []
@@ -134,12 +151,19 @@ def _peer_tree(rev: str, where: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--tiny", action="store_true", help="the tiny preset, random weights (default)")
+    which.add_argument("--tiny", action="store_true", help="random weights of --preset's shape (default)")
     which.add_argument("--demo", action="store_true", help="the demo model (converted once into --cache-dir)")
+    p.add_argument("--preset", default="tiny", help="--tiny: the model shape (qwq_jax.config presets)")
+    p.add_argument("--layers", type=int, help="--tiny: fewer decoder layers than the preset's")
     p.add_argument("--prompts", type=int, help="prompts per step (tiny 8, demo 2)")
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--max-tokens", type=int, help="completion budget (tiny 32, demo 48)")
     p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--mesh", help="a device mesh, e.g. data=4,tensor=2 (default: none, one device)")
+    p.add_argument("--devices", type=int, help="CPU only: this many host devices (XLA's forced device count)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank on every projection")
+    p.add_argument("--rollout-weights", choices=("split", "master"), default="split",
+                   help="full fine-tuning: the engine's bf16 split copy or the fp32 masters in place")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation)")
     p.add_argument("--iters", type=int, default=2, help="timed steps (medians reported)")
     p.add_argument("--peer-rev", help=f"a revision to compare with (e.g. {DEFAULT_PEER_REV}: the trainer before "
@@ -166,12 +190,15 @@ def main() -> None:
         argv = [a for a in sys.argv[1:]]
         argv += ["--child", name, "--root", str(root)] + (["--cache-dir", cache] if cache else [])
         env = dict(os.environ, PYTHONPATH=str(root))
+        if args.devices:
+            env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
         r = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True, env=env, cwd=root)
         if r.returncode != 0 or not r.stdout.strip():
             raise SystemExit(f"{name} failed (exit code {r.returncode})")
         results[name] = json.loads(r.stdout.strip().splitlines()[-1])
-        row = {"impl": name, "model": "demo" if args.demo else "tiny", "prompts": args.prompts,
-               "group_size": args.group_size, "max_tokens": args.max_tokens, **results[name]}
+        row = {"impl": name, "model": "demo" if args.demo else args.preset + (f", {args.layers} layers" if args.layers else ""), "prompts": args.prompts,
+               "group_size": args.group_size, "max_tokens": args.max_tokens, "mesh": args.mesh,
+               "lora_rank": args.lora_rank, "rollout_weights": args.rollout_weights, **results[name]}
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     if len(results) == 2:
         ours, peer = results["ours"], results[f"peer@{args.peer_rev}"]

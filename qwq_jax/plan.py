@@ -25,7 +25,8 @@ keys (BLOCK_TOKENS = 256 rounded down to whole pages: 256), C the engine's decod
 data x fsdp = R > 1 replicas the engine is one per replica (`qwq_jax.replicas`), each with its own
 page pool and slots for ceil(b / R) of the b sequences, split over `tensor` by KV head -- except
 GRPO rollouts decoding from weights sharded over `fsdp` (`rollout_weights="master"`, a LoRA base),
-which run one engine on the whole mesh: its pool and slots replicated over `data` and `fsdp`. Heads / KV heads / MLP /
+which run one engine per `data` index (R = data), each on its `fsdp` x `tensor` devices with its
+pool and slots replicated over `fsdp`. Heads / KV heads / MLP /
 vocab are split over `tensor`; activations are assumed to follow (heads / MLP / vocab dims over
 `tensor`, hidden dim whole) -- XLA's sharding propagation decides the real layout.
 
@@ -66,7 +67,7 @@ Counted from the code's arrays, with named approximations:
                data and fsdp, one array per layer; none with `rollout_weights="master"`):
     rollout    the generate count for b = `rollout_batch` sequences of `rollout_len` tokens (the
                same engines: s = ceil(b / R) slots per replica from the split copy; from the
-               master weights or a LoRA base one engine, s = b, + layer_weights below).
+               master weights or a LoRA base s = ceil(b / data), + layer_weights below).
     logprobs   `_prepare`: forward per micro-batch (as the update), m = batch/(micro_batches x
                shards): W(m,T,T) + mask + rope; logits and log_softmax 2 m T V/t 4, + the
                log-probs of the whole batch r T 4 x 2; layer_weights below.
@@ -469,9 +470,10 @@ def plan(cfg: Any, task: str, topology: str | Topology, seq: int, batch: int, *,
             raise ValueError(f"rollout_weights must be one of {', '.join(ROLLOUT_WEIGHTS)}, got {rollout_weights!r}")
         if compute_copy not in COMPUTE_COPIES:
             raise ValueError(f"compute_copy must be one of {', '.join(COMPUTE_COPIES)}, got {compute_copy!r}")
-        # The rollouts: one engine per replica decoding from the split copy (GRPOTrainer._rollout_engine);
-        # from weights sharded over fsdp (the masters, a LoRA base) one engine on the whole mesh.
-        replicas = shards if rollout_weights != "master" and not lora_rank else 1
+        # The rollouts: one engine per replica (GRPOTrainer._rollout_engine): per (data, fsdp) index
+        # decoding from the split copy; per data index from weights split over fsdp (the masters, a
+        # LoRA base), each engine on its fsdp x tensor devices.
+        replicas = shards if rollout_weights != "master" and not lora_rank else sizes["data"]
         settings.update(remat=remat, mu_dtype=mu_dtype, reference=reference, micro_batches=micro_batches,
                         rollout_batch=rollout_batch, rollout_len=rollout_len, prefill_chunk=chunk,
                         rollout_weights=rollout_weights, compute_copy=compute_copy, rows_per_device=rows,
@@ -671,8 +673,9 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
     train: the trainer's "update" (`GRPOTrainer.lower_update` on an abstract model: `batch` rows of
     a one-token prompt and `seq - 1` completion tokens, so logits span the row, as the analytic
     count assumes) and its rollout engine's "prefill" and "decode" (`rollout_batch` decode slots, a
-    pool for that many sequences of `rollout_len` tokens; from the split copy one replica's share, on
-    its devices) on the weights the rollouts use (`rollout_weights`).
+    pool for that many sequences of `rollout_len` tokens: one replica's share, on its devices, with a
+    replica per (`data`, `fsdp`) index from the split copy, per `data` index from the masters or a
+    LoRA base) on the weights the rollouts use (`rollout_weights`).
     With `lora_rank`, the trainer of LoRA adapters (on `lora_targets`) over a frozen base in the compute
     dtype (int8 with `quantize`), and its rollout engine on that base plus the adapters.
     attention: "flash" compiles the model's "auto" backend chosen for the mesh's devices (on a GPU:
@@ -686,10 +689,13 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
     model_kw = dict(dtype=compute_dtype, attention_backend=backend)
 
     # One engine per replica (data x fsdp) where the weights are replicated over them: replica 0's, on
-    # its own devices, with its share of the sequences (qwq_jax.replicas).
+    # its own devices, with its share of the sequences (qwq_jax.replicas). From weights split over
+    # fsdp (the masters, a LoRA base): one per data index, on its fsdp x tensor devices.
     replica = replicas_of(mesh)
     one = replica[0] if replica else mesh
     shards = len(replica) if replica else 1
+    by_data = replicas_of(mesh, ("data",))
+    in_place = (by_data[0] if by_data else mesh), (len(by_data) if by_data else 1)
 
     def engine_programs(model: Any, rows: int, length: int, loop: str, on: Any = mesh) -> dict[str, Any]:
         chunk = min(prefill_chunk or PREFILL_CHUNK, length)
@@ -707,8 +713,11 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
         grpo = GRPOConfig(group_size=1, max_tokens=seq - 1, micro_batches=micro_batches, mu_dtype=mu_dtype,
                           kl_beta=None if reference else 0.0, compute_copy=compute_copy)
         trainer = GRPOTrainer(model, grpo, reward_fn=lambda idx, completions: [0.0] * len(completions), mesh=mesh)
+        base = _placed_model(cfg, in_place[0], "train", param_dtype=compute_dtype, remat=remat, quant=quantize,
+                             lora=_lora_config(lora_rank, lora_targets), **model_kw)
         programs = {"update": lambda: trainer.lower_update(batch, 1, seq - 1),
-                    **engine_programs(model, rollout_batch or batch, rollout_len or seq, LAYER_LOOP)}
+                    **engine_programs(base, replica_slots(rollout_batch or batch, in_place[1]), rollout_len or seq,
+                                      LAYER_LOOP, in_place[0])}
     else:
         model = _placed_model(cfg, mesh, "train", param_dtype=param_dtype, remat=remat, **model_kw)
         grpo = GRPOConfig(group_size=1, max_tokens=seq - 1, micro_batches=micro_batches, mu_dtype=mu_dtype,
@@ -718,12 +727,11 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
         # The rollout engine as `GRPOTrainer.sync_engine` leaves it: a param_dtype copy in the generate
         # layout, one array per layer ("split"), or the float32 masters themselves ("master").
         master = rollout_weights == "master"
-        on = mesh if master else one
+        on, count = in_place if master else (one, shards)
         weights = _placed_model(cfg, on, "train" if master else "generate",
                                 param_dtype="float32" if master else param_dtype, **model_kw)
-        rows = rollout_batch or batch
         programs = {"update": lambda: trainer.lower_update(batch, 1, seq - 1),
-                    **engine_programs(weights, rows if master else replica_slots(rows, shards), rollout_len or seq,
+                    **engine_programs(weights, replica_slots(rollout_batch or batch, count), rollout_len or seq,
                                       LAYER_LOOP if master else "split", on)}
     out = {}
     with compile_for(device):

@@ -9,7 +9,9 @@ the weights computes every sequence, so a mesh of `data=2, tensor=4` decodes no 
 `tensor=4` alone and holds the same KV cache twice. `ReplicatedEngine` runs one `Engine` per
 replica instead: replica r is the mesh's devices at one (`data`, `fsdp`) index (a mesh whose
 `data` and `fsdp` have size 1), its weights are views of the replicated arrays on those devices
-(no copy), and its pages and slots are its own. Each replica's engine runs the same programs as
+(no copy), and its pages and slots are its own. Weights split over `fsdp` (the `train` rules: a
+GRPO run's fp32 masters or LoRA base, read in place by its rollouts) allow one replica per `data`
+index, each an engine over its `fsdp` x `tensor` devices (`replica_axes`). Each replica's engine runs the same programs as
 a `tensor`-only engine would; their steps run side by side (one host thread each: dispatch
 releases the GIL, the devices are disjoint).
 
@@ -24,8 +26,8 @@ processes, e.g. `tensor` over two hosts, runs on all of them together, as one `E
 across processes does); `generate` then gathers every completion onto every process, as one
 engine's `generate` returns them (what the GRPO rollouts call). Streaming (`step`, `stream`) across
 processes is not offered: there `build_engine(streaming=True)` (the server) returns one `Engine`
-on the whole mesh, as it does when the weights it is given are sharded over `data`/`fsdp`
-(fp32 masters read in place, a LoRA run's frozen base).
+on the whole mesh, as it does when the weights it is given are split over every batch axis of
+size > 1 (e.g. `fsdp=4, tensor=2` under the `train` rules).
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ from qwq_jax.sampling import SamplingParams
 BATCH_AXES = ("data", "fsdp")
 
 
-def replica_meshes(mesh: Mesh) -> list[Mesh]:
-    """One mesh per replica: the devices at each (`data`, `fsdp`) index, in the mesh's order, with
-    every axis kept (`data` and `fsdp` of size 1), so the sharding rules apply unchanged."""
+def replica_meshes(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> list[Mesh]:
+    """One mesh per replica: the devices at each index of the batch axes `axes` (default `data` and
+    `fsdp`), in the mesh's order, with every axis kept (those of `axes` of size 1), so the sharding
+    rules apply unchanged."""
     names = tuple(mesh.axis_names)
-    batch = [i for i, a in enumerate(names) if a in BATCH_AXES]
+    batch = [i for i, a in enumerate(names) if a in axes]
     rest = [i for i in range(len(names)) if i not in batch]
     devices = np.transpose(mesh.devices, batch + rest)
     count = math.prod(mesh.devices.shape[i] for i in batch)
@@ -69,47 +72,63 @@ def _names(axes: Any) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
-def _uses_batch_axes(sharding: NamedSharding) -> bool:
-    return any(a in BATCH_AXES and sharding.mesh.shape[a] > 1 for axes in sharding.spec for a in _names(axes))
+def _sharded_over(sharding: NamedSharding) -> set[str]:
+    """The mesh axes of size > 1 that `sharding` splits an array over."""
+    return {a for axes in sharding.spec for a in _names(axes) if sharding.mesh.shape[a] > 1}
 
 
-def viewable(x: Any, mesh: Mesh) -> bool:
-    """Whether `x` is an array on `mesh` that each replica can take as a view (replicated over the
-    batch axes)."""
+def viewable(x: Any, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> bool:
+    """Whether `x` is an array on `mesh` that each replica over `axes` can take as a view (replicated
+    over those axes)."""
     return (isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-            and not _uses_batch_axes(x.sharding))
+            and not _sharded_over(x.sharding) & set(axes))
 
 
-def on_replica(x: Any, mesh: Mesh, replica: Mesh) -> Any:
-    """`x` (an array on `mesh`, replicated over the batch axes) as an array on `replica`: the same
-    device buffers. Anything else becomes its shape on `replica` (`jax.ShapeDtypeStruct`)."""
-    if not viewable(x, mesh):
+def replica_axes(mesh: Mesh | None, arrays: Sequence[Any]) -> tuple[str, ...]:
+    """The batch axes (`data`, `fsdp`, of size > 1) that none of `arrays` (on `mesh`) is split over:
+    one replica per index of them can view the arrays. A mesh of `data=2, tensor=4` with weights
+    under any rules: ("data",); `data=2, fsdp=4, tensor=4` with the `generate` rules: ("data", "fsdp"),
+    with the `train` rules (weights split over `fsdp`): ("data",). Empty without a mesh, or where an
+    array is not on `mesh`."""
+    if mesh is None:
+        return ()
+    arrays = [x for x in arrays if isinstance(x, jax.Array)]
+    if not all(isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh for x in arrays):
+        return ()
+    used = set().union(*(_sharded_over(x.sharding) for x in arrays))
+    return tuple(a for a in mesh.axis_names if a in BATCH_AXES and mesh.shape[a] > 1 and a not in used)
+
+
+def on_replica(x: Any, mesh: Mesh, replica: Mesh, axes: Sequence[str] = BATCH_AXES) -> Any:
+    """`x` (an array on `mesh`, replicated over `axes`) as an array on `replica`: the same device
+    buffers. Anything else becomes its shape on `replica` (`jax.ShapeDtypeStruct`), sharded as it
+    would be without the replica axes."""
+    if not viewable(x, mesh, axes):
         spec = x.sharding.spec if isinstance(getattr(x, "sharding", None), NamedSharding) else ()
-        spec = PartitionSpec(*(None if set(_names(a)) & set(BATCH_AXES) else a for a in spec))
+        spec = PartitionSpec(*(None if set(_names(a)) & set(axes) else a for a in spec))
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(replica, spec))
     devices = set(replica.devices.flat)
     shards = [s.data for s in x.addressable_shards if s.device in devices]
     return jax.make_array_from_single_device_arrays(x.shape, NamedSharding(replica, x.sharding.spec), shards)
 
 
-def replicas_of(mesh: Mesh | None) -> list[Mesh] | None:
-    """The replica meshes `ReplicatedEngine` runs on `mesh`; None where there is one replica (or no mesh)."""
-    if mesh is None or math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES) == 1:
+def replicas_of(mesh: Mesh | None, axes: Sequence[str] = BATCH_AXES) -> list[Mesh] | None:
+    """The replica meshes `ReplicatedEngine` runs on `mesh` over `axes`; None where there is one
+    replica (or no mesh)."""
+    if mesh is None or math.prod(mesh.shape.get(a, 1) for a in axes) == 1:
         return None
-    return replica_meshes(mesh)
+    return replica_meshes(mesh, axes)
 
 
 def build_engine(model: Any, tokenizer: Any = None, *, mesh: Mesh | None = None, streaming: bool = True,
                  **kwargs: Any) -> "Engine | ReplicatedEngine":
-    """The engine for `model` on `mesh`: a `ReplicatedEngine` where the mesh has several replicas
-    (`data` x `fsdp` > 1) and the model's weights are replicated over them, else one `Engine`.
+    """The engine for `model` on `mesh`: a `ReplicatedEngine` over the batch axes (`data`, `fsdp`)
+    the model's weights are replicated over, where they have several indices, else one `Engine`.
     `streaming`: the caller uses `step`/`stream` (then several processes get one `Engine`)."""
-    meshes = replicas_of(mesh)
-    weights = [x for x in jax.tree.leaves(nnx.state(model)) if isinstance(x, jax.Array)]
-    if (meshes is None or (streaming and jax.process_count() > 1)
-            or not all(viewable(x, mesh) for x in weights)):
+    axes = replica_axes(mesh, jax.tree.leaves(nnx.state(model)))
+    if replicas_of(mesh, axes) is None or (streaming and jax.process_count() > 1):
         return Engine(model, tokenizer, mesh=mesh, **kwargs)
-    return ReplicatedEngine(model, tokenizer, mesh=mesh, **kwargs)
+    return ReplicatedEngine(model, tokenizer, mesh=mesh, axes=axes, **kwargs)
 
 
 @dataclasses.dataclass
@@ -126,16 +145,22 @@ class ReplicatedEngine:
     `Engine` API: `add_request`, `step`, `abort`, `has_unfinished`, `stats`, `generate`, `stream`,
     `resize`, `free_cache`, and `params` / `layer_params` (set: each replica takes its view).
     `max_num_seqs` and `num_pages` count all replicas (each gets an equal share, rounded up);
-    `kv_cache_bytes` is per replica, as for an `Engine` on its devices."""
+    `kv_cache_bytes` is per replica, as for an `Engine` on its devices. `axes`: the batch axes to
+    run one replica per index of (default `data` and `fsdp`; `replica_axes` says which the weights
+    allow: a replica over `data` alone keeps weights split over `fsdp` split on its devices)."""
 
     def __init__(self, model: Any, tokenizer: Any = None, *, mesh: Mesh, max_num_seqs: int = 8,
                  num_pages: int | None = None, seed: int | None = None, donate_weights: bool = False,
-                 on_compile: Callable[[str, str, dict], None] | None = None, **kwargs: Any):
-        meshes = replicas_of(mesh)
+                 on_compile: Callable[[str, str, dict], None] | None = None, axes: Sequence[str] = BATCH_AXES,
+                 **kwargs: Any):
+        axes = tuple(axes)
+        if not set(axes) <= set(BATCH_AXES):
+            raise ValueError(f"ReplicatedEngine: axes {axes} must be among the batch axes {BATCH_AXES}")
+        meshes = replicas_of(mesh, axes)
         if meshes is None:
             raise ValueError(f"ReplicatedEngine: the mesh {dict(mesh.shape) if mesh is not None else None} has one "
-                             "replica (data x fsdp = 1): use Engine")
-        self.mesh, self.meshes, self.tokenizer, self.config = mesh, meshes, tokenizer, model.config
+                             f"replica over {' x '.join(axes)}: use Engine")
+        self.mesh, self.meshes, self.axes, self.tokenizer, self.config = mesh, meshes, axes, tokenizer, model.config
         self.on_compile = on_compile
         me = jax.process_index()
         self.local = [r for r, m in enumerate(meshes) if me in {d.process_index for d in m.devices.flat}]
@@ -144,7 +169,7 @@ class ReplicatedEngine:
         engine_seeds = self._seeds.integers(2**31, size=len(meshes))
         # Every replica's views first: an engine that splits its layers with donate_weights frees its
         # devices' part of the model's stacks.
-        subs = {r: nnx.merge(graphdef, jax.tree.map(lambda x, m=meshes[r]: on_replica(x, mesh, m), state))
+        subs = {r: nnx.merge(graphdef, jax.tree.map(lambda x, m=meshes[r]: on_replica(x, mesh, m, axes), state))
                 for r in self.local}
         self.replicas: dict[int, Engine] = {}
         for r, sub in subs.items():
@@ -199,7 +224,7 @@ class ReplicatedEngine:
     @params.setter
     def params(self, state: Any) -> None:
         for r, engine in self.replicas.items():
-            engine.params = jax.tree.map(lambda x, m=self.meshes[r]: on_replica(x, self.mesh, m), state)
+            engine.params = jax.tree.map(lambda x, m=self.meshes[r]: on_replica(x, self.mesh, m, self.axes), state)
             engine.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(engine.params))
 
     @property
@@ -210,7 +235,7 @@ class ReplicatedEngine:
     def layer_params(self, layers: Any) -> None:
         for r, engine in self.replicas.items():
             engine.layer_params = None if layers is None else jax.tree.map(
-                lambda x, m=self.meshes[r]: on_replica(x, self.mesh, m), layers)
+                lambda x, m=self.meshes[r]: on_replica(x, self.mesh, m, self.axes), layers)
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, token_ids: Sequence[int], params: SamplingParams | None = None,

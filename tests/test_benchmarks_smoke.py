@@ -430,11 +430,13 @@ def test_convert_tiny():
 
 
 def test_grpo_step_tiny():
-    """A whole GRPO step's split on the tiny model (ours only: the peer revision is for manual runs)."""
+    """A whole GRPO step's split on the tiny model (ours only: the peer revision is for manual runs), LoRA
+    on a data=2,tensor=2 mesh of 4 CPU devices."""
     lines = run_bench("grpo_step.py", "--prompts", "2", "--group-size", "4", "--max-tokens", "8", "--warmup", "0",
-                      "--iters", "1")
+                      "--iters", "1", "--devices", "4", "--mesh", "data=2,tensor=2", "--lora-rank", "4")
     (row,) = [x for x in lines if "impl" in x]
     assert row["impl"] == "ours" and row["model"] == "tiny" and lines[-1]["summary"]
+    assert row["mesh"] == "data=2,tensor=2" and row["lora_rank"] == 4
     assert row["prefill_tokens_computed"] == row["prompt_tokens"]  # each group prefills its prompt once
     assert 0 < row["generated_tokens"] <= 2 * 4 * 8 and row["rollout_tokens_per_s"] > 0
     phases = [row[k] for k in ("generate_s", "reward_s", "logprob_s", "update_s")]

@@ -208,6 +208,12 @@ def test_train_categories_by_hand():
     from_master = plan(TINY, "train", topo, 64, 8, mesh=mesh, rollout_weights="master").phases["rollout"]
     assert from_master["kv_cache"] == 2 * 2 * 8 * 64 * 1 * 8 * 2
     assert from_master["logits"] == 8 * (5 * 512 + 12) + 8 * 8 * 16
+    # On data=2 x tensor=4 the masters are replicated over data: one engine per data index, each
+    # with 4 of the 8 sequences (as a LoRA base's).
+    for kw in ({"rollout_weights": "master"}, {"lora_rank": 2}):
+        dp = plan(TINY, "train", topo, 64, 8, mesh="data=2,tensor=4", **kw)
+        assert dp.settings["rollout_replicas"] == 2 and dp.settings["rollout_slots_per_device"] == 4
+        assert dp.phases["rollout"]["kv_cache"] == 2 * 2 * 4 * 64 * 1 * 8 * 2
     assert p.phases["rollout"]["gradients"] == 0 and upd["kv_cache"] == 0
     assert p.total == max(sum(ph.values()) for ph in p.phases.values())
 

@@ -120,6 +120,55 @@ def test_split_rollout_weights_on_a_mesh():
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["master", "lora"])
+def test_in_place_rollouts_run_one_engine_per_data_index(kind):
+    """Rollouts that read the update's own weights (the fp32 masters, a LoRA base + adapters: split
+    over `fsdp` by the `train` rules) run one engine per `data` index, each on its fsdp x tensor
+    devices with views of those arrays; the same tokens as the trainer without a mesh."""
+    import jax
+    from flax import nnx
+
+    import sharding as sh
+
+    from qwq_jax.lora import LoraConfig
+    from qwq_jax.replicas import ReplicatedEngine
+
+    def trainer(mesh):
+        model = init_model(CFG, seed=3, param_dtype=jnp.float32, dtype=jnp.float32,
+                           lora=LoraConfig(rank=4, alpha=8.0) if kind == "lora" else None)
+        if mesh is not None:
+            model = sh.shard_model(model, mesh, "train")
+        cfg = GRPOConfig(group_size=4, max_tokens=4, kl_beta=0.0, learning_rate=5e-2,
+                         rollout_weights="master" if kind == "master" else "split")
+        return GRPOTrainer(model, cfg, reward, mesh=mesh)
+
+    mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
+    meshed, plain = trainer(mesh), trainer(None)
+    engine = meshed.engine
+    assert isinstance(engine, ReplicatedEngine) and engine.axes == ("data",) and len(engine.replicas) == 2
+    assert all(dict(m.shape) == {"data": 1, "fsdp": 2, "tensor": 2} for m in engine.meshes)
+    prompts = make_prompts(0, n=2)
+    meshed.step(prompts)  # one update first (LoRA's B no longer zero), synced to the replicas' views
+    meshed.sync_engine()
+    plain.params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), meshed.params)
+    plain.sync_engine()
+    # Replica 1's weights are the update's own buffers on its four devices (no copy).
+    sub = engine.replicas[1]
+    if kind == "master":
+        full, view = meshed.params["layers"]["mlp"]["up_proj"], nnx.to_pure_dict(sub.params)["layers"]["mlp"]["up_proj"]
+    else:
+        full, view = meshed.frozen["layers"][0]["mlp"]["up_proj"], sub.layer_params[0]["mlp"]["up_proj"]
+    view = view[...] if isinstance(view, nnx.Variable) else view
+    devices = set(engine.meshes[1].devices.flat)
+    assert "fsdp" in str(full.sharding.spec) and {d for d in view.sharding.device_set} == devices
+    assert {s.device: s.data.unsafe_buffer_pointer() for s in view.addressable_shards} == {
+        s.device: s.data.unsafe_buffer_pointer() for s in full.addressable_shards if s.device in devices}
+    sps = [SamplingParams(temperature=1.0, max_tokens=4, n=4, seed=9 + i) for i in range(2)]
+    got, want = meshed._generate(prompts, sps, 4), plain._generate(prompts, sps, 4)
+    assert [[c.token_ids for c in row] for row in got] == [[c.token_ids for c in row] for row in want]
+    assert all(s.stats()["steps"] > 0 for s in engine.replicas.values())
+
+
 def test_abstract_trainer_lowers_the_same_update():
     """A trainer built on `abstract_model` (no weights) lowers the very program a real trainer runs:
     what benchmarks/gpu_aot.py compiles for an H100 from this CPU host. Its arguments are the fp32

@@ -37,10 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from qwq_jax.generate import Completion, Engine
 from qwq_jax.model import Qwen2, as_dtype
-from qwq_jax.replicas import ReplicatedEngine, replicas_of
+from qwq_jax.replicas import BATCH_AXES, ReplicatedEngine, replica_axes, replicas_of
 from qwq_jax.rl.losses import (TIS_CAP, LossConfig, batch_normalizers, check_tis_cap, dynamic_sampling_keep,
                                group_advantages, overlong_penalty, policy_loss)
 from qwq_jax.rl.weights import COMPUTE_COPIES, ROLLOUT_WEIGHTS, WeightCopies
@@ -257,15 +258,20 @@ class GRPOTrainer:
 
     def _rollout_engine(self, model: Qwen2, tokenizer: Any, mesh: Any) -> Engine | ReplicatedEngine:
         """The rollout engine: one `Engine` per replica of the rollout weights (`qwq_jax.replicas`: each
-        decodes its own share of the rows on its own devices) where the mesh has several (`data` x
-        `fsdp` > 1) and the engine decodes from the `split` copy, laid out by the `generate` rules
-        (replicated over those axes); otherwise one `Engine` on the whole mesh: the fp32 masters
-        (`rollout_weights="master"`) and a LoRA run's frozen base are read in place, sharded as the
-        update holds them, so every replica runs every row."""
-        if (not self.abstract and self.lora is None and self.config.rollout_weights == "split"
-                and replicas_of(mesh) is not None):
-            return ReplicatedEngine(model, tokenizer, mesh=mesh, rules="generate")
-        return Engine(model, tokenizer, mesh=mesh, rules="generate")
+        decodes its own share of the rows on its own devices) where the mesh has several, otherwise
+        one `Engine` on the whole mesh. The `split` copy is laid out by the `generate` rules
+        (replicated over `data` and `fsdp`): a replica per (`data`, `fsdp`) index. The fp32 masters
+        (`rollout_weights="master"`) and a LoRA run's frozen base are read in place, laid out as the
+        update holds them (the `train` rules: split over `fsdp`): a replica per `data` index, each
+        engine on its `fsdp` x `tensor` devices."""
+        if self.abstract:
+            return Engine(model, tokenizer, mesh=mesh, rules="generate")
+        in_place = self.lora is not None or self.config.rollout_weights == "master"
+        read = jax.tree.leaves(nnx.state(model)) + jax.tree.leaves(self.params)  # LoRA: base + adapters
+        axes = replica_axes(mesh, read) if in_place else BATCH_AXES
+        if replicas_of(mesh, axes) is None:
+            return Engine(model, tokenizer, mesh=mesh, rules="generate")
+        return ReplicatedEngine(model, tokenizer, mesh=mesh, rules="generate", axes=axes)
 
     @property
     def param_shardings(self) -> Any:
