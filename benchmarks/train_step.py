@@ -16,8 +16,9 @@ weights of a preset's shape (`--random-weights` is the only mode for now).
           shape (exp(logp - logp.detach()) x advantage over completion tokens; ours adds PPO
           clipping and the entropy, which cost nothing measurable), clip_grad_norm_ and AdamW.
 
-FLOPs: model FLOPs = 3 x forward (6 x matmul weights x tokens, logits at every position, causal
-attention); hardware FLOPs add the recomputed layer forward under full remat (and HF's gradient
+FLOPs: model FLOPs = 3 x forward (6 x matmul weights x tokens, logits at the completion's positions
+(both implementations compute only those: ours `completion_logprobs`, HF `logits_to_keep`; before
+2026-12-04 both computed, and this count included, logits at every position), causal attention); hardware FLOPs add the recomputed layer forward under full remat (and HF's gradient
 checkpointing). MFU and HFU divide them by time and the device's dense bf16 peak. A backend other
 than xla is checked in the same run: `check_vs_xla` holds the largest and mean |log-prob
 difference| against the xla reference on one micro-batch (left-padded rows included).
@@ -87,8 +88,7 @@ def fit_layers(args, cfg) -> int:
     except Exception as e:  # the estimate below still gives a usable count
         print(f"fitting layers by compiling failed ({error_line(e)}); estimating by hand", file=sys.stderr)
     rows = args.prompts * args.group_size // args.micro_batches
-    width = args.prompt_len + args.completion_len
-    logits = 4 * rows * width * cfg.vocab_size * 4  # fp32 logits, log-softmax, their gradients
+    logits = 4 * rows * args.completion_len * cfg.vocab_size * 4  # fp32 logits, log-softmax, their gradients
     per_param = 20  # fp32 weights, AdamW mu and nu, gradient accumulator, one micro-batch's gradient
     per_layer = per_param * (layer_matmul_params(cfg) + 4 * cfg.hidden_size)
     fixed = per_param * cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
@@ -195,7 +195,7 @@ def run_hf(args, layers: int) -> dict:
         for i in range(n):  # strided micro-batches, as ours
             ids, seg, pos = t["tokens"][i::n], t["segments"][i::n], t["positions"][i::n]
             logits = model(input_ids=ids[:, :-1], attention_mask=seg[:, :-1], position_ids=pos[:, :-1],
-                           use_cache=False).logits[:, p_len - 1:].float()
+                           use_cache=False, logits_to_keep=args.completion_len).logits.float()
             logp = torch.log_softmax(logits, -1).gather(-1, ids[:, p_len:, None])[..., 0]
             loss = -(torch.exp(logp - logp.detach()) * t["adv"][i::n, None]).sum() / total
             loss.backward()
@@ -257,7 +257,7 @@ def main() -> None:
 
         # model input: make_batch pads prompts to their bucket (HF gets the same width)
         rows, width = args.prompts * args.group_size, prompt_bucket(args.prompt_len) + args.completion_len - 1
-        model_flops = 3 * forward_flops(cfg, rows, width, logit_positions=width)
+        model_flops = 3 * forward_flops(cfg, rows, width, logit_positions=args.completion_len)
         recompute = args.remat in RECOMPUTING
         hw_flops = model_flops + (forward_flops(cfg, rows, width, 0) if recompute else 0)
         peak = peak_flops(res["device"])
