@@ -11,9 +11,9 @@ replica instead: replica r is the mesh's devices at one (`data`, `fsdp`) index (
 `data` and `fsdp` have size 1), its weights are views of the replicated arrays on those devices
 (no copy), and its pages and slots are its own. Weights split over `fsdp` (the `train` rules: a
 GRPO run's fp32 masters or LoRA base, read in place by its rollouts) allow one replica per `data`
-index, each an engine over its `fsdp` x `tensor` devices (`replica_axes`). Each replica's engine runs the same programs as
-a `tensor`-only engine would; their steps run side by side (one host thread each: dispatch
-releases the GIL, the devices are disjoint).
+index, each an engine over its `fsdp` x `tensor` devices (`replica_axes`). Each replica's engine
+runs the same programs as an engine on its devices alone would; their steps run side by side (one
+host thread each: dispatch releases the GIL, the devices are disjoint).
 
 Requests are spread by their samples: `generate` gives each replica an equal share of all the
 samples (a GRPO group of `n` stays whole when the groups divide evenly, and is split otherwise:
