@@ -289,3 +289,21 @@ def emit(record: dict) -> None:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
+
+
+def peer_tree(rev: str, where: Path) -> Path:
+    """`rev` of this repository checked out at `where` (reused when it is already there)."""
+    want = subprocess.run(["git", "-C", str(ROOT), "rev-parse", rev], capture_output=True, text=True)
+    if want.returncode != 0:
+        raise SystemExit(f"--peer-rev {rev!r}: not a revision of {ROOT} ({want.stderr.strip()})")
+    commit = want.stdout.strip()
+    if (where / ".git").exists():
+        have = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True)
+        if have.stdout.strip() == commit:
+            return where
+        raise SystemExit(f"--peer-dir {where} holds another revision; remove it (`git worktree remove {where}`)")
+    r = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), commit],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"git worktree add {where} {commit}: {r.stderr.strip()}")
+    return where

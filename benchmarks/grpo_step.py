@@ -130,24 +130,6 @@ def child(args: argparse.Namespace) -> dict:
     return out
 
 
-def _peer_tree(rev: str, where: Path) -> Path:
-    """`rev` of this repository checked out at `where` (reused when it is already there)."""
-    want = subprocess.run(["git", "-C", str(ROOT), "rev-parse", rev], capture_output=True, text=True)
-    if want.returncode != 0:
-        raise SystemExit(f"--peer-rev {rev!r}: not a revision of {ROOT} ({want.stderr.strip()})")
-    commit = want.stdout.strip()
-    if (where / ".git").exists():
-        have = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True)
-        if have.stdout.strip() == commit:
-            return where
-        raise SystemExit(f"--peer-dir {where} holds another revision; remove it (`git worktree remove {where}`)")
-    r = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), commit],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"git worktree add {where} {commit}: {r.stderr.strip()}")
-    return where
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = p.add_mutually_exclusive_group()
@@ -182,7 +164,9 @@ def main() -> None:
         return
     impls = {"ours": (ROOT, args.cache_dir)}
     if args.peer_rev:
-        tree = _peer_tree(args.peer_rev, args.peer_dir)
+        from _common import peer_tree  # the parent only: _common puts this tree first on sys.path
+
+        tree = peer_tree(args.peer_rev, args.peer_dir)
         impls[f"peer@{args.peer_rev}"] = (tree, str(tree / ".demo-cache"))
     results = {}
     for name, (root, cache) in impls.items():

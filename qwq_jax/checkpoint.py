@@ -621,6 +621,36 @@ class MergedLoRA:
         return out
 
 
+def placed_abstract_model(cfg: QwenConfig, mesh: Mesh | None = None, rules: str | Mapping = "generate",
+                          **kwargs: Any) -> Qwen2:
+    """`abstract_model(cfg, **kwargs)` (no weights exist) with each leaf placed where a restore puts
+    it: on `mesh` by `rules`, else on this process's first device."""
+    from sharding import state_shardings
+
+    graphdef, state = nnx.split(abstract_model(cfg, **kwargs))
+    if mesh is None:
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, state)
+    else:
+        shardings = state_shardings(state, mesh, rules)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
+    return nnx.merge(graphdef, state)
+
+
+def abstract_load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: Any = None,
+                  rules: str | Mapping = "generate", compute_dtype: Any = None, **model_kwargs: Any) -> Qwen2 | None:
+    """What `load` with the same arguments returns, with `jax.ShapeDtypeStruct` leaves placed where
+    `load` puts its arrays, from the config alone: an engine on it compiles its programs while `load`
+    runs (`Engine.precompile`, `Engine.set_model`). None for a LoRA training step (its base is
+    rebuilt from the run's own model.path)."""
+    if inspect_path(path).kind == "training_step" and lora_run(path) is not None:
+        return None
+    cfg = read_config(path)
+    param_dtype = as_dtype(dtype if dtype is not None else cfg.dtype)
+    model_kwargs["dtype"] = as_dtype(compute_dtype) if compute_dtype is not None else param_dtype
+    return placed_abstract_model(cfg, mesh, rules, param_dtype=param_dtype, **model_kwargs)
+
+
 def load(path: str | os.PathLike, mesh: Mesh | None = None, dtype: Any = None, rules: str | Mapping = "generate",
          compute_dtype: Any = None, merge_lora: bool | None = None, **model_kwargs: Any) -> Qwen2:
     """The model stored at `path` (a `python -m convert` output or a training step), optionally sharded

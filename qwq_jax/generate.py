@@ -230,15 +230,8 @@ class Engine:
         if prefill_chunk is None:  # every prompt in one call
             self.prefill_chunk = prefill_chunk = self.max_model_len
 
-        self.graphdef, self.params = nnx.split(model)
-        self.layer_params = None
-        if layer_loop == "split":
-            self.layer_params = split_layers(self.params["layers"], donate=donate_weights)
-            # The graph still has `layers`; give it layer 0's arrays (the same buffers, no copy).
-            self.params["layers"] = self.layer_params[0]
-        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params))
-        if num_pages is None and self.abstract:  # only lowers its programs, each with its own pool
-            num_pages = max_num_seqs * self.max_pages
+        self.donate_weights = donate_weights
+        self._take(model)
         if num_pages is None:
             per_page = PagePool.bytes_per_token(self.config, self.cache_dtype, int8=self.kv_int8) * page_size
             budget = kv_cache_bytes if kv_cache_bytes is not None else self._default_kv_bytes()
@@ -306,6 +299,38 @@ class Engine:
                                     self._put(np.zeros((b, v), bool)), self._put(np.zeros(b, np.int32)),
                                     self._put(np.zeros(b, np.int32)))
 
+    # ---- weights ------------------------------------------------------------------------------
+    def _take(self, model: Qwen2) -> None:
+        """The engine's weights from `model`: its state, and with the `split` loop each layer's own arrays."""
+        self.graphdef, self.params = nnx.split(model)
+        self._weight_specs = [(jax.tree_util.keystr(k), tuple(x.shape), jnp.dtype(x.dtype))
+                              for k, x in jax.tree_util.tree_leaves_with_path(self.params)]
+        self.layer_params = None
+        if self.layer_loop == "split":
+            self.layer_params = split_layers(self.params["layers"], donate=self.donate_weights)
+            # The graph still has `layers`; give it layer 0's arrays (the same buffers, no copy).
+            self.params["layers"] = self.layer_params[0]
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params))
+        self._placement = self._one_device = None
+
+    def set_model(self, model: Qwen2) -> None:
+        """Give an engine built on an abstract model (`qwq_jax.checkpoint.abstract_load`) its weights,
+        e.g. once they are read while `precompile` readied the programs. `model` must have the
+        engine's parameters, shapes and dtypes (ValueError naming the first that differs); with
+        `donate_weights` its stacked arrays are consumed as at construction."""
+        if self.scheduler.requests:
+            raise RuntimeError("set_model: the engine has requests")
+        _, state = nnx.split(model)
+        specs = [(jax.tree_util.keystr(k), tuple(x.shape), jnp.dtype(x.dtype))
+                 for k, x in jax.tree_util.tree_leaves_with_path(state)]
+        if specs != self._weight_specs:
+            theirs, ours = dict((k, v) for k, *v in specs), dict((k, v) for k, *v in self._weight_specs)
+            name = next((k for k in {**ours, **theirs} if ours.get(k) != theirs.get(k)), "?")
+            raise ValueError(f"set_model: parameter {name} is {theirs.get(name, 'missing')} in the model, "
+                             f"{ours.get(name, 'missing')} in the engine (shape, dtype)")
+        self._take(model)
+        self.free_cache()
+
     # ---- set-up -----------------------------------------------------------------------------
     def _eos_ids(self) -> tuple[int, ...]:
         ids = list(getattr(self.tokenizer, "eos_token_ids", None) or ())
@@ -335,8 +360,20 @@ class Engine:
         if not stats or "bytes_limit" not in stats:
             return CPU_KV_BYTES
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        if self.abstract:  # the weights are still to come (read while `precompile` runs): their room
+            free -= self._weight_bytes(device)
         shards = 1 if self.mesh is None else self.mesh.shape.get("tensor", 1)
         return int(free * KV_MEMORY_FRACTION) * shards
+
+    def _weight_bytes(self, device: Any) -> int:
+        """Bytes of the weights on `device` (layer 0 of a split model counted twice: an upper bound)."""
+        total = 0
+        for x in jax.tree.leaves((self.params, self.layer_params)):
+            sh = getattr(x, "sharding", None)
+            if sh is None or device in sh.device_set:
+                shape = sh.shard_shape(x.shape) if sh is not None else x.shape
+                total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+        return total
 
     def _put(self, x: np.ndarray) -> jax.Array:
         """A host array onto the engine's device(s), replicated (committed: a second call of a
@@ -368,8 +405,8 @@ class Engine:
     def _device(self) -> Any:
         """The one device of an engine without a mesh: where the weights are (else the default)."""
         if getattr(self, "_one_device", None) is None:
-            leaf = jax.tree.leaves(self.params)[0]
-            self._one_device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]
+            on = getattr(jax.tree.leaves(self.params)[0], "sharding", None)  # abstract leaves: where they will be
+            self._one_device = min(on.device_set, key=lambda d: d.id) if on is not None else jax.devices()[0]
         return self._one_device
 
     def _scaled(self, needs: np.ndarray) -> np.ndarray:
@@ -720,11 +757,12 @@ class Engine:
     # ---- ahead-of-time lowering --------------------------------------------------------------
     def _spec(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
         """An abstract argument, placed as `_put` would place it."""
-        sharding = None
         if self.mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec
 
             sharding = NamedSharding(self.mesh, PartitionSpec())
+        else:
+            sharding = self._one_device_placement()
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
 
     def _abstract_pool(self, sequences: int, max_len: int) -> tuple[PagePool, int]:
@@ -736,6 +774,62 @@ class Engine:
                                  int8=self.kv_int8, per_layer=self.layer_loop == "split", mesh=self.mesh,
                                  rules=self.rules)
         return pool, width
+
+    def _pool_spec(self) -> PagePool:
+        """The engine's own page pool, as `_allocate` makes and places it, abstract."""
+        pool = PagePool.abstract(self.config, self.num_pages, self.page_size, self.cache_dtype, int8=self.kv_int8,
+                                 per_layer=self.layer_loop == "split", mesh=self.mesh, rules=self.rules)
+        if self.mesh is None:
+            pool = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), pool)
+        return pool
+
+    def precompile(self, prompt_tokens: int = 1, params: SamplingParams | None = None,
+                   decode: bool | Callable[[], bool] = True) -> list[dict]:
+        """Compile (or load from the persistent compilation cache) the programs a first request of
+        `prompt_tokens` tokens with `params` runs: prefill at each of its chunks' widths, copy
+        (n > 1), insert, then decode (`decode`: a callable is asked once the others are ready), from
+        their arguments' shapes alone, fed to each other as the engine will. An engine built on an
+        abstract model (`qwq_jax.checkpoint.abstract_load`) so readies them while the weights are
+        read (`set_model` then); that request compiles nothing it was given here. Returns the
+        compilations (as `last_timings["compiled"]`; reported to `on_compile`)."""
+        params = params or SamplingParams()
+        self._check_request([0] * prompt_tokens, params, None)
+        i32, c = jnp.int32, self.prefill_chunk
+        widths = {_bucket(min(c, prompt_tokens - start), c) for start in range(0, prompt_tokens, c)}
+
+        def out(compiled):  # a program's outputs as the next one's arguments (placement, no layout)
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                compiled.out_info)
+
+        with self._on_mesh(), _CompileWatch(self.on_compile) as watch:
+            weights, pool = self._weights(), self.pool if self.pool is not None else self._pool_spec()
+            for width in sorted(widths):
+                pool, logits = out(self.programs.prefill.lower(
+                    weights, pool, self._spec((1, width), i32), self._spec((1,), i32), self._spec((1,), i32),
+                    self._spec((1, self.max_pages), i32), self._rope_spec(1)).compile())
+            b, v = self.max_num_seqs, self.config.vocab_size
+            state = SlotState(self._spec((b,), i32), self._spec((b, v), i32), self._spec((b, v), bool),
+                              self._spec((b,), i32), self._spec((b,), i32))
+            if self.slot_state is not None:
+                state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                     self.slot_state)
+            if params.n > 1:
+                pool = out(self.programs.copy.lower(pool, np.int32(0), np.int32(0)).compile())
+            arrays = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), batch_params([params]))
+            state, _ = out(self.programs.insert.lower(
+                state, np.int32(0), logits, self._spec((v,), i32), self._spec((v,), bool), np.int32(0),
+                np.int32(0), arrays, self._spec((1,), jnp.uint32)).compile())
+            if not (decode() if callable(decode) else decode):
+                return list(watch.compiled)
+            stops = len(self.eos_token_ids) + len(params.stop_token_ids)
+            width = self._slots["stop_ids"].shape[1]
+            width = width if stops <= width else self._stop_width(len(params.stop_token_ids))
+            slots = SlotInputs(self._spec((b,), bool), self._spec((b,), i32), self._spec((b,), jnp.uint32),
+                               self._spec((b, width), i32),
+                               jax.tree.map(lambda x: self._spec((b,) + x.shape[1:], x.dtype), arrays),
+                               self._rope_spec(b), self._spec((b, self.max_pages), i32))
+            self.programs.decode.lower(weights, pool, state, slots, np.int32(self.chunk)).compile()
+        return list(watch.compiled)
 
     def _rope_spec(self, b: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
         return self._spec((b, 1, self.config.head_dim // 2), jnp.float32), self._spec((b, 1, 1), jnp.float32)

@@ -106,6 +106,7 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 
+from qwq_jax.checkpoint import placed_abstract_model
 from qwq_jax.config import PRESETS, QwenConfig
 from qwq_jax.generate import LAYER_LOOPS, PAGE_SIZE, PREFILL_CHUNK, Engine
 from qwq_jax.model import DTYPES, QUANT_MODES, REMAT_POLICIES, abstract_model
@@ -114,7 +115,7 @@ from qwq_jax.replicas import replicas_of
 from qwq_jax.rl.grpo import COMPUTE_COPIES, ROLLOUT_WEIGHTS, GRPOConfig, GRPOTrainer
 from qwq_jax.train import ModelConfig
 from sharding.mesh import MESH_AXES, make_mesh, mesh_spec, parse_mesh_spec
-from sharding.rules import _as_tuple, _logical_specs, logical_to_mesh, state_shardings, suggest_mesh
+from sharding.rules import _as_tuple, _logical_specs, logical_to_mesh, suggest_mesh
 
 GIB = 1024**3
 MIB = 1024**2
@@ -643,15 +644,6 @@ def _stats(lowered: Any) -> dict[str, int]:
     return out
 
 
-def _placed_model(cfg: Any, mesh: Any, rules: str, **kwargs: Any) -> Any:
-    """An abstract model (no weights exist) whose leaves are placed on `mesh` by `rules`."""
-    import jax
-    from flax import nnx
-
-    graphdef, state = nnx.split(abstract_model(cfg, **kwargs))
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state,
-                         state_shardings(state, mesh, rules))
-    return nnx.merge(graphdef, state)
 
 
 def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: str = ModelConfig.remat,
@@ -705,21 +697,21 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
                 "decode": lambda: engine.lower_decode(rows, length)}
 
     if task == "generate":
-        model = _placed_model(cfg, one, "generate", param_dtype=param_dtype, quant=quantize, **model_kw)
+        model = placed_abstract_model(cfg, one, "generate", param_dtype=param_dtype, quant=quantize, **model_kw)
         programs = engine_programs(model, replica_slots(batch, shards), seq, layer_loop, one)
     elif lora_rank:  # the frozen base as the trainer holds it, with the adapters beside it
-        model = _placed_model(cfg, mesh, "train", param_dtype=compute_dtype, remat=remat, quant=quantize,
+        model = placed_abstract_model(cfg, mesh, "train", param_dtype=compute_dtype, remat=remat, quant=quantize,
                               lora=_lora_config(lora_rank, lora_targets), **model_kw)
         grpo = GRPOConfig(group_size=1, max_tokens=seq - 1, micro_batches=micro_batches, mu_dtype=mu_dtype,
                           kl_beta=None if reference else 0.0, compute_copy=compute_copy)
         trainer = GRPOTrainer(model, grpo, reward_fn=lambda idx, completions: [0.0] * len(completions), mesh=mesh)
-        base = _placed_model(cfg, in_place[0], "train", param_dtype=compute_dtype, remat=remat, quant=quantize,
+        base = placed_abstract_model(cfg, in_place[0], "train", param_dtype=compute_dtype, remat=remat, quant=quantize,
                              lora=_lora_config(lora_rank, lora_targets), **model_kw)
         programs = {"update": lambda: trainer.lower_update(batch, 1, seq - 1),
                     **engine_programs(base, replica_slots(rollout_batch or batch, in_place[1]), rollout_len or seq,
                                       LAYER_LOOP, in_place[0])}
     else:
-        model = _placed_model(cfg, mesh, "train", param_dtype=param_dtype, remat=remat, **model_kw)
+        model = placed_abstract_model(cfg, mesh, "train", param_dtype=param_dtype, remat=remat, **model_kw)
         grpo = GRPOConfig(group_size=1, max_tokens=seq - 1, micro_batches=micro_batches, mu_dtype=mu_dtype,
                           kl_beta=None if reference else 0.0, rollout_weights=rollout_weights,
                           compute_copy=compute_copy)
@@ -728,7 +720,7 @@ def aot_memory(cfg: Any, task: str, mesh: Any, seq: int, batch: int, *, remat: s
         # layout, one array per layer ("split"), or the float32 masters themselves ("master").
         master = rollout_weights == "master"
         on, count = in_place if master else (one, shards)
-        weights = _placed_model(cfg, on, "train" if master else "generate",
+        weights = placed_abstract_model(cfg, on, "train" if master else "generate",
                                 param_dtype="float32" if master else param_dtype, **model_kw)
         programs = {"update": lambda: trainer.lower_update(batch, 1, seq - 1),
                     **engine_programs(weights, replica_slots(rollout_batch or batch, count), rollout_len or seq,

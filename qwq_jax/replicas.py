@@ -86,13 +86,13 @@ def viewable(x: Any, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> bool:
 
 def replica_axes(mesh: Mesh | None, arrays: Sequence[Any]) -> tuple[str, ...]:
     """The batch axes (`data`, `fsdp`, of size > 1) that none of `arrays` (on `mesh`) is split over:
-    one replica per index of them can view the arrays. A mesh of `data=2, tensor=4` with weights
+    one replica per index of them can view the arrays (abstract ones with a sharding count alike). A mesh of `data=2, tensor=4` with weights
     under any rules: ("data",); `data=2, fsdp=4, tensor=4` with the `generate` rules: ("data", "fsdp"),
     with the `train` rules (weights split over `fsdp`): ("data",). Empty without a mesh, or where an
     array is not on `mesh`."""
     if mesh is None:
         return ()
-    arrays = [x for x in arrays if isinstance(x, jax.Array)]
+    arrays = [x for x in arrays if isinstance(x, jax.Array) or isinstance(getattr(x, "sharding", None), NamedSharding)]
     if not all(isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh for x in arrays):
         return ()
     used = set().union(*(_sharded_over(x.sharding) for x in arrays))
@@ -226,6 +226,19 @@ class ReplicatedEngine:
         for r, engine in self.replicas.items():
             engine.params = jax.tree.map(lambda x, m=self.meshes[r]: on_replica(x, self.mesh, m, self.axes), state)
             engine.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(engine.params))
+
+    def set_model(self, model: Any) -> None:
+        """`Engine.set_model` on every replica, each with its view of `model`'s arrays."""
+        graphdef, state = nnx.split(model)
+        subs = {r: nnx.merge(graphdef, jax.tree.map(lambda x, m=self.meshes[r]: on_replica(x, self.mesh, m, self.axes),
+                                                    state)) for r in self.replicas}
+        for r, sub in subs.items():  # every view first, as in __init__ (a split with donation frees the stacks)
+            self.replicas[r].set_model(sub)
+
+    def precompile(self, prompt_tokens: int = 1, params: SamplingParams | None = None,
+                   decode: bool | Callable[[], bool] = True) -> list[dict]:
+        """`Engine.precompile` on each replica of this process (each has its own programs)."""
+        return [c for engine in self.replicas.values() for c in engine.precompile(prompt_tokens, params, decode)]
 
     @property
     def layer_params(self) -> Any:

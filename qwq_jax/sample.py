@@ -223,12 +223,26 @@ class _Printer:
         sys.stdout.flush()
 
 
+def _prompt(tokenizer, messages, raw_prompt=None) -> tuple[str, list[int]]:
+    """The prompt text (`raw_prompt`, else the chat template over `messages`) and its token ids."""
+    prompt = raw_prompt if raw_prompt is not None else tokenizer.apply_chat_template(messages,
+                                                                                   add_generation_prompt=True)
+    return prompt, tokenizer.encode(prompt)
+
+
+def _prompt_tokens(tokenizer, messages, raw_prompt=None) -> int:
+    """The prompt's length, for the programs to compile while the weights load; 1 where the prompt
+    cannot be made (the reply says why, after a checkpoint problem if there is one)."""
+    try:
+        return len(_prompt(tokenizer, messages, raw_prompt)[1])
+    except ValueError:
+        return 1
+
+
 def _reply(engine, tokenizer, messages, args, params, raw_prompt=None) -> dict:
     from qwq_jax.tokenizer import IncrementalDecoder, split_reasoning
 
-    prompt = raw_prompt if raw_prompt is not None else tokenizer.apply_chat_template(messages,
-                                                                                   add_generation_prompt=True)
-    ids = tokenizer.encode(prompt)
+    prompt, ids = _prompt(tokenizer, messages, raw_prompt)
     in_think = tokenizer.prompt_ends_in_think(prompt)
     text_mode = not args.json
     printer = _Printer(in_think) if text_mode else None
@@ -281,16 +295,54 @@ def _reply(engine, tokenizer, messages, args, params, raw_prompt=None) -> dict:
     return result
 
 
-def _load(ckpt: Path, args, mesh, status: _Status):
-    """qwq_jax.load with its status line."""
+def load_engine(ckpt: Path, args, mesh, status: _Status, prompt_tokens: int, params, **engine_kwargs):
+    """(engine, compilations): the engine (`build_engine`) for the checkpoint's model, under one
+    status line. The weights are read in a background thread while this one compiles (or loads
+    from the compilation cache) the programs of a first request of `prompt_tokens` tokens with
+    `params`, on an engine built from the config alone (`Engine.precompile`) that then takes the
+    weights (`Engine.set_model`); the compilations are returned. The decode program joins them
+    only if the restore is still running once prefill and insert are ready: compiling it from
+    scratch (~4 s for the demo on 2 cores) would otherwise hold back the first token."""
+    import threading
+
     import qwq_jax
+    from qwq_jax import checkpoint
     from qwq_jax.cli import phase
+    from qwq_jax.replicas import build_engine
+
+    how = dict(mesh=mesh, dtype=args.dtype, quant=args.quantize, attention_backend=args.attention)
+    abstract = checkpoint.abstract_load(ckpt, **how)  # None: a LoRA training step (read, then compile)
+    read: dict = {}
+
+    def restore() -> None:
+        try:
+            read["model"] = qwq_jax.load(ckpt, **how)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            read["error"] = e
 
     with phase(f"loading {ckpt}", status.enabled) as p:
-        model = qwq_jax.load(ckpt, mesh=mesh, dtype=args.dtype, quant=args.quantize,
-                             attention_backend=args.attention)
-        p.end(f"{model.config.num_params() / 1e6:.0f}M parameters")
-    return model
+        reader = threading.Thread(target=restore, name="qwq-jax-restore", daemon=True)
+        reader.start()
+        compiled, engine = [], None
+        if abstract is not None:
+            engine = build_engine(abstract, mesh=mesh, **engine_kwargs)
+            # decode too while the restore still runs (else after the first token, as without this)
+            compiled = engine.precompile(prompt_tokens, params, decode=reader.is_alive)
+        reader.join()
+        if "error" in read:
+            raise read["error"]
+        model = read.pop("model")
+        if engine is None:
+            engine = build_engine(model, mesh=mesh, **engine_kwargs)
+        else:
+            engine.set_model(model)
+        size = f"{model.config.num_params() / 1e6:.0f}M parameters"
+        del model
+        hits = sum(c["cache"] == "hit" for c in compiled)
+        programs = ", ".join(dict.fromkeys(c["program"] for c in compiled))
+        p.end(f"{size}; {programs} compiled meanwhile, {hits} of {len(compiled)} from cache" if compiled else size)
+    engine.on_compile = status.on_compile
+    return engine, compiled
 
 
 def _stats_line(result: dict) -> str:
@@ -328,7 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from qwq_jax import checkpoint
-    from qwq_jax.replicas import build_engine
 
     mesh = mesh_from_args(parser, args)
     status = _Status(enabled=jax.process_index() == 0)
@@ -338,25 +389,28 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint.require_weights(ckpt)
         params, sampling_info = _sampling(args, ckpt)
         tokenizer = checkpoint.load_tokenizer(ckpt)
-        model = _load(ckpt, args, mesh, status)
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        if not args.interactive:
+            messages.append({"role": "user", "content": args.prompt})
+        raw = args.prompt if args.raw else None
+        first = _prompt_tokens(tokenizer, messages, raw) if not args.interactive else 1
+        # one engine per replica of the weights on a mesh with data x fsdp > 1 (qwq_jax/replicas.py)
+        engine, precompiled = load_engine(ckpt, args, mesh, status, first, params, tokenizer=tokenizer,
+                             rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
+                             layer_loop=args.layer_loop, donate_weights=True, max_num_seqs=params.n,
+                             kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8")
     except ValueError as e:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as e:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 1
-    # one engine per replica of the weights on a mesh with data x fsdp > 1 (qwq_jax/replicas.py)
-    engine = build_engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling,
-                          prefill_chunk=args.prefill_chunk, layer_loop=args.layer_loop, donate_weights=True,
-                          on_compile=status.on_compile, max_num_seqs=params.n,
-                          kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8")
     primary = jax.process_index() == 0
-    messages = [{"role": "system", "content": args.system}] if args.system else []
     try:
         if not args.interactive:
-            messages.append({"role": "user", "content": args.prompt})
-            result = _reply(engine, tokenizer, messages, args, params,
-                            raw_prompt=args.prompt if args.raw else None)
+            result = _reply(engine, tokenizer, messages, args, params, raw_prompt=raw)
+            result["timings"]["compiled_while_loading"] = [
+                {"program": c["program"], "seconds": round(c["seconds"], 3), "cache": c["cache"]} for c in precompiled]
             if primary:
                 if args.json:
                     result["sampling"] = sampling_info

@@ -702,8 +702,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qwq_jax import checkpoint
     from qwq_jax.cli import phase
-    from qwq_jax.replicas import build_engine
-    from qwq_jax.sample import _load, _Status, demo_checkpoint, mesh_from_args
+    from qwq_jax.sample import _Status, demo_checkpoint, load_engine, mesh_from_args
     from qwq_jax.sampling import SamplingParams
 
     mesh = mesh_from_args(parser, args)
@@ -714,16 +713,15 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint.require_checkpoint(ckpt)
         checkpoint.require_weights(ckpt)
         tokenizer = checkpoint.load_tokenizer(ckpt)
-        model = _load(ckpt, args, mesh, status)
         kv_bytes = int(args.kv_cache_memory * 2**30) if args.kv_cache_memory is not None else None
-        # one engine per replica of the weights on a mesh with data x fsdp > 1 (qwq_jax/replicas.py)
-        engine = build_engine(model, tokenizer, mesh=mesh, rope_scaling=args.rope_scaling,
-                              prefill_chunk=args.prefill_chunk, layer_loop=args.layer_loop, donate_weights=True,
-                              on_compile=status.on_compile, max_num_seqs=args.max_num_seqs,
-                              max_model_len=args.max_model_len, kv_cache_bytes=kv_bytes,
-                              kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8", seed=args.seed,
-                              max_logprobs=args.max_logprobs)
-        del model
+        # One engine per replica of the weights on a mesh with data x fsdp > 1 (qwq_jax/replicas.py); its
+        # programs for a short prompt (one prefill bucket, insert, decode) compile while the weights load.
+        engine, _ = load_engine(ckpt, args, mesh, status, 1, SamplingParams(temperature=0, max_tokens=2),
+                             tokenizer=tokenizer, rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
+                             layer_loop=args.layer_loop, donate_weights=True, max_num_seqs=args.max_num_seqs,
+                             max_model_len=args.max_model_len, kv_cache_bytes=kv_bytes,
+                             kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8", seed=args.seed,
+                             max_logprobs=args.max_logprobs)
     except ValueError as e:
         print(f"python -m qwq_jax.serve: error: {e}", file=sys.stderr)
         return 2
@@ -731,8 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m qwq_jax.serve: error: {e}", file=sys.stderr)
         return 1
     name = args.served_model_name or ("qwen2.5-coder-0.5b-instruct" if args.demo else ckpt.resolve().name)
-    # Compile the prefill (one bucket) and decode programs before taking requests.
-    with phase("warming up the engine", primary):
+    with phase("warming up the engine", primary):  # runs the programs once (nothing left to compile)
         engine.generate([[0]], SamplingParams(temperature=0, max_tokens=2))
     metrics = Metrics()
     runner = Runner(engine, metrics, max_waiting=args.max_waiting, multihost=multihost)

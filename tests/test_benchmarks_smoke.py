@@ -453,3 +453,14 @@ def test_replicas_tiny():
         assert r["tokens_per_s"] > 0 and r["rollout_s"] > 0 and r["rows"] == 8, r
     (ratio,) = [x for x in lines if "ratio" in x]
     assert ratio["same_tokens"] is True and ratio["kv_pool_bytes_per_device"] == 0.5 and ratio["tokens_per_s"] > 0
+
+
+def test_startup_tiny(demo_checkpoint):
+    """benchmarks/startup.py: `python -m qwq_jax.sample` processes on the demo checkpoint, timed to the
+    reply's first byte and to the end (one untimed run stores the programs, one timed run reads them)."""
+    lines = run_bench("startup.py", "--checkpoint", str(demo_checkpoint))
+    (row,) = [x for x in lines if "impl" in x]
+    assert row["impl"] == "ours" and row["cache"] == "warm" and row["runs"] == 1 and row["max_tokens"] == 2
+    assert 0 < row["first_byte_s"] < row["whole_s"] and row["same_reply_every_run"], row
+    assert lines[-1]["summary"] and lines[-1]["warm_first_byte_s"] == row["first_byte_s"]
+

@@ -48,7 +48,7 @@ def prompts(lengths, seed=0):
 def greedy_reference(model, prompt, steps):
     """Greedy tokens by a full no-cache forward over the sequence for every new token (one shape:
     causal, so the zeros after the sequence are never seen)."""
-    seq = np.zeros((1, MAX_LEN), np.int32)
+    seq = np.zeros((1, max(MAX_LEN, len(prompt) + steps)), np.int32)
     seq[0, : len(prompt)] = prompt
     for n in range(len(prompt), len(prompt) + steps):
         seq[0, n] = int(jnp.argmax(forward(model, jnp.asarray(seq))[0, n - 1]))
@@ -433,6 +433,50 @@ def test_weights_on_a_one_device_mesh_compile_each_program_once(model):
     assert eng.last_timings["compiled"] == []
     want = tiny_engine(model, prefix_caching=False).generate(ps, sp)
     assert [o[0].token_ids for o in first] == [o[0].token_ids for o in again] == [o[0].token_ids for o in want]
+
+
+@TINY
+@pytest.mark.parametrize("loop, quant, mesh", [("split", None, "data=2,tensor=2"), ("scan", "int8", None)])
+def test_engine_built_before_its_weights_compiles_nothing_once_they_come(model, tmp_path, loop, quant, mesh):
+    """What `python -m qwq_jax.sample` and `serve` do while the weights are read: an engine on
+    `checkpoint.abstract_load` (the config alone), `precompile` for the first request (a 150-token
+    prompt in prefill chunks of 128 and 22 -> widths 128 and 64; copy for n = 2; insert; decode),
+    then `set_model`. That request compiles nothing; its tokens equal an engine built on the loaded
+    model, and greedy ones the no-cache reference (float weights). Replicated over `data` on a mesh.
+    Weights of another dtype are refused by name."""
+    import json
+
+    import jax
+    from flax import nnx
+
+    import qwq_jax
+    from qwq_jax import checkpoint
+    from qwq_jax.replicas import build_engine
+    from sharding import make_mesh
+
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_params(ckpt, nnx.to_pure_dict(nnx.state(model)))
+    (ckpt / "config.json").write_text(json.dumps(dict(CFG.to_hf(), torch_dtype="float32")))
+    on = make_mesh(mesh, jax.devices()[:4]) if mesh else None
+    kw = dict(mesh=on, layer_loop=loop, max_num_seqs=2, page_size=16, chunk=4, prefill_chunk=128,
+              max_model_len=256, donate_weights=True)
+    prompt = prompts([150], seed=3)
+    sampled = SamplingParams(temperature=0.8, top_k=50, max_tokens=7, n=2, seed=11)
+    eng = build_engine(checkpoint.abstract_load(ckpt, mesh=on, quant=quant), **kw)
+    replicas = 2 if mesh else 1
+    compiled = sorted(c["program"] for c in eng.precompile(len(prompt[0]), sampled))
+    assert compiled == sorted(["prefill", "prefill", "copy", "insert", "decode"] * replicas)
+    with pytest.raises(ValueError, match=r"set_model: parameter .* in the model"):
+        eng.set_model(qwq_jax.load(ckpt, mesh=on, dtype="bfloat16", quant=quant))
+    eng.set_model(qwq_jax.load(ckpt, mesh=on, quant=quant))
+    got = eng.generate(prompt, sampled)
+    assert eng.last_timings["compiled"] == []
+    want = build_engine(qwq_jax.load(ckpt, mesh=on, quant=quant), **kw).generate(prompt, sampled)
+    assert [c.token_ids for c in got[0]] == [c.token_ids for c in want[0]]
+    if quant is None:
+        greedy = eng.generate(prompt, SamplingParams(**GREEDY, max_tokens=5))
+        assert eng.last_timings["compiled"] == []
+        assert greedy[0][0].token_ids == greedy_reference(model, prompt[0], 5)
 
 
 @TINY

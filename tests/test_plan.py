@@ -387,8 +387,8 @@ def test_aot_gpu_path_compiles_on_cpu_devices(monkeypatch):
     # --attention flash compiles the model's "auto" backend, chosen for the mesh's devices
     # (qwq_jax.attention.compile_for: cuDNN for an H100's compile-only devices, xla for these CPUs).
     backends = []
-    placed = planner._placed_model
-    monkeypatch.setattr(planner, "_placed_model",
+    placed = planner.placed_abstract_model
+    monkeypatch.setattr(planner, "placed_abstract_model",
                         lambda *a, **kw: (backends.append(kw["attention_backend"]), placed(*a, **kw))[1])
     topo = Topology("fake-gpu", "gpu", 2, 16 * GIB, devices_per_host=2, gpu_target="h100")
     p = plan(TINY, "generate", topo, 64, 2, mesh="tensor=2", prefill_chunk=16, aot=True, attention="flash",
