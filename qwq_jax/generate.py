@@ -797,28 +797,26 @@ class Engine:
         i32, c = jnp.int32, self.prefill_chunk
         widths = {_bucket(min(c, prompt_tokens - start), c) for start in range(0, prompt_tokens, c)}
 
-        def out(compiled):  # a program's outputs as the next one's arguments (placement, no layout)
-            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                compiled.out_info)
+        def like(tree):  # arrays or a program's outputs as arguments: shape, dtype, placement (no layout)
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
         with self._on_mesh(), _CompileWatch(self.on_compile) as watch:
             weights, pool = self._weights(), self.pool if self.pool is not None else self._pool_spec()
             for width in sorted(widths):
-                pool, logits = out(self.programs.prefill.lower(
+                pool, logits = like(self.programs.prefill.lower(
                     weights, pool, self._spec((1, width), i32), self._spec((1,), i32), self._spec((1,), i32),
-                    self._spec((1, self.max_pages), i32), self._rope_spec(1)).compile())
+                    self._spec((1, self.max_pages), i32), self._rope_spec(1)).compile().out_info)
             b, v = self.max_num_seqs, self.config.vocab_size
             state = SlotState(self._spec((b,), i32), self._spec((b, v), i32), self._spec((b, v), bool),
                               self._spec((b,), i32), self._spec((b,), i32))
             if self.slot_state is not None:
-                state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                     self.slot_state)
+                state = like(self.slot_state)
             if params.n > 1:
-                pool = out(self.programs.copy.lower(pool, np.int32(0), np.int32(0)).compile())
+                pool = like(self.programs.copy.lower(pool, np.int32(0), np.int32(0)).compile().out_info)
             arrays = jax.tree.map(lambda x: self._spec(x.shape, x.dtype), batch_params([params]))
-            state, _ = out(self.programs.insert.lower(
+            state, _ = like(self.programs.insert.lower(
                 state, np.int32(0), logits, self._spec((v,), i32), self._spec((v,), bool), np.int32(0),
-                np.int32(0), arrays, self._spec((1,), jnp.uint32)).compile())
+                np.int32(0), arrays, self._spec((1,), jnp.uint32)).compile().out_info)
             if not (decode() if callable(decode) else decode):
                 return list(watch.compiled)
             stops = len(self.eos_token_ids) + len(params.stop_token_ids)

@@ -458,8 +458,9 @@ def test_engine_built_before_its_weights_compiles_nothing_once_they_come(model, 
     checkpoint.save_params(ckpt, nnx.to_pure_dict(nnx.state(model)))
     (ckpt / "config.json").write_text(json.dumps(dict(CFG.to_hf(), torch_dtype="float32")))
     on = make_mesh(mesh, jax.devices()[:4]) if mesh else None
-    kw = dict(mesh=on, layer_loop=loop, max_num_seqs=2, page_size=16, chunk=4, prefill_chunk=128,
-              max_model_len=256, donate_weights=True)
+    # shapes of this test's own (a program another test compiled in this process is not compiled again)
+    kw = dict(mesh=on, layer_loop=loop, max_num_seqs=2, page_size=8, chunk=4, prefill_chunk=128,
+              max_model_len=200, donate_weights=True)
     prompt = prompts([150], seed=3)
     sampled = SamplingParams(temperature=0.8, top_k=50, max_tokens=7, n=2, seed=11)
     eng = build_engine(checkpoint.abstract_load(ckpt, mesh=on, quant=quant), **kw)
