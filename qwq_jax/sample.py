@@ -338,11 +338,20 @@ def load_engine(ckpt: Path, args, mesh, status: _Status, prompt_tokens: int, par
             engine.set_model(model)
         size = f"{model.config.num_params() / 1e6:.0f}M parameters"
         del model
-        hits = sum(c["cache"] == "hit" for c in compiled)
-        programs = ", ".join(dict.fromkeys(c["program"] for c in compiled))
-        p.end(f"{size}; {programs} compiled meanwhile, {hits} of {len(compiled)} from cache" if compiled else size)
+        p.end(f"{size}; {_compiled_meanwhile(compiled)}" if compiled else size)
     engine.on_compile = status.on_compile
     return engine, compiled
+
+
+def _compiled_meanwhile(compiled: list[dict]) -> str:
+    """`load_engine`'s status detail: which programs, and whether the compilation cache had them."""
+    programs = ", ".join(dict.fromkeys(c["program"] for c in compiled))
+    hits, misses = (sum(c["cache"] == kind for c in compiled) for kind in ("hit", "miss"))
+    if hits == len(compiled):
+        return f"{programs} loaded from the compilation cache meanwhile"
+    if misses == len(compiled):
+        return f"{programs} compiled meanwhile, cached for next time"
+    return f"{programs} compiled meanwhile" + (f" ({hits} of {len(compiled)} from the cache)" if hits else "")
 
 
 def _stats_line(result: dict) -> str:

@@ -160,3 +160,16 @@ def test_n_samples_all_printed_with_headers_and_compile_apart(demo_checkpoint):
     assert 2 <= n_new <= 6  # both samples counted (each 1..3 tokens)
     assert "finish: " in stats and stats.count(",", stats.index("finish: ")) == 1  # two finish reasons
     assert any(l.startswith(f"loading {demo_checkpoint} ...") for l in r.stderr.splitlines()), r.stderr[-2000:]
+
+
+def test_loading_line_says_what_compiled_meanwhile():
+    """`load_engine`'s status detail for the programs readied while the weights were read."""
+    from qwq_jax.sample import _compiled_meanwhile
+
+    def of(*caches):
+        return _compiled_meanwhile([{"program": p, "cache": c} for p, c in zip(("prefill", "insert", "decode"), caches)])
+
+    assert of("hit", "hit", "hit") == "prefill, insert, decode loaded from the compilation cache meanwhile"
+    assert of("miss", "miss") == "prefill, insert compiled meanwhile, cached for next time"
+    assert of("hit", "miss", "miss") == "prefill, insert, decode compiled meanwhile (1 of 3 from the cache)"
+    assert of("off", "off") == "prefill, insert compiled meanwhile"
