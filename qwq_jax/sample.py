@@ -404,10 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         raw = args.prompt if args.raw else None
         first = _prompt_tokens(tokenizer, messages, raw) if not args.interactive else 1
         # one engine per replica of the weights on a mesh with data x fsdp > 1 (qwq_jax/replicas.py)
-        engine, precompiled = load_engine(ckpt, args, mesh, status, first, params, tokenizer=tokenizer,
-                             rope_scaling=args.rope_scaling, prefill_chunk=args.prefill_chunk,
-                             layer_loop=args.layer_loop, donate_weights=True, max_num_seqs=params.n,
-                             kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8")
+        engine, precompiled = load_engine(
+            ckpt, args, mesh, status, first, params, tokenizer=tokenizer, rope_scaling=args.rope_scaling,
+            prefill_chunk=args.prefill_chunk, layer_loop=args.layer_loop, donate_weights=True,
+            max_num_seqs=params.n, kv_cache_dtype=None if args.kv_cache_dtype == "auto" else "int8")
     except ValueError as e:
         print(f"python -m qwq_jax.sample: error: {e}", file=sys.stderr)
         return 2
