@@ -427,3 +427,63 @@ def test_killed_mid_write_leaves_out_absent_or_untouched(tmp_path, existing):
     assert r.returncode == 0, r.stderr
     assert load(out).config.num_layers == 12
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
+
+
+def test_arrays_stored_whole_are_read_straight_into_their_buffers(tmp_path):
+    """What `qwq_jax.stored` reads with preadv from the OCDBT data files (arrays stored whole, in the
+    dtype asked for, contiguous boxes) equals what was saved, bit for bit, and so does what it leaves to
+    TensorStore (inline arrays, casts, boxes that are not one run); a damaged shard index or a cut data
+    file is an error naming the array."""
+    import ml_dtypes
+
+    from convert.hf import _save_context
+    from qwq_jax.checkpoint import save_params
+    from qwq_jax.stored import NotStored, StoredArrays, _contiguous, aligned_empty, crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720, B.4)
+    assert _contiguous((3, 40, 24), ((1, 2), (5, 9), (0, 24))) == ((1 * 40 + 5) * 24, 4 * 24)
+    assert _contiguous((3, 40, 24), ((0, 3), (0, 40), (0, 24))) == (0, 3 * 40 * 24)
+    assert _contiguous((3, 40, 24), ((0, 2), (5, 9), (0, 24))) is None
+    assert _contiguous((3, 40, 24), ((1, 2), (0, 40), (0, 12))) is None
+
+    rng = np.random.default_rng(0)
+    saved = {"a": rng.standard_normal((3, 40, 24)).astype(np.float32),
+             "b": rng.standard_normal((70, 33)).astype(ml_dtypes.bfloat16),
+             "c": rng.integers(-128, 128, 3000).astype(np.int8),
+             "tiny": rng.standard_normal(5).astype(np.float32)}  # 20 bytes: stored inline, not in a data file
+    def bits(x: np.ndarray) -> np.ndarray:
+        return x.view(np.uint8)
+
+    save_params(tmp_path / "zstd", saved)  # Orbax's default: compressed, so all through TensorStore
+    arrays = StoredArrays(tmp_path / "zstd" / "state")
+    assert arrays._located == {}
+    assert all(np.array_equal(bits(arrays.read(name)), bits(want)) for name, want in saved.items())
+    assert arrays.direct_reads == 0
+
+    with _save_context():  # uncompressed, as `python -m convert` writes
+        save_params(tmp_path / "ck", saved)
+    arrays = StoredArrays(tmp_path / "ck" / "state")
+    assert sorted(arrays._located) == ["a", "b", "c"]
+    for name, want in saved.items():
+        assert np.array_equal(bits(arrays.read(name)), bits(want)), name
+    assert arrays.direct_reads == 3
+    assert np.array_equal(arrays.read("a", dtype=ml_dtypes.bfloat16), saved["a"].astype(ml_dtypes.bfloat16))
+    assert arrays.direct_reads == 3  # a cast goes through TensorStore
+    store = arrays._open_all({"a": None})["a"]
+    for box, direct in ((((1, 2), (5, 9), (0, 24)), True), (((0, 2), (5, 9), (0, 24)), False)):
+        out = aligned_empty(tuple(b - a for a, b in box), np.float32)
+        before = arrays.direct_reads
+        arrays._fill("a", store, out, box).result()
+        assert arrays.direct_reads == before + direct
+        assert np.array_equal(out, saved["a"][tuple(slice(a, b) for a, b in box)])
+
+    at = arrays._located["a"]
+    data = bytearray(at.path.read_bytes())
+    data[at.offset + at.length - 5] ^= 1  # a bit of the shard index
+    at.path.write_bytes(bytes(data))
+    with pytest.raises(NotStored, match=r"cannot read a: its shard index fails its CRC-32C check"):
+        StoredArrays(tmp_path / "ck" / "state").read("a")
+    with open(at.path, "r+b") as f:
+        f.truncate(at.offset + at.length - 10)
+    with pytest.raises(NotStored, match=r"cannot read a: .* ends 10 bytes early"):
+        StoredArrays(tmp_path / "ck" / "state").read("a")
