@@ -111,6 +111,32 @@ def test_chunked_prefill_causal_and_padding_queries():
     np.testing.assert_allclose(out[valid], want[valid], rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_chunk_in_query_tiles_on_cpu(monkeypatch):
+    # A chunk of T = 2 CPU_QUERY_TILE queries runs as two tiles here, each with its own trip count: a
+    # row whose second tile crosses block boundaries, one whose last real query is in the first tile
+    # (then padding), one starting mid-page; equal to the float64 reference and to the chunk at once.
+    from qwq_jax import paged_attention as pa
+
+    t = 2 * pa.CPU_QUERY_TILE
+    assert pa._query_tile(t) == pa.CPU_QUERY_TILE and pa._query_tile(pa.CPU_QUERY_TILE) is None
+    rng = np.random.default_rng(7)
+    page, pages = 16, 120
+    starts, real = np.array([300, 0, 13]), np.array([t, 200, t - 5])
+    lengths = (starts + real).astype(np.int32)
+    width = -(-int(lengths.max()) // page)
+    pool = random_pool(rng, pages, page)
+    tables = tables_for(rng, lengths, page, width, pages)
+    positions = np.where(np.arange(t)[None, :] < real[:, None], starts[:, None] + np.arange(t), -1).astype(np.int32)
+    q = rng.standard_normal((len(starts), t, H, D)).astype(np.float32)
+    tiled = np.asarray(jax.jit(pa.xla_paged_attention)(q, pool, jnp.int32(1), tables, positions, lengths))
+    valid = positions >= 0
+    want = reference(q, *layer_arrays(pool, 1), tables, positions, lengths)
+    np.testing.assert_allclose(tiled[valid], want[valid], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(pa, "_query_tile", lambda t: None)
+    whole = np.asarray(jax.jit(pa.xla_paged_attention)(q, pool, jnp.int32(1), tables, positions, lengths))
+    np.testing.assert_allclose(tiled[valid], whole[valid], rtol=1e-6, atol=1e-6)
+
+
 def test_rows_sharing_prefix_pages():
     rng = np.random.default_rng(2)
     page, pages = 16, 12
