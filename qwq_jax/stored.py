@@ -251,11 +251,10 @@ class StoredArrays:
             while todo:  # B+tree nodes: a child's keys continue its parent's common prefix
                 where, prefix = todo.pop()
                 for entry in self._ts.ocdbt.dump(base, where).result()["entries"]:
-                    key = prefix + entry.get("subtree_common_prefix", b"") if "location" in entry else prefix
-                    if "location" in entry:
-                        todo.append((entry["location"], key))
+                    if "location" in entry:  # a child node
+                        todo.append((entry["location"], prefix + entry.get("subtree_common_prefix", b"")))
                         continue
-                    name = (key + entry["key"]).decode()
+                    name = (prefix + entry["key"]).decode()
                     if name.endswith("/zarr.json") and "inline_value" in entry:
                         metas[name[:-len("/zarr.json")]] = json.loads(entry["inline_value"])
                     elif "indirect_value" in entry:
@@ -265,8 +264,8 @@ class StoredArrays:
         out = {}
         for name, meta in metas.items():
             dtype = _whole_chunk_dtype(meta)
-            where = values.get(f"{name}/" + "/".join(["c"] + ["0"] * len(meta["shape"])))
-            if dtype is not None and where is not None and sys.byteorder == "little" and hasattr(os, "preadv"):
+            where = None if dtype is None else values.get(f"{name}/" + "/".join(["c"] + ["0"] * len(meta["shape"])))
+            if where is not None and sys.byteorder == "little" and hasattr(os, "preadv"):
                 path, offset, length = where
                 out[name] = _Located(self.dir / path, offset, length, tuple(meta["shape"]), dtype)
         return out
